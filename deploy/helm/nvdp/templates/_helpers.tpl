@@ -1,0 +1,204 @@
+{{/*
+Names and labels.
+*/}}
+{{- define "nvdp.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "nvdp.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := default .Chart.Name .Values.nameOverride -}}
+{{- if contains $name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "nvdp.namespace" -}}
+{{- default .Release.Namespace .Values.namespaceOverride -}}
+{{- end -}}
+
+{{- define "nvdp.selectorLabels" -}}
+{{- if .Values.selectorLabelsOverride -}}
+{{- toYaml .Values.selectorLabelsOverride -}}
+{{- else -}}
+app.kubernetes.io/name: {{ include "nvdp.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+{{- end -}}
+
+{{- define "nvdp.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{ include "nvdp.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end -}}
+
+{{- define "nvdp.image" -}}
+{{- printf "%s:%s" .Values.image.repository (.Values.image.tag | default .Chart.AppVersion | toString) -}}
+{{- end -}}
+
+{{/*
+Configs. "nvdp.configMapName" is empty when no named configs are used.
+*/}}
+{{- define "nvdp.configMapName" -}}
+{{- if .Values.config.name -}}
+{{- .Values.config.name -}}
+{{- else if .Values.config.map -}}
+{{- printf "%s-configs" (include "nvdp.fullname" .) -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+The config for unlabelled nodes: config.default, else (inline map only) the key `default`, else the only key.
+Empty when none can be inferred (an external ConfigMap without config.default: nvdp's fallbacks decide).
+*/}}
+{{- define "nvdp.defaultConfig" -}}
+{{- if .Values.config.default -}}
+{{- .Values.config.default -}}
+{{- else if .Values.config.map -}}
+{{- if hasKey .Values.config.map "default" -}}
+default
+{{- else if eq (len .Values.config.map) 1 -}}
+{{- keys .Values.config.map | first -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+"true" when some config may select a MIG strategy other than none. The top-level migStrategy wins over config
+files (env beats file). Inline configs are read; the content of an external ConfigMap is unknown, so it may.
+*/}}
+{{- define "nvdp.migPossible" -}}
+{{- if .Values.migStrategy -}}
+{{- if ne .Values.migStrategy "none" -}}true{{- end -}}
+{{- else if .Values.config.name -}}
+true
+{{- else -}}
+{{- $possible := false -}}
+{{- range $name, $content := .Values.config.map -}}
+{{- $flags := get (fromYaml (toString $content)) "flags" -}}
+{{- if and (kindIs "map" $flags) (ne (toString (get $flags "migStrategy" | default "none")) "none") -}}{{- $possible = true -}}{{- end -}}
+{{- end -}}
+{{- if $possible -}}true{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* "true" when nvdp talks to the Kubernetes API (and so gets a service account). */}}
+{{- define "nvdp.apiAccess" -}}
+{{- if or (include "nvdp.configMapName" .) .Values.events.enabled -}}true{{- end -}}
+{{- end -}}
+
+{{- define "nvdp.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- default (include "nvdp.fullname" .) .Values.serviceAccount.name -}}
+{{- else -}}
+{{- default "default" .Values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+The container's securityContext, least privilege first:
+  - a non-empty .Values.securityContext is used verbatim;
+  - compatWithCPUManager: privileged (the CPU manager rewrites device cgroups; upstream's rule);
+  - MPS without shmFromHost: privileged, because nvdp's tmpfs at <mps.root>/shm must propagate to the host
+    (Bidirectional mount propagation is refused for unprivileged containers);
+  - MIG: all capabilities dropped but CAP_SYS_ADMIN (the runtime gives MIG monitor devices only to such containers);
+  - MPS with shmFromHost: CAP_SYS_ADMIN (NVML compute mode) plus CAP_SETUID, CAP_SETGID and CAP_KILL (the MPS
+    control daemon starts and stops one server per client UID).
+  With CAP_SYS_ADMIN allowPrivilegeEscalation stays unset: the API rejects false together with it;
+  - otherwise nothing at all: all capabilities dropped, no privilege escalation.
+*/}}
+{{- define "nvdp.securityContext" -}}
+{{- if .Values.securityContext -}}
+{{- toYaml .Values.securityContext -}}
+{{- else if .Values.compatWithCPUManager -}}
+privileged: true
+{{- else if and .Values.mps.enabled (not .Values.mps.shmFromHost) -}}
+privileged: true
+{{- else if or .Values.mps.enabled (include "nvdp.migPossible" .) -}}
+capabilities:
+  drop: ["ALL"]
+  {{- if .Values.mps.enabled }}
+  add: ["SYS_ADMIN", "SETUID", "SETGID", "KILL"]
+  {{- else }}
+  add: ["SYS_ADMIN"]
+  {{- end }}
+seccompProfile:
+  type: RuntimeDefault
+{{- else -}}
+allowPrivilegeEscalation: false
+capabilities:
+  drop: ["ALL"]
+seccompProfile:
+  type: RuntimeDefault
+{{- end -}}
+{{- end -}}
+
+{{/*
+Checks that make `helm install` fail with a message naming the value to change.
+*/}}
+{{- define "nvdp.validate" -}}
+{{- $ns := include "nvdp.namespace" . -}}
+{{- if hasKey .Values "namespace" -}}
+{{- fail "the value 'namespace' is not used: install with --namespace, or set namespaceOverride" -}}
+{{- end -}}
+{{- if and (eq $ns "default") (not .Values.allowDefaultNamespace) -}}
+{{- fail "installing into the 'default' namespace: pick another namespace (e.g. --namespace nvdp --create-namespace) or set allowDefaultNamespace=true" -}}
+{{- end -}}
+{{- if not .Values.devicePlugin.enabled -}}
+{{- fail "devicePlugin.enabled=false asks for a GPU-Feature-Discovery-only install, which nvdp has no mode for: remove devicePlugin.enabled (nvdp writes the sharing labels itself; install GFD's own chart for its other labels)" -}}
+{{- end -}}
+{{- range $other := list "nvcr.io/nvidia/k8s-device-plugin" "ghcr.io/nebuly-ai/k8s-device-plugin" -}}
+{{- if hasPrefix $other (toString $.Values.image.repository) -}}
+{{- fail (printf "image.repository is %s, another plugin's image: remove image.repository and image.tag to run nvdp" $other) -}}
+{{- end -}}
+{{- end -}}
+{{- if .Values.legacyDaemonsetAPI -}}
+{{- fail "legacyDaemonsetAPI=true (extensions/v1beta1) is gone from Kubernetes: remove legacyDaemonsetAPI" -}}
+{{- end -}}
+{{- if and .Values.deviceDiscoveryStrategy (not (has .Values.deviceDiscoveryStrategy (list "auto" "nvml"))) -}}
+{{- fail (printf "deviceDiscoveryStrategy=%s: nvdp discovers GPUs through NVML only; remove deviceDiscoveryStrategy or set it to auto or nvml" .Values.deviceDiscoveryStrategy) -}}
+{{- end -}}
+{{- if and .Values.config.name .Values.config.map (not .Values.config.create) -}}
+{{- fail "config.name and config.map are both set: keep config.map (inline configs) or config.name (an existing ConfigMap), not both" -}}
+{{- end -}}
+{{- if and .Values.config.create (not .Values.config.name) -}}
+{{- fail "config.create=true needs config.name, the ConfigMap to create" -}}
+{{- end -}}
+{{- if and .Values.config.readFromAPI (not (include "nvdp.configMapName" .)) -}}
+{{- fail "config.readFromAPI=true needs config.map or config.name" -}}
+{{- end -}}
+{{- if .Values.config.map -}}
+{{- range $name, $content := .Values.config.map -}}
+{{- if not (regexMatch "^[-._a-zA-Z0-9]+$" $name) -}}
+{{- fail (printf "config.map.%s: a config name must be a valid ConfigMap key (letters, digits, '-', '_', '.')" $name) -}}
+{{- end -}}
+{{- $parsed := fromYaml (toString $content) -}}
+{{- if hasKey $parsed "Error" -}}
+{{- fail (printf "config.map.%s is not valid YAML: %s" $name (get $parsed "Error")) -}}
+{{- end -}}
+{{- $sharing := get $parsed "sharing" -}}
+{{- if and (kindIs "map" $sharing) (hasKey $sharing "mps") (not $.Values.mps.enabled) -}}
+{{- fail (printf "config.map.%s uses sharing.mps: set mps.enabled=true so nvdp may run the MPS control daemons" $name) -}}
+{{- end -}}
+{{- end -}}
+{{- if .Values.config.default -}}
+{{- if not (hasKey .Values.config.map .Values.config.default) -}}
+{{- fail (printf "config.default=%s is not a key of config.map (keys: %s)" .Values.config.default (keys .Values.config.map | sortAlpha | join ", ")) -}}
+{{- end -}}
+{{- else if not (include "nvdp.defaultConfig" .) -}}
+{{- fail (printf "a default config must be provided when config.map has more than one config and none is named 'default': set config.default to one of %s" (keys .Values.config.map | sortAlpha | join ", ")) -}}
+{{- end -}}
+{{- end -}}
+{{- if and (or (hasKey .Values.mps "userID") (hasKey .Values.mps "image")) (not .Values.mps.enabled) -}}
+{{- fail "mps.userID/mps.image come from the nebuly fork, whose chart ran MPS by default: set mps.enabled=true to keep MPS (nvdp then ignores mps.userID and mps.image), or remove them" -}}
+{{- end -}}
+{{- if and .Values.probes.enabled (not .Values.metrics.enabled) -}}
+{{- fail "probes.enabled=true needs metrics.enabled=true: the probes use the metrics port" -}}
+{{- end -}}
+{{- end -}}

@@ -1,0 +1,5 @@
+import sys
+
+from nvdp.cli import main
+
+sys.exit(main())

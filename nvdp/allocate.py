@@ -1,0 +1,226 @@
+"""Build the kubelet's Allocate response for one container, as plain data.
+
+`allocate(resource, ids, options)` validates the requested device IDs against the resource, translates them into
+what the NVIDIA container runtime understands (UUIDs or indices) and runs one small "add X to the response" step
+per enabled feature. The gRPC layer turns the returned `ContainerAllocation` into protobuf; nothing here imports
+trio, grpclib or pynvml.
+
+Cost: every step is O(number of requested IDs). Device lookup goes through `Resource.device`, a dict, so Allocate
+latency does not grow with the number of devices the resource advertises.
+"""
+
+from __future__ import annotations
+
+import posixpath
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from nvdp.plan.model import Device, Resource
+
+#: The device-list strategies this module knows, in the order their steps run. The order matters: volume-mounts
+#: overwrites the env var that envvar set, whichever order the config lists them in (as upstream does).
+DEVICE_LIST_STRATEGIES = ("envvar", "volume-mounts")
+DEVICE_ID_STRATEGIES = ("uuid", "index")
+
+#: The env var the NVIDIA container runtime reads to decide which GPUs to inject.
+VISIBLE_DEVICES_ENV = "NVIDIA_VISIBLE_DEVICES"
+#: Where the volume-mounts strategy lists devices: one empty mount per device under this directory. The runtime
+#: reads the file names, which unprivileged pods cannot forge (unlike an env var they set themselves).
+VOLUME_MOUNTS_ROOT = "/var/run/nvidia-container-devices"
+
+
+@dataclass(frozen=True, slots=True)
+class AllocateOptions:
+    """How Allocate responses are built; one value per resource server, derived from the config."""
+
+    #: Any of "envvar", "volume-mounts".
+    device_list_strategy: tuple[str, ...] = ("envvar",)
+    #: "uuid" or "index".
+    device_id_strategy: str = "uuid"
+    #: Also hand the kubelet the device nodes (needed with the static CPU manager, which re-creates containers).
+    pass_device_specs: bool = False
+    #: Host root under which the device nodes of `DeviceSpec.host_path` live, e.g. `/run/nvidia/driver`.
+    dev_root: str = "/"
+    #: Those of /dev/nvidiactl, /dev/nvidia-uvm, /dev/nvidia-uvm-tools, /dev/nvidia-modeset that exist, in that order.
+    control_devices: tuple[str, ...] = ()
+    #: Set NVIDIA_GDRCOPY / NVIDIA_GDS / NVIDIA_MOFED to "enabled".
+    gdrcopy_enabled: bool = False
+    gds_enabled: bool = False
+    mofed_enabled: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Mount:
+    container_path: str
+    host_path: str
+    read_only: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceSpec:
+    container_path: str
+    host_path: str
+    permissions: str = "rw"
+
+
+@dataclass(frozen=True, slots=True)
+class ContainerAllocation:
+    """One `ContainerAllocateResponse`. Dict and tuple orders are deterministic: they are the wire order."""
+
+    envs: dict[str, str]
+    mounts: tuple[Mount, ...]
+    device_specs: tuple[DeviceSpec, ...]
+    annotations: dict[str, str]
+
+
+class AllocationError(Exception):
+    """The request cannot be served. The message is shown to users by the kubelet, so it names the resource."""
+
+
+def allocate(resource: Resource, device_ids: Sequence[str], options: AllocateOptions) -> ContainerAllocation:
+    """Validate `device_ids` for `resource` and build the container's Allocate response."""
+    devices = _validate_request(resource, device_ids)
+    _check_options(resource, options)
+    ids = _translate(devices, options.device_id_strategy, resource)
+
+    response = _ResponseBuilder()
+    # One step per feature, each independent of the others except where noted; a new feature is one more step.
+    _add_feature_envs(response, options)
+    if "envvar" in options.device_list_strategy:
+        _add_visible_devices_env(response, ids)
+    if "volume-mounts" in options.device_list_strategy:
+        # Runs after envvar on purpose: its NVIDIA_VISIBLE_DEVICES value must win when both are enabled.
+        _add_volume_mounts(response, ids)
+    if options.pass_device_specs:
+        _add_device_specs(response, devices, options)
+    return response.build()
+
+
+def translate_ids(resource: Resource, device_ids: Sequence[str], strategy: str) -> list[str]:
+    """The IDs the container runtime sees for `device_ids`: request order kept, duplicates dropped.
+
+    Two replicas of one GPU (`GPU-x::0`, `GPU-x::1`) become a single `GPU-x` (or a single index), because the
+    runtime injects a GPU once however many replicas of it a container holds.
+    """
+    return _translate(_lookup(resource, device_ids), strategy, resource)
+
+
+# --- validation -------------------------------------------------------------------------------------------------
+
+
+def _prefix(resource: Resource) -> str:
+    return f'invalid allocation request for "{resource.name}": '
+
+
+def _lookup(resource: Resource, device_ids: Sequence[str]) -> list[Device]:
+    """The devices for `device_ids`, in request order; names every unknown ID, not just the first."""
+    devices: list[Device] = []
+    unknown: list[str] = []
+    for device_id in device_ids:
+        device = resource.device(device_id)
+        if device is None:
+            unknown.append(device_id)
+        else:
+            devices.append(device)
+    if unknown:
+        noun = "unknown device" if len(unknown) == 1 else "unknown devices"
+        raise AllocationError(_prefix(resource) + f"{noun}: {', '.join(unknown)}")
+    return devices
+
+
+def _validate_request(resource: Resource, device_ids: Sequence[str]) -> list[Device]:
+    if not device_ids:
+        # The kubelet never sends this; if something does, an empty env var would silently hide every GPU.
+        raise AllocationError(_prefix(resource) + "no devices requested")
+    devices = _lookup(resource, device_ids)
+    if resource.fail_requests_greater_than_one and len(device_ids) > 1 and any(d.is_replica for d in devices):
+        # Worded as the upstream README documents it, since users search for that text.
+        raise AllocationError(
+            f"request for '{resource.name}: {len(device_ids)}' too large: "
+            "maximum request size for shared resources is 1"
+        )
+    return devices
+
+
+def _check_options(resource: Resource, options: AllocateOptions) -> None:
+    # The config layer rejects these long before an Allocate; reaching here is a bug, so fail loudly rather than
+    # hand a container an empty or partial GPU list.
+    unknown = [s for s in options.device_list_strategy if s not in DEVICE_LIST_STRATEGIES]
+    if unknown:
+        raise AllocationError(_prefix(resource) + f"unsupported device list strategy: {', '.join(unknown)}")
+    if not options.device_list_strategy:
+        raise AllocationError(_prefix(resource) + "no device list strategy configured")
+    if options.device_id_strategy not in DEVICE_ID_STRATEGIES:
+        raise AllocationError(_prefix(resource) + f"unsupported device ID strategy: {options.device_id_strategy!r}")
+
+
+def _translate(devices: Sequence[Device], strategy: str, resource: Resource) -> list[str]:
+    if strategy == "uuid":
+        ids = (d.physical_id for d in devices)
+    elif strategy == "index":
+        ids = (d.index for d in devices)
+    else:
+        raise AllocationError(_prefix(resource) + f"unsupported device ID strategy: {strategy!r}")
+    # dict.fromkeys de-duplicates and keeps first-seen order.
+    return list(dict.fromkeys(ids))
+
+
+# --- response steps ---------------------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _ResponseBuilder:
+    """Mutable while the steps run; frozen into a `ContainerAllocation` at the end."""
+
+    envs: dict[str, str] = field(default_factory=dict)
+    mounts: list[Mount] = field(default_factory=list)
+    device_specs: list[DeviceSpec] = field(default_factory=list)
+    annotations: dict[str, str] = field(default_factory=dict)
+
+    def build(self) -> ContainerAllocation:
+        return ContainerAllocation(
+            envs=dict(self.envs),
+            mounts=tuple(self.mounts),
+            device_specs=tuple(self.device_specs),
+            annotations=dict(self.annotations),
+        )
+
+
+def _add_feature_envs(response: _ResponseBuilder, options: AllocateOptions) -> None:
+    """Ask the runtime to add GPUDirect RDMA / Storage pieces; fixed order so the env map is deterministic."""
+    if options.gdrcopy_enabled:
+        response.envs["NVIDIA_GDRCOPY"] = "enabled"
+    if options.gds_enabled:
+        response.envs["NVIDIA_GDS"] = "enabled"
+    if options.mofed_enabled:
+        response.envs["NVIDIA_MOFED"] = "enabled"
+
+
+def _add_visible_devices_env(response: _ResponseBuilder, ids: Sequence[str]) -> None:
+    response.envs[VISIBLE_DEVICES_ENV] = ",".join(ids)
+
+
+def _add_volume_mounts(response: _ResponseBuilder, ids: Sequence[str]) -> None:
+    # The env var now points the runtime at the directory; the device list is the set of file names in it.
+    response.envs[VISIBLE_DEVICES_ENV] = VOLUME_MOUNTS_ROOT
+    for device_id in ids:
+        response.mounts.append(Mount(container_path=f"{VOLUME_MOUNTS_ROOT}/{device_id}", host_path="/dev/null"))
+
+
+def _add_device_specs(response: _ResponseBuilder, devices: Sequence[Device], options: AllocateOptions) -> None:
+    paths = [*options.control_devices, *(p for d in devices for p in d.paths)]
+    # Deliberate fix over upstream: de-duplicate (keeping first-seen order). Upstream repeats /dev/nvidia<N> once
+    # per replica, so a container holding two replicas of one GPU would get the same device node twice; it buys
+    # nothing and some runtimes reject or warn about duplicate device entries.
+    for path in dict.fromkeys(paths):
+        response.device_specs.append(
+            DeviceSpec(container_path=path, host_path=host_device_path(options.dev_root, path), permissions="rw")
+        )
+
+
+def host_device_path(dev_root: str, path: str) -> str:
+    """`path` (absolute, as seen in the container) under the host's `dev_root`, like Go's `filepath.Join`.
+
+    `os.path.join` would discard `dev_root` because `path` is absolute, so the leading slash is stripped first.
+    """
+    return posixpath.normpath(posixpath.join(dev_root or "/", path.lstrip("/")))

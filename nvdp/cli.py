@@ -1,0 +1,116 @@
+"""Command line: `nvdp [run]`, `nvdp demo`, `nvdp config validate`.
+
+Flags and environment variables are upstream's (see `nvdp.config.settings.OPTIONS`); this module is the only one
+that reads `os.environ`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import trio
+
+from nvdp import __version__
+from nvdp.config.errors import ConfigError
+from nvdp.config.load import load_config_file
+from nvdp.config.settings import OPTIONS, Settings, cli_values, resolve
+
+log = logging.getLogger("nvdp")
+
+SUBCOMMANDS = ("run", "demo", "config")
+
+
+def _add_options(parser: argparse.ArgumentParser) -> None:
+    for option in OPTIONS:
+        envs = ", ".join(f"${e}" for e in option.envs)
+        default = option.default if not isinstance(option.default, tuple) else ",".join(option.default)
+        help_text = f"{option.help} [env {envs}; default {default!r}]"
+        if option.choices:
+            help_text += f"; one of {', '.join(option.choices)}"
+        if option.kind == "bool":
+            parser.add_argument(*option.flags, dest=option.dest, nargs="?", const="true", default=None,
+                                metavar="BOOL", help=help_text)
+        else:
+            parser.add_argument(*option.flags, dest=option.dest, default=None, help=help_text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nvdp", description="NVIDIA GPU device plugin for Kubernetes (time-slicing, MPS and MIG sharing).")
+    parser.add_argument("--version", action="version", version=f"nvdp {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    run = sub.add_parser("run", help="serve the node's GPUs to the kubelet (the default command)")
+    _add_options(run)
+    demo = sub.add_parser("demo", help="run nvdp on a simulated GPU node against an embedded kubelet emulator")
+    demo.add_argument("--simulate", type=Path, default=None, help="simulated node YAML (default: built-in node)")
+    config = sub.add_parser("config", help="config file tools")
+    config_sub = config.add_subparsers(dest="config_command", metavar="ACTION", required=True)
+    validate = config_sub.add_parser("validate", help="check a config file and print the resource plan")
+    validate.add_argument("file", type=Path)
+    validate.add_argument("--simulate", type=Path, default=None,
+                          help="check against this simulated node and print the plan")
+    return parser
+
+
+def load_settings(args: argparse.Namespace, env: Mapping[str, str]) -> Settings:
+    """Resolve flag > env > file > default. The config file's own location follows the same precedence."""
+    cli = cli_values(args)
+    config_file = cli.get("config_file") or env.get("CONFIG_FILE")
+    config = load_config_file(Path(config_file)) if config_file else None
+    return resolve(cli, env, config, config_source=str(config_file) if config_file else "config file")
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    # grpclib logs every stream the kubelet cancels at INFO; that is normal traffic, not news.
+    logging.getLogger("grpclib").setLevel(max(logging.WARNING, logging.getLogger().level))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or (argv[0] not in SUBCOMMANDS and argv[0] not in ("-h", "--help", "--version")):
+        argv.insert(0, "run")
+    args = build_parser().parse_args(argv)
+    env = dict(os.environ)
+    try:
+        if args.command == "demo":
+            from nvdp.demo import run_demo
+
+            setup_logging("warning")
+            return trio.run(run_demo, args.simulate)
+        if args.command == "config":
+            from nvdp.validate import validate_config
+
+            return validate_config(args.file, args.simulate)
+        return run(args, env)
+    except ConfigError as exc:
+        print(f"nvdp: invalid configuration: {exc}", file=sys.stderr)
+        return 1
+
+
+def run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    settings = load_settings(args, env)
+    from nvdp.daemon import StartupError, run_daemon
+
+    setup_logging(settings.log_level)
+    log.info("nvdp %s starting", __version__)
+
+    def reload_settings() -> Settings:
+        return load_settings(args, env)
+
+    try:
+        return trio.run(lambda: run_daemon(
+            settings, reload_settings=reload_settings, notify_socket=env.get("NOTIFY_SOCKET")))
+    except StartupError as exc:
+        log.error("%s", exc)
+        print(f"nvdp: {exc}", file=sys.stderr)
+        return 1

@@ -1,0 +1,225 @@
+"""Resolved settings: one precedence function over every option (flag > env > config file > default).
+
+Each option is described once in `OPTIONS`: its command-line flags, its environment variables (upstream's names), its
+place in the config file and how to parse and check it. `nvdp.cli` builds argparse from the same table, and
+`resolve()` is the only place where the four sources meet. Below `nvdp.cli`, nothing reads `os.environ`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from nvdp.config.errors import ConfigError
+from nvdp.config.schema import Config, yaml_key
+
+DEFAULT_KUBELET_SOCKET = "/var/lib/kubelet/device-plugins/kubelet.sock"
+DEVICE_LIST_STRATEGIES = ("envvar", "volume-mounts", "cdi-annotations", "cdi-cri")
+SUPPORTED_DEVICE_LIST_STRATEGIES = ("envvar", "volume-mounts")
+
+
+def parse_bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "t", "true", "yes", "y", "on"):
+        return True
+    if lowered in ("0", "f", "false", "no", "n", "off"):
+        return False
+    raise ValueError("expected a boolean: true or false")
+
+
+def parse_list(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+@dataclass(frozen=True, slots=True)
+class Option:
+    """One setting and every place it can come from."""
+
+    dest: str
+    flags: tuple[str, ...]
+    envs: tuple[str, ...]
+    #: Path in the config file as attribute names, e.g. ("flags", "plugin", "pass_device_specs"); () = CLI only.
+    config_path: tuple[str, ...]
+    default: Any
+    #: "str" | "bool" | "list" | "path"
+    kind: str = "str"
+    choices: tuple[str, ...] = ()
+    help: str = ""
+
+    @property
+    def yaml_path(self) -> str:
+        return "$." + ".".join(yaml_key(p) for p in self.config_path)
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("mig_strategy", ("--mig-strategy",), ("MIG_STRATEGY",), ("flags", "mig_strategy"), "none",
+           choices=("none", "single", "mixed"), help="how MIG devices are exposed"),
+    Option("fail_on_init_error", ("--fail-on-init-error",), ("FAIL_ON_INIT_ERROR",),
+           ("flags", "fail_on_init_error"), True, "bool",
+           help="exit non-zero when NVML cannot start (false: log and wait)"),
+    Option("driver_root", ("--driver-root", "--nvidia-driver-root"), ("NVIDIA_DRIVER_ROOT",),
+           ("flags", "nvidia_driver_root"), "/", "path", help="root of the NVIDIA driver installation"),
+    Option("dev_root", ("--dev-root", "--nvidia-dev-root"), ("NVIDIA_DEV_ROOT",), ("flags", "nvidia_dev_root"),
+           None, "path", help="root under which /dev/nvidia* live on the host (default: the driver root)"),
+    Option("pass_device_specs", ("--pass-device-specs",), ("PASS_DEVICE_SPECS",),
+           ("flags", "plugin", "pass_device_specs"), False, "bool",
+           help="return device nodes in Allocate (for the CPU manager's static policy)"),
+    Option("device_list_strategy", ("--device-list-strategy",), ("DEVICE_LIST_STRATEGY",),
+           ("flags", "plugin", "device_list_strategy"), ("envvar",), "list", choices=DEVICE_LIST_STRATEGIES,
+           help="how devices are passed to the container runtime (comma list)"),
+    Option("device_id_strategy", ("--device-id-strategy",), ("DEVICE_ID_STRATEGY",),
+           ("flags", "plugin", "device_id_strategy"), "uuid", choices=("uuid", "index"),
+           help="device IDs given to the container runtime"),
+    Option("gdrcopy_enabled", ("--gdrcopy-enabled",), ("GDRCOPY_ENABLED",), ("flags", "gdrcopy_enabled"), False,
+           "bool", help="set NVIDIA_GDRCOPY=enabled in containers"),
+    Option("gds_enabled", ("--gds-enabled",), ("GDS_ENABLED",), ("flags", "gds_enabled"), False, "bool",
+           help="set NVIDIA_GDS=enabled in containers"),
+    Option("mofed_enabled", ("--mofed-enabled",), ("MOFED_ENABLED",), ("flags", "mofed_enabled"), False, "bool",
+           help="set NVIDIA_MOFED=enabled in containers"),
+    Option("mps_root", ("--mps-root",), ("MPS_ROOT",), ("flags", "mps_root"), "", "str",
+           help="host directory for MPS pipes, logs and shm"),
+    Option("shared_devices_allocation_policy", ("--shared-devices-allocation-policy",),
+           ("SHARED_DEVICES_ALLOCATION_POLICY",), ("flags", "plugin", "shared_devices_allocation_policy"),
+           "distributed", choices=("distributed", "packed"), help="preferred allocation among shared devices"),
+    Option("device_discovery_strategy", ("--device-discovery-strategy",), ("DEVICE_DISCOVERY_STRATEGY",),
+           ("flags", "device_discovery_strategy"), "auto", choices=("auto", "nvml"),
+           help="how devices are found (nvdp discovers through NVML)"),
+    Option("kubelet_socket", ("--kubelet-socket",), ("KUBELET_SOCKET",), (), DEFAULT_KUBELET_SOCKET, "str",
+           help="the kubelet's registration socket; plugin sockets go in its directory"),
+    Option("config_file", ("--config-file",), ("CONFIG_FILE",), (), None, "path", help="config file (YAML, v1)"),
+    Option("simulate", ("--simulate",), ("NVDP_SIMULATE",), (), None, "path",
+           help="run against a simulated GPU node described by this YAML file"),
+    Option("log_level", ("--log-level",), ("LOG_LEVEL",), (), "info", choices=("debug", "info", "warning", "error"),
+           help="log level"),
+)
+
+OPTIONS_BY_DEST = {o.dest: o for o in OPTIONS}
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    mig_strategy: str = "none"
+    fail_on_init_error: bool = True
+    driver_root: Path = Path("/")
+    dev_root: Path = Path("/")
+    pass_device_specs: bool = False
+    device_list_strategy: tuple[str, ...] = ("envvar",)
+    device_id_strategy: str = "uuid"
+    gdrcopy_enabled: bool = False
+    gds_enabled: bool = False
+    mofed_enabled: bool = False
+    mps_root: str = ""
+    shared_devices_allocation_policy: str = "distributed"
+    device_discovery_strategy: str = "auto"
+    #: None: do not register with a kubelet (upstream: an empty --kubelet-socket).
+    kubelet_socket: Path | None = Path(DEFAULT_KUBELET_SOCKET)
+    config_file: Path | None = None
+    simulate: Path | None = None
+    log_level: str = "info"
+    #: The parsed config file (or an empty one): the sharing sections are read from here.
+    config: Config = field(default_factory=Config)
+
+    @property
+    def plugin_dir(self) -> Path | None:
+        return self.kubelet_socket.parent if self.kubelet_socket else None
+
+
+def _from_file(config: Config, path: tuple[str, ...]) -> Any:
+    node: Any = config
+    for name in path:
+        node = getattr(node, name, None)
+        if node is None:
+            return None
+    return node
+
+
+def _parse_text(option: Option, text: str, source: str) -> Any:
+    """Parse a value given as text (a flag or an env var)."""
+    try:
+        if option.kind == "bool":
+            return parse_bool(text)
+        if option.kind == "list":
+            return parse_list(text)
+    except ValueError as exc:
+        raise ConfigError(f"{source}: invalid value {text!r}: {exc}") from None
+    return text
+
+
+def _check(option: Option, value: Any, source: str) -> Any:
+    """Normalise a value from any source and check it against the option's accepted values."""
+    if option.kind == "list":
+        items = [value] if isinstance(value, str) else list(value)
+        for item in items:
+            if item not in option.choices:
+                raise ConfigError(
+                    f"{source}: invalid value {item!r}: accepted values are {', '.join(option.choices)}")
+        if not items:
+            raise ConfigError(f"{source}: must name at least one of {', '.join(option.choices)}")
+        return tuple(dict.fromkeys(items))
+    if option.choices and value not in option.choices:
+        raise ConfigError(f"{source}: invalid value {value!r}: accepted values are {', '.join(option.choices)}")
+    if option.kind == "bool" and not isinstance(value, bool):
+        raise ConfigError(f"{source}: invalid value {value!r}: expected true or false")
+    return value
+
+
+def resolve(
+    cli: Mapping[str, str | None],
+    env: Mapping[str, str],
+    config: Config | None = None,
+    config_source: str = "config file",
+) -> Settings:
+    """Combine the four sources. `cli` maps an option's dest to the text given on the command line, or None."""
+    config = config or Config()
+    values: dict[str, Any] = {}
+    for option in OPTIONS:
+        given = cli.get(option.dest)
+        env_name = next((name for name in option.envs if name in env), None)
+        from_file = _from_file(config, option.config_path) if option.config_path else None
+        if given is not None:
+            value = _check(option, _parse_text(option, given, option.flags[0]), option.flags[0])
+        elif env_name is not None:
+            value = _check(option, _parse_text(option, env[env_name], env_name), env_name)
+        elif from_file is not None:
+            value = _check(option, from_file, f"{config_source}: {option.yaml_path}")
+        else:
+            value = option.default
+        values[option.dest] = value
+
+    for dest in ("driver_root", "dev_root", "config_file", "simulate"):
+        if values[dest] not in (None, ""):
+            values[dest] = Path(values[dest])
+        else:
+            values[dest] = None
+    values["driver_root"] = values["driver_root"] or Path("/")
+    # Upstream: an unset or empty dev root means the driver root.
+    values["dev_root"] = values["dev_root"] or values["driver_root"]
+    values["kubelet_socket"] = Path(values["kubelet_socket"]) if values["kubelet_socket"] else None
+    settings = Settings(config=config, **values)
+    validate(settings, config_source)
+    return settings
+
+
+def validate(settings: Settings, config_source: str = "config file") -> None:
+    """Cross-field checks and refusals of what nvdp does not implement, each with what to do instead."""
+    unsupported = [s for s in settings.device_list_strategy if s not in SUPPORTED_DEVICE_LIST_STRATEGIES]
+    if unsupported:
+        raise ConfigError(
+            f"device list strategy {', '.join(unsupported)}: CDI strategies are not supported by nvdp; "
+            f"use {' or '.join(SUPPORTED_DEVICE_LIST_STRATEGIES)} (see docs/compatibility.md)")
+    config = settings.config
+    if config.version not in (None, "", "v1"):
+        raise ConfigError(f"{config_source}: $.version: unknown version {config.version!r}: accepted values are v1")
+    if config.imex is not None and (config.imex.channel_ids or config.imex.required):
+        raise ConfigError(
+            f"{config_source}: $.imex: IMEX channels are not supported by nvdp; remove the imex section")
+    if config.sharing:
+        raise ConfigError(f"{config_source}: $.sharing: GPU sharing is not available in this build of nvdp")
+
+
+def cli_values(namespace: Any, options: Sequence[Option] = OPTIONS) -> dict[str, str | None]:
+    """The raw text of each option given on the command line (argparse defaults are None)."""
+    return {o.dest: getattr(namespace, o.dest, None) for o in options}
+

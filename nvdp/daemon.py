@@ -1,0 +1,291 @@
+"""The supervisor tree: every long-lived task of nvdp, who starts it and who restarts what.
+
+Nesting is lifetime, outermost lives longest::
+
+    run_daemon (root nursery)
+    ├ watch signals                             SIGTERM/SIGINT/SIGQUIT: cancel everything, exit 0; SIGHUP: reload.
+    │                                             Started first, so a signal during start-up is handled too.
+    └ asyncio thread (grpclib's loop)           open_asyncio_thread: outlives every server, stopped last
+      └ NVML session                            open_nvml: init (real or simulated), shutdown on the way out
+        └ main nursery
+          ├ servers nursery                     ResourceServers: one task + cancel scope per resource;
+          │  └ serve {resource}                   bind socket, Register (retry with backoff), hold streams
+          ├ watch kubelet socket                kubelet.sock created -> restart every server and re-register;
+          │                                       one of our sockets deleted -> restart that server
+          ├ report ready                        every resource registered -> sd_notify READY=1
+          └ controller (this function's body)   the only task that changes the servers: applies reloads and
+                                                  restarts in order, one at a time, from a command channel
+
+Triggers never touch the servers themselves; they send a command to the controller. A reload builds and checks the
+new plan *before* anything stops; if that fails the running plan keeps serving and the error is logged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+import socket
+import tempfile
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import trio
+
+from nvdp.allocate import AllocateOptions
+from nvdp.config.errors import ConfigError
+from nvdp.config.settings import Settings
+from nvdp.inventory import NodeInventory
+from nvdp.kubelet.aio import open_asyncio_thread
+from nvdp.kubelet.plugin_server import ServingContext
+from nvdp.kubelet.servers import ResourceServers
+from nvdp.kubelet.socket_watch import watch_plugin_dir
+from nvdp.nvml import adapter as nvml
+from nvdp.plan.build import PlanError, build_plan
+from nvdp.plan.model import Plan
+
+log = logging.getLogger(__name__)
+
+#: How long a deleted socket waits for a kubelet.sock creation that would explain it (see control()).
+SETTLE_S = 0.1
+
+
+class StartupError(Exception):
+    """nvdp cannot start serving (bad config, NVML unavailable with failOnInitError, invalid MIG layout)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    #: "reload" | "kubelet-started" | "socket-deleted"
+    kind: str
+    detail: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class NvmlSession:
+    host_root: Path
+    driver_root: Path
+
+
+@contextlib.asynccontextmanager
+async def open_nvml(settings: Settings) -> AsyncIterator[NvmlSession | None]:
+    """Start NVML (through the simulated node's fake library with --simulate). Yields None when NVML cannot start
+    and `failOnInitError` is false: the caller then serves nothing and waits, as upstream does."""
+    with contextlib.ExitStack() as stack:
+        host_root, driver_root = Path("/"), settings.driver_root
+        if settings.simulate is not None:
+            from nvdp import sim  # only the simulation needs a C compiler
+
+            workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="nvdp-sim-")))
+            try:
+                node = sim.load_node(settings.simulate)
+                handle = await trio.to_thread.run_sync(sim.activate, node, workdir)
+            except sim.SimNodeError as exc:
+                raise StartupError(str(exc)) from None
+            host_root = driver_root = handle.host_root
+            log.info("simulating the GPU node described by %s", settings.simulate)
+        try:
+            await trio.to_thread.run_sync(nvml.init)
+        except nvml.NvmlError as exc:
+            message = f"failed to initialize NVML: {exc}"
+            if settings.fail_on_init_error:
+                raise StartupError(
+                    f"{message}. If this is not a GPU node, set failOnInitError=false (--fail-on-init-error=false) "
+                    "to have nvdp wait instead of exiting.") from None
+            log.error("%s; failOnInitError is false, so nvdp serves no devices and waits", message)
+            yield None
+            return
+        try:
+            yield NvmlSession(host_root, driver_root)
+        finally:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(nvml.shutdown)
+
+
+def serving_contexts(plan: Plan, inventory: NodeInventory, settings: Settings) -> list[ServingContext]:
+    options = AllocateOptions(
+        device_list_strategy=settings.device_list_strategy,
+        device_id_strategy=settings.device_id_strategy,
+        pass_device_specs=settings.pass_device_specs,
+        dev_root=str(settings.dev_root),
+        control_devices=inventory.control_devices,
+        gdrcopy_enabled=settings.gdrcopy_enabled,
+        gds_enabled=settings.gds_enabled,
+        mofed_enabled=settings.mofed_enabled,
+    )
+    return [ServingContext(r, options, inventory, settings.shared_devices_allocation_policy) for r in plan.resources]
+
+
+def describe_plan(plan: Plan) -> str:
+    if not plan.resources:
+        return "no devices found"
+    return ", ".join(f"{r.name}: {len(r.devices)}" for r in plan.resources)
+
+
+def sd_notify(notify_socket: str | None, message: str) -> None:
+    """systemd's readiness protocol: one datagram on $NOTIFY_SOCKET (an abstract socket when it starts with @)."""
+    if not notify_socket:
+        return
+    address = "\0" + notify_socket[1:] if notify_socket.startswith("@") else notify_socket
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        try:
+            sock.sendto(message.encode(), address)
+        except OSError as exc:
+            log.warning("cannot notify systemd on %s: %s", notify_socket, exc)
+
+
+async def run_daemon(
+    settings: Settings,
+    *,
+    reload_settings: Callable[[], Settings] | None = None,
+    handle_signals: bool = True,
+    notify_socket: str | None = None,
+    task_status: trio.TaskStatus[ResourceServers | None] = trio.TASK_STATUS_IGNORED,
+) -> int:
+    """Serve until cancelled or told to stop by a signal; returns the exit code.
+
+    `reload_settings` re-reads the config file (SIGHUP). `task_status.started()` is called with the servers once
+    every resource is registered, for embedding (the demo, tests).
+    """
+    try:
+        return await _run_daemon(settings, reload_settings, handle_signals, notify_socket, task_status)
+    except BaseExceptionGroup as group:
+        # Nurseries wrap errors in groups; a start-up failure alone is reported as itself.
+        startup, rest = group.split(StartupError)
+        if startup is not None and rest is None:
+            raise _first_leaf(startup) from None
+        raise
+
+
+def _first_leaf(group: BaseExceptionGroup[StartupError]) -> StartupError:
+    leaf: BaseException = group
+    while isinstance(leaf, BaseExceptionGroup):
+        leaf = leaf.exceptions[0]
+    assert isinstance(leaf, StartupError)
+    return leaf
+
+
+async def _run_daemon(
+    settings: Settings,
+    reload_settings: Callable[[], Settings] | None,
+    handle_signals: bool,
+    notify_socket: str | None,
+    task_status: trio.TaskStatus[ResourceServers | None],
+) -> int:
+    async with trio.open_nursery() as root:
+        send, receive = trio.open_memory_channel[Command](16)
+        if handle_signals:
+            # First of all, so that a SIGTERM during start-up also ends in an orderly exit 0.
+            await root.start(watch_signals, root.cancel_scope, send)
+        async with open_asyncio_thread() as host, open_nvml(settings) as session, trio.open_nursery() as nursery:
+            if session is None:
+                task_status.started(None)
+                await trio.sleep_forever()
+            inventory = await discover(session)
+            try:
+                plan = build_plan(inventory, settings)
+            except PlanError as exc:
+                raise StartupError(str(exc)) from None
+            log.info("plan: %s", describe_plan(plan))
+            plugin_dir = settings.plugin_dir or Path(tempfile.gettempdir())
+            async with trio.open_nursery() as servers_nursery:
+                servers = ResourceServers(servers_nursery, host, plugin_dir, settings.kubelet_socket)
+                if settings.kubelet_socket is not None:
+                    nursery.start_soon(watch_kubelet, settings.kubelet_socket, send)
+                await servers.apply(serving_contexts(plan, inventory, settings))
+                if not plan.resources:
+                    log.warning("No devices found. Waiting indefinitely.")
+                nursery.start_soon(report_ready, servers, notify_socket, task_status)
+                await control(receive, servers, settings, inventory, reload_settings)
+        root.cancel_scope.cancel()
+    return 0
+
+
+async def report_ready(
+    servers: ResourceServers, notify_socket: str | None, task_status: trio.TaskStatus[ResourceServers | None]
+) -> None:
+    await servers.wait_all_registered()
+    log.info("ready: every resource is registered with the kubelet")
+    sd_notify(notify_socket, "READY=1")
+    task_status.started(servers)
+
+
+async def discover(session: NvmlSession) -> NodeInventory:
+    inventory = await trio.to_thread.run_sync(nvml.read_inventory, session.host_root, session.driver_root)
+    log.info("driver %s, CUDA %s, %d GPU(s)", inventory.driver_version, inventory.cuda_driver_version,
+             len(inventory.gpus))
+    for gpu in inventory.gpus:
+        log.info("GPU %d: %s %s, %d MiB, minor %d, NUMA %s%s", gpu.index, gpu.name, gpu.uuid, gpu.memory_mib,
+                 gpu.minor, gpu.numa_node, ", MIG enabled" if gpu.mig_enabled else "")
+    return inventory
+
+
+async def control(
+    receive: trio.MemoryReceiveChannel[Command],
+    servers: ResourceServers,
+    settings: Settings,
+    inventory: NodeInventory,
+    reload_settings: Callable[[], Settings] | None,
+) -> None:
+    """Apply commands one at a time, so restarts and reloads never interleave."""
+    async for command in receive:
+        batch = [command]
+        if command.kind == "socket-deleted":
+            # A restarting kubelet deletes our sockets just before it creates kubelet.sock again: wait a moment so
+            # that one restart of everything answers both, instead of restarting a server twice.
+            with trio.move_on_after(SETTLE_S):
+                async for more in receive:
+                    batch.append(more)
+                    if more.kind == "kubelet-started":
+                        break
+        kinds = {c.kind for c in batch}
+        if "kubelet-started" in kinds:
+            log.info("kubelet socket created: restarting every server and registering again")
+            await servers.restart_all()
+        else:
+            for deleted in (c.detail for c in batch if c.kind == "socket-deleted"):
+                name = servers.resource_for_socket(deleted)
+                if name is not None and not await trio.Path(servers.plugin_dir / deleted).exists():
+                    log.warning("socket %s of %s was removed: restarting that server", deleted, name)
+                    await servers.restart(name)
+        if "reload" in kinds:
+            if reload_settings is None:
+                log.info("reload requested; nothing to reload (no config file)")
+                continue
+            try:
+                new_settings = reload_settings()
+                plan = build_plan(inventory, new_settings)
+            except (ConfigError, PlanError) as exc:
+                log.error("config rejected: %s; keeping the running config", exc)
+                continue
+            log.info("reloading: %s", describe_plan(plan))
+            settings = new_settings
+            await servers.apply(serving_contexts(plan, inventory, settings))
+
+
+async def watch_signals(
+    scope: trio.CancelScope,
+    send: trio.MemorySendChannel[Command],
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT) as signals:
+        task_status.started()
+        async for signum in signals:
+            if signum == signal.SIGHUP:
+                log.info("received SIGHUP: reloading the config")
+                await send.send(Command("reload"))
+            else:
+                log.info("received %s: shutting down", signal.Signals(signum).name)
+                scope.cancel()
+                return
+
+
+async def watch_kubelet(kubelet_socket: Path, send: trio.MemorySendChannel[Command]) -> None:
+    async for event in watch_plugin_dir(kubelet_socket):
+        if event.kind == "kubelet-started":
+            await send.send(Command("kubelet-started", event.name))
+        else:
+            await send.send(Command("socket-deleted", event.name))
+

@@ -1,0 +1,240 @@
+"""One resource's `DevicePlugin` gRPC server (grpclib), as it runs on the asyncio thread.
+
+Everything in this module runs on the asyncio loop of `nvdp.kubelet.aio`. Its inputs are immutable: the resource,
+its Allocate options and the node inventory are fixed for the server's life (a changed resource gets a new server),
+and health arrives as a new snapshot through `DeviceListMirror.publish()`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpclib.const
+import grpclib.server
+from grpclib.exceptions import GRPCError
+
+from nvdp.allocate import AllocateOptions, AllocationError, ContainerAllocation, allocate
+from nvdp.inventory import NodeInventory
+from nvdp.kubelet.api import v1beta1 as api
+from nvdp.plan.model import Resource
+from nvdp.preferred import PreferredAllocationError, preferred_allocation
+
+log = logging.getLogger(__name__)
+
+HEALTHY = "Healthy"
+UNHEALTHY = "Unhealthy"
+OPTIONS = api.DevicePluginOptions(pre_start_required=False, get_preferred_allocation_available=True)
+#: How long stopping a server waits for its connections to close after ending their streams.
+CLOSE_GRACE_S = 1.0
+
+
+def list_and_watch_response(resource: Resource, unhealthy: Mapping[str, str]) -> api.ListAndWatchResponse:
+    """The complete device list, in the plan's (deterministic) order."""
+    topology: dict[int, api.TopologyInfo] = {}
+    devices = []
+    for device in resource.devices:
+        info = None
+        if device.numa_node is not None:
+            info = topology.get(device.numa_node)
+            if info is None:
+                info = topology[device.numa_node] = api.TopologyInfo(nodes=[api.NumaNode(id=device.numa_node)])
+        health = UNHEALTHY if device.id in unhealthy else HEALTHY
+        devices.append(api.Device(id=device.id, health=health, topology=info))
+    return api.ListAndWatchResponse(devices=devices)
+
+
+class DeviceListMirror:
+    """The latest device list of one resource, on the asyncio side.
+
+    trio publishes health snapshots with `AsyncioThread.call_soon(mirror.publish, ...)`; every `ListAndWatch`
+    stream waits here for a newer version than the one it last sent. `close()` ends every stream normally.
+    """
+
+    def __init__(self, resource: Resource, unhealthy: Mapping[str, str]) -> None:
+        self.resource = resource
+        self._unhealthy: Mapping[str, str] = unhealthy
+        self._message = list_and_watch_response(resource, unhealthy)
+        self._version = 1
+        self._closed = False
+        self._changed = asyncio.Event()
+
+    def __repr__(self) -> str:
+        return (f"<DeviceListMirror {self.resource.name} v{self._version} devices={len(self.resource.devices)} "
+                f"unhealthy={len(self._unhealthy)} closed={self._closed}>")
+
+    def publish(self, unhealthy: Mapping[str, str]) -> None:
+        relevant = {i: r for i, r in unhealthy.items() if self.resource.device(i) is not None}
+        if relevant == self._unhealthy:
+            return
+        self._unhealthy = relevant
+        self._message = list_and_watch_response(self.resource, relevant)
+        self._version += 1
+        self._wake()
+
+    def close(self) -> None:
+        self._closed = True
+        self._wake()
+
+    def _wake(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def updates(self) -> AsyncIterator[api.ListAndWatchResponse]:
+        sent = 0
+        while not self._closed:
+            if self._version != sent:
+                sent = self._version
+                yield self._message
+                continue
+            await self._changed.wait()
+
+
+@dataclass(frozen=True, slots=True)
+class ServingContext:
+    """What a resource's handlers need besides the device list; immutable for the server's life."""
+
+    resource: Resource
+    options: AllocateOptions
+    inventory: NodeInventory
+    allocation_policy: str = "distributed"
+
+
+def container_response(allocation: ContainerAllocation) -> api.ContainerAllocateResponse:
+    return api.ContainerAllocateResponse(
+        envs=dict(allocation.envs),
+        mounts=[api.Mount(container_path=m.container_path, host_path=m.host_path, read_only=m.read_only)
+                for m in allocation.mounts],
+        devices=[api.DeviceSpec(container_path=d.container_path, host_path=d.host_path, permissions=d.permissions)
+                 for d in allocation.device_specs],
+        annotations=dict(allocation.annotations),
+    )
+
+
+class DevicePluginService(api.DevicePluginBase):
+    def __init__(self, context: ServingContext, mirror: DeviceListMirror) -> None:
+        self.context = context
+        self.mirror = mirror
+
+    async def get_device_plugin_options(self, message: api.Empty) -> api.DevicePluginOptions:
+        return OPTIONS
+
+    async def list_and_watch(self, message: api.Empty) -> AsyncIterator[api.ListAndWatchResponse]:
+        log.debug("ListAndWatch opened for %s", self.context.resource.name)
+        async for response in self.mirror.updates():
+            yield response
+
+    async def allocate(self, message: api.AllocateRequest) -> api.AllocateResponse:
+        context = self.context
+        responses = []
+        for request in message.container_requests:
+            try:
+                allocation = allocate(context.resource, request.devices_ids, context.options)
+            except AllocationError as exc:
+                log.warning("Allocate refused for %s: %s", context.resource.name, exc)
+                raise GRPCError(grpclib.const.Status.INVALID_ARGUMENT, str(exc)) from None
+            responses.append(container_response(allocation))
+        return api.AllocateResponse(container_responses=responses)
+
+    async def get_preferred_allocation(
+        self, message: api.PreferredAllocationRequest
+    ) -> api.PreferredAllocationResponse:
+        context = self.context
+        responses = []
+        for request in message.container_requests:
+            try:
+                ids = preferred_allocation(
+                    context.resource, context.inventory, request.available_deviceIDs,
+                    request.must_include_deviceIDs, request.allocation_size, context.allocation_policy)
+            except PreferredAllocationError as exc:
+                raise GRPCError(grpclib.const.Status.INVALID_ARGUMENT, str(exc)) from None
+            responses.append(api.ContainerPreferredAllocationResponse(device_i_ds=ids))
+        return api.PreferredAllocationResponse(container_responses=responses)
+
+    async def pre_start_container(self, message: api.PreStartContainerRequest) -> api.PreStartContainerResponse:
+        return api.PreStartContainerResponse()
+
+
+class _TrackingServer(grpclib.server.Server):
+    """A grpclib server that can close its client connections.
+
+    `Server.close()` stops listening and cancels handlers but leaves HTTP/2 connections open, so a kubelet's
+    `ListAndWatch` would never see its stream end. This records each connection's transport (through grpclib's
+    `_protocol_factory`, which is why grpclib is pinned exactly) so that `stop_server()` can close them.
+    """
+
+    def __init__(self, handlers: list[Any]) -> None:
+        super().__init__(handlers)
+        self.transports: set[asyncio.BaseTransport] = set()
+
+    def _protocol_factory(self) -> Any:
+        protocol = super()._protocol_factory()
+        made, lost = protocol.connection_made, protocol.connection_lost
+        mine: list[asyncio.BaseTransport] = []
+
+        def connection_made(transport: asyncio.BaseTransport) -> None:
+            mine.append(transport)
+            self.transports.add(transport)
+            made(transport)
+
+        def connection_lost(exc: BaseException | None) -> None:
+            self.transports.difference_update(mine)
+            lost(exc)
+
+        protocol.connection_made = connection_made
+        protocol.connection_lost = connection_lost
+        return protocol
+
+
+@dataclass(slots=True)
+class BoundServer:
+    server: _TrackingServer
+    mirror: DeviceListMirror
+    socket_path: Path
+    #: (st_dev, st_ino) of the socket we bound: we unlink the path only while it is still ours.
+    inode: tuple[int, int]
+
+
+async def start_server(context: ServingContext, unhealthy: Mapping[str, str], socket_path: Path) -> BoundServer:
+    """Bind the resource's socket and start serving (on the asyncio loop). A stale file at the path is replaced."""
+    mirror = DeviceListMirror(context.resource, unhealthy)
+    server = _TrackingServer([DevicePluginService(context, mirror)])
+    # A stale socket (ours from a crashed run, or a leftover) would make bind fail.
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(socket_path)
+    await server.start(path=str(socket_path))
+    # The kubelet runs as root and is the only client; nobody else needs the socket.
+    os.chmod(socket_path, 0o600)
+    st = os.stat(socket_path)
+    return BoundServer(server, mirror, socket_path, (st.st_dev, st.st_ino))
+
+
+async def stop_server(bound: BoundServer) -> None:
+    """End every stream, close connections, stop listening and remove the socket if it is still ours."""
+    bound.mirror.close()
+    # Give ListAndWatch handlers a moment to send their trailers before connections are cut.
+    await asyncio.sleep(0)
+    bound.server.close()
+    for transport in list(bound.server.transports):
+        transport.close()
+    try:
+        await asyncio.wait_for(bound.server.wait_closed(), CLOSE_GRACE_S)
+    except TimeoutError:
+        log.warning("server for %s did not close within %.1f s", bound.mirror.resource.name, CLOSE_GRACE_S)
+    remove_socket_if_ours(bound.socket_path, bound.inode)
+
+
+def remove_socket_if_ours(path: Path, inode: tuple[int, int]) -> None:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return
+    # The kubelet may have wiped the directory and a new server may own the path by now.
+    if (st.st_dev, st.st_ino) == inode:
+        path.unlink(missing_ok=True)

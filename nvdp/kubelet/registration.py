@@ -1,0 +1,38 @@
+"""Registering a resource with the kubelet (`v1beta1.Registration/Register` on `kubelet.sock`).
+
+Runs on the asyncio loop. The kubelet dials our socket back and calls `GetDevicePluginOptions` before it answers,
+so the resource's server must already be serving when this is called.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from grpclib.client import Channel
+from grpclib.exceptions import GRPCError, StreamTerminatedError
+
+from nvdp.kubelet.api import v1beta1 as api
+from nvdp.kubelet.plugin_server import OPTIONS
+
+API_VERSION = "v1beta1"
+#: The kubelet allows itself 10 s to dial back; leave room for that plus the call itself.
+REGISTER_TIMEOUT_S = 15.0
+
+
+class RegistrationError(Exception):
+    """The kubelet refused or could not be reached; retry later (or when kubelet.sock is re-created)."""
+
+
+async def register(kubelet_socket: Path, endpoint: str, resource_name: str) -> None:
+    request = api.RegisterRequest(
+        version=API_VERSION, endpoint=endpoint, resource_name=resource_name, options=OPTIONS)
+    channel = Channel(path=str(kubelet_socket))
+    try:
+        await api.RegistrationStub(channel).register(request, timeout=REGISTER_TIMEOUT_S)
+    except GRPCError as exc:
+        raise RegistrationError(f"kubelet refused {resource_name}: {exc.message or exc.status.name}") from None
+    except (OSError, StreamTerminatedError, TimeoutError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else (str(exc) or type(exc).__name__)
+        raise RegistrationError(f"cannot reach the kubelet at {kubelet_socket}: {reason}") from None
+    finally:
+        channel.close()

@@ -1,0 +1,405 @@
+"""The one place nvdp talks to NVML.
+
+Everything here blocks (NVML calls, sysfs reads): trio code calls it through `trio.to_thread.run_sync`. pynvml's
+errors are translated into `NvmlError` at this edge, and results come out as the plain types of `nvdp.inventory`,
+so nothing above this module imports pynvml.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import re
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pynvml
+
+from nvdp.inventory import CONTROL_DEVICE_NODES, Gpu, Link, MigDevice, NodeInventory
+
+T = TypeVar("T")
+
+# NVML return codes callers branch on.
+ERROR_UNINITIALIZED = pynvml.NVML_ERROR_UNINITIALIZED
+ERROR_INVALID_ARGUMENT = pynvml.NVML_ERROR_INVALID_ARGUMENT
+ERROR_NOT_SUPPORTED = pynvml.NVML_ERROR_NOT_SUPPORTED
+ERROR_NOT_FOUND = pynvml.NVML_ERROR_NOT_FOUND
+ERROR_DRIVER_NOT_LOADED = pynvml.NVML_ERROR_DRIVER_NOT_LOADED
+ERROR_TIMEOUT = pynvml.NVML_ERROR_TIMEOUT
+ERROR_LIBRARY_NOT_FOUND = pynvml.NVML_ERROR_LIBRARY_NOT_FOUND
+ERROR_FUNCTION_NOT_FOUND = pynvml.NVML_ERROR_FUNCTION_NOT_FOUND
+ERROR_GPU_IS_LOST = pynvml.NVML_ERROR_GPU_IS_LOST
+
+EVENT_DOUBLE_BIT_ECC = pynvml.nvmlEventTypeDoubleBitEccError
+EVENT_XID_CRITICAL = pynvml.nvmlEventTypeXidCriticalError
+#: What the health loop listens for; masked by what each GPU supports.
+HEALTH_EVENTS = EVENT_XID_CRITICAL | EVENT_DOUBLE_BIT_ECC
+
+_NO_INSTANCE = 0xFFFFFFFF
+_MIG_PROFILE = re.compile(r"(?:\d+c\.)?(\d+g\.\d+gb\S*)")
+
+# Own wording for the codes people meet; pynvml's str() of an unknown code gives "b'...'" on some versions.
+_MESSAGES = {
+    pynvml.NVML_ERROR_UNINITIALIZED: "NVML is not initialized",
+    pynvml.NVML_ERROR_INVALID_ARGUMENT: "invalid argument",
+    pynvml.NVML_ERROR_NOT_SUPPORTED: "not supported by this GPU or driver",
+    pynvml.NVML_ERROR_NO_PERMISSION: "insufficient permissions",
+    pynvml.NVML_ERROR_NOT_FOUND: "not found",
+    pynvml.NVML_ERROR_DRIVER_NOT_LOADED: "the NVIDIA driver is not loaded",
+    pynvml.NVML_ERROR_TIMEOUT: "timed out",
+    pynvml.NVML_ERROR_LIBRARY_NOT_FOUND: "libnvidia-ml.so.1 not found (is the driver installed and mounted?)",
+    pynvml.NVML_ERROR_FUNCTION_NOT_FOUND: "function not found in libnvidia-ml.so.1 (driver too old?)",
+    pynvml.NVML_ERROR_GPU_IS_LOST: "the GPU is lost (fell off the bus or is otherwise inaccessible)",
+    pynvml.NVML_ERROR_RESET_REQUIRED: "the GPU needs a reset",
+    pynvml.NVML_ERROR_LIB_RM_VERSION_MISMATCH: "NVML and kernel driver versions differ",
+    pynvml.NVML_ERROR_UNKNOWN: "unknown NVML error",
+}
+
+
+class NvmlError(Exception):
+    """An NVML call failed. `code` is the NVML return code (compare with the `ERROR_*` constants)."""
+
+    def __init__(self, code: int, message: str, operation: str = "") -> None:
+        self.code = code
+        self.message = message
+        self.operation = operation
+        where = f"{operation}: " if operation else ""
+        super().__init__(f"{where}{message} (NVML error {code})")
+
+    @property
+    def not_supported(self) -> bool:
+        return self.code == ERROR_NOT_SUPPORTED
+
+    @property
+    def gpu_lost(self) -> bool:
+        return self.code == ERROR_GPU_IS_LOST
+
+
+def _message(code: int) -> str:
+    if code in _MESSAGES:
+        return _MESSAGES[code]
+    try:
+        text = pynvml.nvmlErrorString(code)
+    except Exception:  # the library may be missing: the code alone must still make a message
+        return f"NVML error {code}"
+    return text.decode() if isinstance(text, bytes) else str(text)
+
+
+@contextlib.contextmanager
+def _translated(operation: str) -> Iterator[None]:
+    try:
+        yield
+    except pynvml.NVMLError as exc:
+        # pynvml's errors are unhashable and compare badly; only the code crosses this edge.
+        raise NvmlError(int(exc.value), _message(int(exc.value)), operation) from None
+
+
+def _call(operation: str, fn: Callable[..., T], *args: Any) -> T:
+    with _translated(operation):
+        return fn(*args)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+_state_lock = threading.Lock()
+_initialized = False
+
+
+def init() -> None:
+    """Initializes NVML for this process; a no-op when already initialized by this module."""
+    global _initialized
+    with _state_lock:
+        if not _initialized:
+            _call("nvmlInit", pynvml.nvmlInit)
+            _initialized = True
+
+
+def shutdown() -> None:
+    """Releases NVML; safe to call when not initialized, or twice."""
+    global _initialized
+    with _state_lock:
+        if _initialized:
+            _initialized = False
+            # Shutting down is best effort: there is nothing useful to do about a failure.
+            with contextlib.suppress(pynvml.NVMLError):
+                pynvml.nvmlShutdown()
+
+
+# ------------------------------------------------------------------------------------------------------- inventory
+
+
+def sysfs_bus_id(pci_bus_id: str) -> str:
+    """NVML's `00000000:0F:00.0` as sysfs names it: `0000:0f:00.0`."""
+    bus_id = pci_bus_id.lower()
+    domain, _, rest = bus_id.partition(":")
+    return f"{domain[-4:]}:{rest}"
+
+
+def _bus_key(pci_bus_id: str) -> tuple[int, ...]:
+    """Comparable form of a PCI bus id, whatever its domain width or case."""
+    return tuple(int(part, 16) for part in re.split(r"[:.]", pci_bus_id.strip()))
+
+
+def _numa_node(handle: Any, pci_bus_id: str, host_root: Path) -> int | None:
+    try:
+        node = int(pynvml.nvmlDeviceGetNumaNodeId(handle))
+        if node >= 0:
+            return node
+    except pynvml.NVMLError as exc:
+        if exc.value == ERROR_GPU_IS_LOST:
+            raise NvmlError(exc.value, _message(exc.value), "nvmlDeviceGetNumaNodeId") from None
+        # Older drivers lack the call and VMs answer NOT_SUPPORTED: fall back to what the kernel says.
+    try:
+        node = int((host_root / "sys/bus/pci/devices" / sysfs_bus_id(pci_bus_id) / "numa_node").read_text())
+    except (OSError, ValueError):
+        return None
+    return node if node >= 0 else None
+
+
+def _mig_profile(parent: Any, mig: Any, gi: int) -> str:
+    """The GPU-instance profile name of a MIG device, as NVML's profile info reports it (`MIG 1g.5gb+me`).
+
+    Falls back to go-nvlib's derivation from the MIG device's attributes (`<slices>g.<GB>gb`, no attribute suffix)
+    when the driver cannot answer the profile queries.
+    """
+    try:
+        instance = pynvml.nvmlDeviceGetGpuInstanceById(parent, gi)
+        info = pynvml.nvmlGpuInstanceGetInfo(instance)
+        profile = pynvml.nvmlDeviceGetGpuInstanceProfileInfo(parent, info.profileId, 2)
+        match = _MIG_PROFILE.search(_text(profile.name))
+        if match:
+            return match.group(1)
+    except pynvml.NVMLError as exc:
+        if exc.value == ERROR_GPU_IS_LOST:
+            raise NvmlError(exc.value, _message(exc.value), "MIG profile info") from None
+    attrs = _call("nvmlDeviceGetAttributes", pynvml.nvmlDeviceGetAttributes_v2, mig)
+    return f"{attrs.gpuInstanceSliceCount}g.{round(attrs.memorySizeMB / 1024)}gb"
+
+
+def _mig_devices(handle: Any) -> tuple[bool, tuple[MigDevice, ...]]:
+    try:
+        current, _pending = pynvml.nvmlDeviceGetMigMode(handle)
+    except pynvml.NVMLError as exc:
+        if exc.value == ERROR_NOT_SUPPORTED:
+            return False, ()  # not a MIG-capable part
+        raise NvmlError(exc.value, _message(exc.value), "nvmlDeviceGetMigMode") from None
+    if current != pynvml.NVML_DEVICE_MIG_ENABLE:
+        return False, ()
+    devices = []
+    for index in range(_call("nvmlDeviceGetMaxMigDeviceCount", pynvml.nvmlDeviceGetMaxMigDeviceCount, handle)):
+        try:
+            mig = pynvml.nvmlDeviceGetMigDeviceHandleByIndex(handle, index)
+        except pynvml.NVMLError as exc:
+            if exc.value == ERROR_NOT_FOUND:
+                continue  # a hole left by a destroyed instance
+            raise NvmlError(exc.value, _message(exc.value), "nvmlDeviceGetMigDeviceHandleByIndex") from None
+        with _translated("MIG device query"):
+            gi = int(pynvml.nvmlDeviceGetGpuInstanceId(mig))
+            ci = int(pynvml.nvmlDeviceGetComputeInstanceId(mig))
+            attrs = pynvml.nvmlDeviceGetAttributes_v2(mig)
+            devices.append(
+                MigDevice(
+                    uuid=_text(pynvml.nvmlDeviceGetUUID(mig)),
+                    index=index,
+                    profile=_mig_profile(handle, mig, gi),
+                    memory_mib=int(attrs.memorySizeMB),
+                    gi=gi,
+                    ci=ci,
+                )
+            )
+    return True, tuple(devices)
+
+
+def _nvlinks(handle: Any, index_by_bus: dict[tuple[int, ...], int]) -> dict[int, int]:
+    """Active NVLinks from one GPU, counted per peer GPU index (links to NVSwitches or unknown devices skipped)."""
+    counts: dict[int, int] = {}
+    for link in range(pynvml.NVML_NVLINK_MAX_LINKS):
+        try:
+            if pynvml.nvmlDeviceGetNvLinkState(handle, link) != pynvml.NVML_FEATURE_ENABLED:
+                continue
+            remote = pynvml.nvmlDeviceGetNvLinkRemotePciInfo(handle, link)
+        except pynvml.NVMLError as exc:
+            if exc.value in (ERROR_NOT_SUPPORTED, ERROR_INVALID_ARGUMENT, ERROR_FUNCTION_NOT_FOUND):
+                continue  # this part has fewer links, or no NVLink at all
+            raise NvmlError(exc.value, _message(exc.value), "NVLink query") from None
+        peer = index_by_bus.get(_bus_key(_text(remote.busId)))
+        if peer is not None:
+            counts[peer] = counts.get(peer, 0) + 1
+    return counts
+
+
+def _topology_level(a: Any, b: Any) -> int | None:
+    try:
+        return int(pynvml.nvmlDeviceGetTopologyCommonAncestor(a, b))
+    except pynvml.NVMLError as exc:
+        if exc.value in (ERROR_NOT_SUPPORTED, ERROR_FUNCTION_NOT_FOUND):
+            return None
+        raise NvmlError(exc.value, _message(exc.value), "nvmlDeviceGetTopologyCommonAncestor") from None
+
+
+def read_mig_minors(driver_root: Path) -> dict[str, int]:
+    """`/proc/driver/nvidia-caps/mig-minors` as `{"gpu0/gi1/access": 12, ...}`; empty when absent."""
+    try:
+        text = (driver_root / "proc/driver/nvidia-caps/mig-minors").read_text()
+    except OSError:
+        return {}
+    minors = {}
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[1].isdigit():
+            minors[parts[0]] = int(parts[1])
+    return minors
+
+
+def read_inventory(host_root: Path = Path("/"), driver_root: Path = Path("/")) -> NodeInventory:
+    """Reads the whole node from NVML (and a few host files). Needs `init()` first."""
+    with _translated("system query"):
+        driver_version = _text(pynvml.nvmlSystemGetDriverVersion())
+        cuda_version = int(pynvml.nvmlSystemGetCudaDriverVersion())
+        count = int(pynvml.nvmlDeviceGetCount())
+    handles = []
+    gpus = []
+    for index in range(count):
+        with _translated(f"GPU {index}"):
+            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+            major, minor = pynvml.nvmlDeviceGetCudaComputeCapability(handle)
+            pci_bus_id = _text(pynvml.nvmlDeviceGetPciInfo(handle).busId)
+            uuid = _text(pynvml.nvmlDeviceGetUUID(handle))
+            name = _text(pynvml.nvmlDeviceGetName(handle))
+            memory_mib = int(pynvml.nvmlDeviceGetMemoryInfo(handle).total) // (1024 * 1024)
+            minor_number = int(pynvml.nvmlDeviceGetMinorNumber(handle))
+        mig_enabled, mig_devices = _mig_devices(handle)
+        handles.append(handle)
+        gpus.append(
+            Gpu(
+                index=index,
+                uuid=uuid,
+                name=name,
+                memory_mib=memory_mib,
+                minor=minor_number,
+                pci_bus_id=pci_bus_id,
+                compute_capability=f"{major}.{minor}",
+                numa_node=_numa_node(handle, pci_bus_id, host_root),
+                mig_enabled=mig_enabled,
+                mig_devices=mig_devices,
+            )
+        )
+    index_by_bus = {_bus_key(gpu.pci_bus_id): gpu.index for gpu in gpus}
+    nvlinks = [_nvlinks(handle, index_by_bus) for handle in handles]
+    links = {}
+    for a in range(count):
+        for b in range(a + 1, count):
+            # Both ends report each link; take the larger count in case one side cannot see its remote.
+            links[(a, b)] = Link(
+                nvlinks=max(nvlinks[a].get(b, 0), nvlinks[b].get(a, 0)),
+                pcie_level=_topology_level(handles[a], handles[b]),
+            )
+    control_devices = tuple(dev for dev in CONTROL_DEVICE_NODES if (host_root / dev.lstrip("/")).exists())
+    return NodeInventory(
+        driver_version=driver_version,
+        cuda_driver_version=cuda_version,
+        gpus=tuple(gpus),
+        links=links,
+        control_devices=control_devices,
+        mig_minors=read_mig_minors(driver_root),
+    )
+
+
+# ---------------------------------------------------------------------------------------------- per-GPU control
+
+
+def _handle(uuid: str) -> Any:
+    return _call("nvmlDeviceGetHandleByUUID", pynvml.nvmlDeviceGetHandleByUUID, uuid)
+
+
+def get_compute_mode(uuid: str) -> int:
+    return int(_call("nvmlDeviceGetComputeMode", pynvml.nvmlDeviceGetComputeMode, _handle(uuid)))
+
+
+def set_compute_mode(uuid: str, mode: int) -> None:
+    """Sets `NVML_COMPUTEMODE_*` (0 default, 2 prohibited, 3 exclusive process); needs root on a real node."""
+    _call("nvmlDeviceSetComputeMode", pynvml.nvmlDeviceSetComputeMode, _handle(uuid), mode)
+
+
+def probe(uuid: str) -> None:
+    """Raises NvmlError unless the GPU answers a cheap query: the recovery check for an unhealthy GPU."""
+    handle = _handle(uuid)
+    _call("nvmlDeviceGetMemoryInfo", pynvml.nvmlDeviceGetMemoryInfo, handle)
+
+
+# ---------------------------------------------------------------------------------------------------------- events
+
+
+@dataclass(frozen=True, slots=True)
+class XidEvent:
+    """A health event. For MIG-attributable errors NVML reports the parent GPU plus the instance ids."""
+
+    gpu_uuid: str
+    event_type: int
+    #: NVML's eventData: the XID for XID events, 0 for ECC events.
+    xid: int
+    gi: int | None = None
+    ci: int | None = None
+
+
+class EventSet:
+    """An NVML event set. `wait` blocks up to its timeout, so run it in a thread; NVML lets another thread
+    register or query meanwhile. Not safe to `free` while a `wait` is in progress."""
+
+    def __init__(self) -> None:
+        self._set: Any = _call("nvmlEventSetCreate", pynvml.nvmlEventSetCreate)
+        # The event carries a device handle; map it back to the UUID without querying a GPU that may be lost.
+        self._uuids: dict[int | None, str] = {}
+
+    def register(self, gpu_uuid: str, event_types: int = HEALTH_EVENTS) -> None:
+        """Registers a physical GPU (not a MIG device: its events arrive on the parent) for the supported subset
+        of `event_types`. Raises NvmlError with `not_supported` when the GPU supports none of them."""
+        handle = _handle(gpu_uuid)
+        supported = _call("nvmlDeviceGetSupportedEventTypes", pynvml.nvmlDeviceGetSupportedEventTypes, handle)
+        wanted = event_types & supported
+        if wanted == 0:
+            raise NvmlError(ERROR_NOT_SUPPORTED, _message(ERROR_NOT_SUPPORTED), f"health events on {gpu_uuid}")
+        _call("nvmlDeviceRegisterEvents", pynvml.nvmlDeviceRegisterEvents, handle, wanted, self._set)
+        self._uuids[ctypes.cast(handle, ctypes.c_void_p).value] = gpu_uuid
+
+    def wait(self, timeout_ms: int) -> XidEvent | None:
+        """The next event, or None when `timeout_ms` passes without one."""
+        try:
+            data = pynvml.nvmlEventSetWait_v2(self._set, timeout_ms)
+        except pynvml.NVMLError as exc:
+            if exc.value == ERROR_TIMEOUT:
+                return None
+            raise NvmlError(exc.value, _message(exc.value), "nvmlEventSetWait") from None
+        key = ctypes.cast(data.device, ctypes.c_void_p).value
+        uuid = self._uuids.get(key)
+        if uuid is None:
+            uuid = _text(_call("nvmlDeviceGetUUID", pynvml.nvmlDeviceGetUUID, data.device))
+        return XidEvent(
+            gpu_uuid=uuid,
+            event_type=int(data.eventType),
+            xid=int(data.eventData),
+            gi=None if data.gpuInstanceId == _NO_INSTANCE else int(data.gpuInstanceId),
+            ci=None if data.computeInstanceId == _NO_INSTANCE else int(data.computeInstanceId),
+        )
+
+    def free(self) -> None:
+        """Releases the set; safe to call twice and after NVML was shut down (which frees it anyway)."""
+        if self._set is None:
+            return
+        event_set, self._set = self._set, None
+        try:
+            pynvml.nvmlEventSetFree(event_set)
+        except pynvml.NVMLError as exc:
+            if exc.value != ERROR_UNINITIALIZED:
+                raise NvmlError(exc.value, _message(exc.value), "nvmlEventSetFree") from None
+
+    def __enter__(self) -> EventSet:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.free()

@@ -1,0 +1,89 @@
+"""The resource plan: which kubelet resources this node advertises and which devices each one holds.
+
+A plan is immutable. The daemon builds a new one from (config, inventory) and hands it to the servers by reference;
+nothing is mutated in place, so a `ListAndWatch` or an `Allocate` never sees half an update. Health is not part of
+the plan: it is a separate snapshot (`DeviceHealth`) that changes far more often than the plan does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+RESOURCE_PREFIX = "nvidia.com/"
+
+
+class Sharing(StrEnum):
+    NONE = "none"
+    TIME_SLICING = "time-slicing"
+    MPS = "mps"
+
+
+@dataclass(frozen=True, slots=True)
+class Device:
+    """One device as the kubelet sees it: a whole GPU, a MIG device, or one replica of either."""
+
+    #: The ID advertised on `ListAndWatch` and received in `Allocate`: a GPU or MIG UUID, `<uuid>::<n>` for a
+    #: replica, `<uuid>::<memoryGB>::<n>` for a fork-style MPS slice.
+    id: str
+    #: The GPU or MIG UUID this device stands for (the ID without any replica annotation).
+    physical_id: str
+    #: What `deviceIDStrategy: index` puts in `NVIDIA_VISIBLE_DEVICES`: `"0"` for a GPU, `"0:1"` for a MIG device.
+    index: str
+    #: UUID and enumeration index of the physical GPU; health events arrive per physical GPU.
+    gpu_uuid: str
+    gpu_index: int
+    #: Device nodes this device needs in the container (`/dev/nvidia<minor>`, MIG capability nodes), unprefixed.
+    paths: tuple[str, ...]
+    numa_node: int | None = None
+    #: Replica number for shared devices, else None.
+    replica: int | None = None
+    #: MIG placement (gi, ci) for MIG devices, else None: an XID carrying instance ids matches only this device.
+    mig_placement: tuple[int, int] | None = None
+
+    @property
+    def is_replica(self) -> bool:
+        return self.replica is not None
+
+
+@dataclass(frozen=True, slots=True)
+class Resource:
+    """One extended resource, served by its own gRPC server on its own socket."""
+
+    name: str
+    #: Ordered deterministically (GPU index, MIG index, replica number): this is the order on the wire.
+    devices: tuple[Device, ...]
+    sharing: Sharing = Sharing.NONE
+    #: Refuse requests for more than one device of this (shared) resource.
+    fail_requests_greater_than_one: bool = False
+    _by_id: dict[str, Device] = field(init=False, repr=False, compare=False, hash=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_by_id", {d.id: d for d in self.devices})
+
+    @property
+    def short_name(self) -> str:
+        """The name after `nvidia.com/`: `gpu`, `mig-1g.5gb`, `gpu-10gb`."""
+        return self.name.removeprefix(RESOURCE_PREFIX)
+
+    @property
+    def socket_name(self) -> str:
+        """The socket's base name in the plugin directory, as upstream names it: `nvidia-gpu.sock`."""
+        return f"nvidia-{self.short_name}.sock"
+
+    def device(self, device_id: str) -> Device | None:
+        """O(1) lookup, so Allocate never scans every device."""
+        return self._by_id.get(device_id)
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """Every resource the node advertises, ordered by name."""
+
+    resources: tuple[Resource, ...]
+
+    def resource(self, name: str) -> Resource | None:
+        for resource in self.resources:
+            if resource.name == name:
+                return resource
+        return None

@@ -1,0 +1,389 @@
+"""The Helm chart, rendered by Helm's own engine: defaults, each privilege mode, named configs, upstream and fork
+values files, refusals, and the static manifest."""
+
+from __future__ import annotations
+
+import pathlib
+
+import pytest
+import yaml
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+HERE = pathlib.Path(__file__).resolve().parent
+DEVICE_PLUGINS = "/var/lib/kubelet/device-plugins"
+DROP_ALL = {
+    "allowPrivilegeEscalation": False,
+    "capabilities": {"drop": ["ALL"]},
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+HELM_ONLY_LABELS = ("helm.sh/chart", "app.kubernetes.io/managed-by")
+
+
+def test_lint_is_clean(helm):
+    report = helm.lint(str(ROOT / "deploy/helm/nvdp"), strict=True, namespace="nvdp")
+    problems = [m for m in report["messages"] if m["severity"] >= 2]
+    assert not problems and not report["errors"], report
+
+
+def test_default_render_is_one_least_privilege_daemonset(render):
+    r = render()
+    assert [o["kind"] for o in r.objects] == ["DaemonSet"], "no config: no ConfigMap, no RBAC, no ServiceAccount"
+    assert r.daemonset["metadata"]["namespace"] == "nvdp"
+    assert r.security_context == DROP_ALL
+    mount, volume = r.mount(DEVICE_PLUGINS)
+    assert not mount.get("readOnly")
+    assert volume["hostPath"] == {"path": DEVICE_PLUGINS, "type": "Directory"}
+    env = r.env
+    assert env["NODE_NAME"] == {"fieldRef": {"fieldPath": "spec.nodeName"}}
+    assert env["NVIDIA_VISIBLE_DEVICES"] == "all"
+    assert env["NVIDIA_DRIVER_CAPABILITIES"] == "compute,utility"
+    assert env["METRICS_ADDRESS"] == ":9400"
+    for unset in (
+        "MIG_STRATEGY",
+        "FAIL_ON_INIT_ERROR",
+        "PASS_DEVICE_SPECS",
+        "MPS_ROOT",
+        "CONFIG_FILE_SRCDIR",
+        "NVIDIA_MIG_MONITOR_DEVICES",
+        "CONFIG_MAP",
+    ):
+        assert unset not in env
+    assert "args" not in r.container and "command" not in r.container, "configured through env only"
+    pod = r.pod
+    assert pod["priorityClassName"] == "system-node-critical"
+    assert pod["automountServiceAccountToken"] is False
+    assert "serviceAccountName" not in pod
+    assert not pod.get("hostPID") and not pod.get("hostNetwork") and not pod.get("shareProcessNamespace")
+    assert "livenessProbe" not in r.container and "readinessProbe" not in r.container
+    assert {t["key"] for t in pod["tolerations"]} == {"CriticalAddonsOnly", "nvidia.com/gpu"}
+
+
+def test_static_manifest_is_the_default_render(render):
+    static = [o for o in yaml.safe_load_all((ROOT / "deploy/static/nvdp.yaml").read_text()) if o]
+    rendered = render(namespace="kube-system").objects
+    for obj in rendered:
+        for label in HELM_ONLY_LABELS:
+            obj["metadata"].get("labels", {}).pop(label, None)
+    assert static == rendered, "deploy/static/nvdp.yaml is stale: run python deploy/static/regenerate.py"
+    assert static[0]["metadata"]["namespace"] == "kube-system"
+
+
+def test_mps_enabled(render):
+    r = render({"mps": {"enabled": True}})
+    assert r.env["MPS_ROOT"] == "/run/nvidia/mps"
+    mount, volume = r.mount("/run/nvidia/mps")
+    assert volume["hostPath"] == {"path": "/run/nvidia/mps", "type": "DirectoryOrCreate"}
+    assert mount["mountPropagation"] == "Bidirectional"
+    shm_mount, shm_volume = r.mount("/dev/shm")
+    assert shm_volume["hostPath"] == {"path": "/run/nvidia/mps/shm", "type": "DirectoryOrCreate"}
+    assert shm_mount["mountPropagation"] == "HostToContainer"
+    # Kubernetes accepts Bidirectional propagation only in a privileged container.
+    assert r.security_context == {"privileged": True}
+    assert r.pod["hostPID"] is True
+    assert "hostIPC" not in r.pod, "clients share the tmpfs, not the host IPC namespace"
+    assert "MPS is enabled" in r.notes
+
+
+def test_mps_with_host_mounted_shm_is_not_privileged(render):
+    r = render({"mps": {"enabled": True, "shmFromHost": True, "root": "/var/run/mps/", "enableHostPID": False}})
+    sc = r.security_context
+    assert "privileged" not in sc
+    assert sc["capabilities"] == {"drop": ["ALL"], "add": ["SYS_ADMIN", "SETUID", "SETGID", "KILL"]}
+    # The API rejects allowPrivilegeEscalation=false together with CAP_SYS_ADMIN.
+    assert "allowPrivilegeEscalation" not in sc
+    assert r.mount("/var/run/mps")[0]["mountPropagation"] == "HostToContainer"
+    assert r.env["MPS_ROOT"] == "/var/run/mps"
+    assert "hostPID" not in r.pod
+
+
+def test_compat_with_cpu_manager(render):
+    r = render({"compatWithCPUManager": True})
+    assert r.env["PASS_DEVICE_SPECS"] == "true"
+    assert r.security_context == {"privileged": True}
+    off = render({"compatWithCPUManager": False})
+    assert off.env["PASS_DEVICE_SPECS"] == "false"
+    assert off.security_context == DROP_ALL
+
+
+@pytest.mark.parametrize(
+    ("values", "sys_admin"),
+    [
+        ({"migStrategy": "single"}, True),
+        ({"migStrategy": "mixed"}, True),
+        ({"migStrategy": "none"}, False),
+        ({"config": {"map": {"default": "version: v1\nflags:\n  migStrategy: mixed\n"}}}, True),
+        ({"config": {"map": {"default": "version: v1\nflags:\n  migStrategy: none\n"}}}, False),
+        # The top-level value wins over the files (env beats config file), as in upstream's chart.
+        ({"migStrategy": "none", "config": {"map": {"default": "flags:\n  migStrategy: mixed\n"}}}, False),
+        # An external ConfigMap's content is unknown: MIG may be selected.
+        ({"config": {"name": "my-configs"}}, True),
+        ({"config": {"name": "my-configs"}, "migStrategy": "none"}, False),
+    ],
+)
+def test_mig_gets_sys_admin_only_when_possible(render, values, sys_admin):
+    r = render(values)
+    if sys_admin:
+        assert r.security_context["capabilities"] == {"drop": ["ALL"], "add": ["SYS_ADMIN"]}
+        assert "privileged" not in r.security_context
+        assert r.env["NVIDIA_MIG_MONITOR_DEVICES"] == "all"
+    else:
+        assert r.security_context == DROP_ALL
+        assert "NVIDIA_MIG_MONITOR_DEVICES" not in r.env
+
+
+def test_config_map_two_configs_and_a_default(render):
+    # As `--set-file config.map.config0=dp-example-config0.yaml --set-file config.map.config1=...
+    # --set config.default=config0`.
+    configs = {n: (HERE / f"dp-example-{n}.yaml").read_text() for n in ("config0", "config1")}
+    r = render({"config": {"map": configs, "default": "config0"}})
+    cm = r.one("ConfigMap")
+    assert cm["metadata"]["name"] == "nvdp-configs"
+    assert cm["data"] == configs
+    env = r.env
+    assert env["CONFIG_FILE_SRCDIR"] == "/config/named"
+    assert env["DEFAULT_CONFIG"] == "config0"
+    assert env["FALLBACK_STRATEGIES"] == "named,single"
+    assert "CONFIG_MAP" not in env
+    mount, volume = r.mount("/config/named")
+    assert mount["readOnly"] is True
+    assert volume["configMap"] == {"name": "nvdp-configs"}
+    # No sidecar, no init container, no shared PID namespace, no signal: nvdp reloads by itself.
+    assert len(r.pod["containers"]) == 1 and not r.pod.get("initContainers")
+    assert not r.pod.get("shareProcessNamespace")
+    assert r.security_context == DROP_ALL, "neither config uses MIG or MPS"
+    # API access: its own ServiceAccount; Nodes read cluster-wide, Events written in its namespace; nothing else.
+    sa = r.one("ServiceAccount")
+    assert r.pod["serviceAccountName"] == sa["metadata"]["name"]
+    assert "automountServiceAccountToken" not in r.pod
+    nodes = {"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "list", "watch"]}
+    assert r.one("ClusterRole")["rules"] == [nodes]
+    role = r.one("Role")
+    assert role["metadata"]["namespace"] == "nvdp"
+    events = {"apiGroups": ["", "events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"]}
+    assert role["rules"] == [events]
+    for binding in (r.one("ClusterRoleBinding"), r.one("RoleBinding")):
+        assert binding["subjects"] == [{"kind": "ServiceAccount", "name": sa["metadata"]["name"], "namespace": "nvdp"}]
+    assert "nvidia.com/device-plugin.config=<config name>" in r.notes
+
+
+def test_config_read_through_the_api_is_limited_to_that_configmap(render):
+    r = render({"config": {"map": {"default": "version: v1\n"}, "readFromAPI": True}})
+    assert r.env["CONFIG_MAP"] == "nvdp/nvdp-configs"
+    assert {
+        "apiGroups": [""],
+        "resources": ["configmaps"],
+        "resourceNames": ["nvdp-configs"],
+        "verbs": ["get", "list", "watch"],
+    } in r.one("Role")["rules"]
+
+
+@pytest.mark.parametrize(
+    ("config", "default"),
+    [
+        ({"map": {"a": "version: v1\n", "b": "version: v1\n"}, "default": "b"}, "b"),  # explicit
+        ({"map": {"a": "version: v1\n", "default": "version: v1\n"}}, "default"),  # a config named default
+        ({"map": {"only": "version: v1\n"}}, "only"),  # the only config
+        ({"name": "external", "default": "x"}, "x"),
+        ({"name": "external"}, None),  # unknown content: nvdp's fallbacks decide at run time
+    ],
+)
+def test_default_config_inference(render, config, default):
+    env = render({"config": config}).env
+    assert env.get("DEFAULT_CONFIG") == default
+
+
+def test_external_config_name(render):
+    r = render({"config": {"name": "nvidia-plugin-configs", "fallbackStrategies": ["named", "single", "empty"]}})
+    assert not r.of_kind("ConfigMap"), "an external ConfigMap is not created"
+    assert r.mount("/config/named")[1]["configMap"] == {"name": "nvidia-plugin-configs"}
+    assert r.env["FALLBACK_STRATEGIES"] == "named,single,empty"
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"config": {"map": {"a": "version: v1\n", "b": "version: v1\n"}}}, "set config.default to one of a, b"),
+        ({"config": {"map": {"a": "version: v1\n"}, "default": "b"}}, "config.default=b is not a key of config.map"),
+        ({"config": {"map": {"a": "x: [1"}}}, "config.map.a is not valid YAML"),
+        ({"config": {"map": {"a": "version: v1\n"}, "name": "other"}}, "config.name and config.map are both set"),
+        ({"config": {"map": {"m": "sharing:\n  mps: {}\n"}}}, "config.map.m uses sharing.mps: set mps.enabled=true"),
+        ({"config": {"readFromAPI": True}}, "config.readFromAPI=true needs config.map or config.name"),
+        ({"deviceDiscoveryStrategy": "tegra"}, "remove deviceDiscoveryStrategy"),
+        ({"devicePlugin": {"enabled": False}}, "remove devicePlugin.enabled"),
+        ({"legacyDaemonsetAPI": True}, "remove legacyDaemonsetAPI"),
+        ({"namespace": "gpu"}, "namespaceOverride"),
+        ({"image": {"repository": "nvcr.io/nvidia/k8s-device-plugin"}}, "remove image.repository"),
+        ({"mps": {"userID": 1000}}, "set mps.enabled=true"),
+        ({"probes": {"enabled": True}, "metrics": {"enabled": False}}, "needs metrics.enabled=true"),
+    ],
+)
+def test_refused_values_name_the_key_to_change(render_error, values, message):
+    assert message in render_error(values)
+
+
+def test_default_namespace_needs_allow_default_namespace(render, render_error):
+    assert "allowDefaultNamespace=true" in render_error({}, namespace="default")
+    assert render({"allowDefaultNamespace": True}, namespace="default").daemonset
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        {"migStrategy": 5},
+        {"migStrategy": "auto"},
+        {"failOnInitError": "yes"},
+        {"compatWithCPUManager": "true"},
+        {"deviceIDStrategy": "serial"},
+        {"deviceListStrategy": "envvar,bogus"},
+        {"mps": {"enabled": "true"}},
+        {"mps": {"root": "relative/path"}},
+        {"config": {"map": ["default"]}},
+        {"config": {"map": {"a": 1}}},
+        {"config": {"fallbackStrategies": "named"}},
+        {"metrics": {"port": "9400"}},
+        {"tolerations": {"key": "x"}},
+        {"nodeSelector": {"gpu": True}},
+    ],
+)
+def test_schema_refuses_wrong_types(render_error, values):
+    assert "schema" in render_error(values) or "at '/" in render_error(values)
+
+
+@pytest.mark.parametrize(
+    ("values", "name", "value"),
+    [
+        ({"migStrategy": "mixed"}, "MIG_STRATEGY", "mixed"),
+        ({"failOnInitError": False}, "FAIL_ON_INIT_ERROR", "false"),
+        ({"failOnInitError": True}, "FAIL_ON_INIT_ERROR", "true"),
+        ({"deviceListStrategy": "volume-mounts"}, "DEVICE_LIST_STRATEGY", "volume-mounts"),
+        ({"deviceListStrategy": ["envvar", "volume-mounts"]}, "DEVICE_LIST_STRATEGY", "envvar,volume-mounts"),
+        ({"deviceIDStrategy": "index"}, "DEVICE_ID_STRATEGY", "index"),
+        ({"gdsEnabled": True}, "GDS_ENABLED", "true"),
+        ({"gdrcopyEnabled": False}, "GDRCOPY_ENABLED", "false"),
+        ({"mofedEnabled": True}, "MOFED_ENABLED", "true"),
+        ({"nvidiaDriverRoot": "/run/nvidia/driver"}, "NVIDIA_DRIVER_ROOT", "/run/nvidia/driver"),
+        ({"nvidiaDevRoot": "/"}, "NVIDIA_DEV_ROOT", "/"),
+        ({"mps": {"enabled": True, "root": "/srv/mps"}}, "MPS_ROOT", "/srv/mps"),
+        ({"metrics": {"port": 9500}}, "METRICS_ADDRESS", ":9500"),
+        ({"metrics": {"enabled": False}}, "METRICS_ADDRESS", ""),
+        ({"logFormat": "json"}, "LOG_FORMAT", "json"),
+        ({"logLevel": "debug"}, "LOG_LEVEL", "debug"),
+        ({"extraEnv": [{"name": "KUBELET_SOCKET", "value": "/k/kubelet.sock"}]}, "KUBELET_SOCKET", "/k/kubelet.sock"),
+    ],
+)
+def test_each_value_sets_its_env(render, values, name, value):
+    assert render(values).env[name] == value
+
+
+def test_driver_and_dev_roots_are_mounted_read_only_at_the_same_path(render):
+    r = render({"nvidiaDriverRoot": "/run/nvidia/driver", "nvidiaDevRoot": "/run/nvidia/dev"})
+    for root in ("/run/nvidia/driver", "/run/nvidia/dev"):
+        mount, volume = r.mount(root)
+        assert mount["readOnly"] is True
+        assert volume["hostPath"] == {"path": root, "type": "Directory"}
+    assert "/" not in render({"nvidiaDriverRoot": "/"}).mount_paths(), "the host's / is never mounted"
+
+
+def test_probes_only_when_enabled(render):
+    r = render({"probes": {"enabled": True}})
+    assert r.container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
+    assert r.container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
+
+
+def test_events_alone_give_only_event_rights(render):
+    r = render({"events": {"enabled": True}})
+    assert r.pod["serviceAccountName"] == "nvdp"
+    assert "CONFIG_FILE_SRCDIR" not in r.env
+
+
+def test_pod_placement_values_pass_through(render):
+    values = {
+        "nodeSelector": {"nvidia.com/gpu.present": "true"},
+        "affinity": {
+            "nodeAffinity": {
+                "requiredDuringSchedulingIgnoredDuringExecution": {
+                    "nodeSelectorTerms": [
+                        {
+                            "matchExpressions": [
+                                {
+                                    "key": "feature.node.kubernetes.io/pci-10de.present",
+                                    "operator": "In",
+                                    "values": ["true"],
+                                }
+                            ]
+                        }
+                    ]
+                }
+            }
+        },
+        "tolerations": [{"operator": "Exists"}],
+        "podAnnotations": {"a": "b"},
+        "podSecurityContext": {"runAsUser": 0},
+        "resources": {"limits": {"memory": "128Mi"}},
+        "runtimeClassName": "nvidia",
+        "priorityClassName": "",
+        "imagePullSecrets": [{"name": "regcred"}],
+        "image": {"repository": "registry.example/nvdp", "tag": "dev", "pullPolicy": "Always"},
+        "updateStrategy": {"type": "OnDelete"},
+        "fullnameOverride": "gpu-plugin",
+        "namespaceOverride": "gpu",
+        "securityContext": {"privileged": True},
+    }
+    r = render(values)
+    pod = r.pod
+    assert pod["nodeSelector"] == values["nodeSelector"]
+    assert pod["affinity"] == values["affinity"]
+    assert pod["tolerations"] == values["tolerations"]
+    assert r.daemonset["spec"]["template"]["metadata"]["annotations"] == {"a": "b"}
+    assert pod["securityContext"] == {"runAsUser": 0}
+    assert r.container["resources"] == values["resources"]
+    assert pod["runtimeClassName"] == "nvidia"
+    assert "priorityClassName" not in pod
+    assert pod["imagePullSecrets"] == [{"name": "regcred"}]
+    assert r.container["image"] == "registry.example/nvdp:dev"
+    assert r.container["imagePullPolicy"] == "Always"
+    assert r.daemonset["spec"]["updateStrategy"] == {"type": "OnDelete"}
+    assert r.daemonset["metadata"]["name"] == "gpu-plugin"
+    assert r.daemonset["metadata"]["namespace"] == "gpu"
+    assert r.security_context == {"privileged": True}, "a given securityContext is used verbatim"
+
+
+def test_upstream_values_file_keeps_its_meaning(render, values_file):
+    values = values_file("upstream-values.yaml")
+    r = render(values)
+    env = r.env
+    assert env["MIG_STRATEGY"] == "mixed"
+    assert env["FAIL_ON_INIT_ERROR"] == "false"
+    assert env["PASS_DEVICE_SPECS"] == "false"
+    assert env["DEVICE_LIST_STRATEGY"] == "envvar"
+    assert env["DEVICE_ID_STRATEGY"] == "uuid"
+    assert env["NVIDIA_DRIVER_ROOT"] == "/run/nvidia/driver"
+    assert env["DEFAULT_CONFIG"] == "default"
+    assert env["FALLBACK_STRATEGIES"] == "named,single"
+    assert "MPS_ROOT" not in env, "upstream's mps.root alone does not turn MPS on"
+    assert r.mount("/run/nvidia/driver")[0]["readOnly"] is True
+    assert set(r.one("ConfigMap")["data"]) == {"default", "ts4"}
+    assert r.security_context["capabilities"]["add"] == ["SYS_ADMIN"], "mixed MIG"
+    assert r.pod["runtimeClassName"] == "nvidia"
+    assert r.pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    assert r.container["resources"] == {"limits": {"memory": "256Mi"}}
+    assert len(r.of_kind("DaemonSet")) == 1, "no GFD, NFD or MPS DaemonSet"
+    assert "gfd.enabled" in r.notes and "nfd.*" in r.notes and "cdi.*" in r.notes
+
+
+def test_fork_values_file_keeps_its_meaning(render, values_file):
+    r = render(values_file("fork-values.yaml"))
+    cm = r.one("ConfigMap")
+    assert cm["metadata"]["name"] == "nos-device-plugin-configs"
+    assert "default" in cm["data"], "an empty ConfigMap is seeded with a default config"
+    assert r.mount("/config/named")[1]["configMap"] == {"name": "nos-device-plugin-configs"}
+    assert r.env["MPS_ROOT"] == "/run/nvidia/mps"
+    assert r.pod["nodeSelector"] == {"nos.nebuly.com/gpu-partitioning": "mps"}
+    assert "hostIPC" not in r.pod
+    assert "mps.userID" in r.notes and "mps.image" in r.notes
+
+
+def test_fork_values_without_mps_enabled_ask_for_it(render_error, values_file):
+    values = values_file("fork-values.yaml")
+    del values["mps"]["enabled"]
+    assert "set mps.enabled=true" in render_error(values)

@@ -1,0 +1,156 @@
+"""The daemon in-process, on a simulated node, against the grpcio kubelet emulator."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import grpc
+import pytest
+import trio
+
+from nvdp.config.settings import Settings
+from nvdp.daemon import StartupError, run_daemon
+from nvdp.kubelet.emulator import KubeletEmulator
+from tests.helpers import gpu, running_daemon, wait_for, write_node
+
+GPU0 = "GPU-00000000-aaaa-bbbb-cccc-000000000000"
+GPU1 = "GPU-00000001-aaaa-bbbb-cccc-000000000000"
+
+
+def settings(node: Path, kubelet: KubeletEmulator, **overrides: object) -> Settings:
+    return Settings(simulate=node, kubelet_socket=kubelet.socket, **overrides)  # type: ignore[arg-type]
+
+
+async def test_registers_both_gpus_healthy(two_gpu_node: Path, kubelet: KubeletEmulator) -> None:
+    async with running_daemon(settings(two_gpu_node, kubelet)) as servers:
+        assert await wait_for(kubelet, lambda k: k.devices("nvidia.com/gpu") == {GPU0: "Healthy", GPU1: "Healthy"})
+        (registration,) = kubelet.registrations
+        assert (registration.resource, registration.endpoint) == ("nvidia.com/gpu", "nvidia-gpu.sock")
+        assert registration.options.get_preferred_allocation_available
+        assert servers.all_registered
+        assert "registered=True" in repr(servers.running["nvidia.com/gpu"])
+
+
+@pytest.mark.parametrize(
+    ("overrides", "ids", "expected"),
+    [
+        pytest.param({}, [GPU0], {"NVIDIA_VISIBLE_DEVICES": GPU0}, id="uuid strategy gives the UUID"),
+        pytest.param({"device_id_strategy": "index"}, [GPU1, GPU0], {"NVIDIA_VISIBLE_DEVICES": "1,0"},
+                     id="index strategy gives indices in request order"),
+        pytest.param({"gds_enabled": True}, [GPU0], {"NVIDIA_VISIBLE_DEVICES": GPU0, "NVIDIA_GDS": "enabled"},
+                     id="gds adds its variable"),
+    ],
+)
+async def test_allocate_envvar(
+    two_gpu_node: Path, kubelet: KubeletEmulator, overrides: dict[str, object], ids: list[str],
+    expected: dict[str, str]
+) -> None:
+    async with running_daemon(settings(two_gpu_node, kubelet, **overrides)):
+        response = await trio.to_thread.run_sync(kubelet.allocate, "nvidia.com/gpu", ids)
+    (container,) = response.container_responses
+    assert container.envs == expected
+    assert not container.mounts and not container.devices
+
+
+async def test_allocate_volume_mounts_and_device_specs_under_the_dev_root(
+    two_gpu_node: Path, kubelet: KubeletEmulator
+) -> None:
+    s = settings(two_gpu_node, kubelet, device_list_strategy=("envvar", "volume-mounts"), pass_device_specs=True,
+                 dev_root=Path("/run/nvidia/driver"))
+    async with running_daemon(s):
+        response = await trio.to_thread.run_sync(kubelet.allocate, "nvidia.com/gpu", [GPU0, GPU1])
+    (container,) = response.container_responses
+    assert container.envs == {"NVIDIA_VISIBLE_DEVICES": "/var/run/nvidia-container-devices"}
+    assert [(m.host_path, m.container_path, m.read_only) for m in container.mounts] == [
+        ("/dev/null", f"/var/run/nvidia-container-devices/{GPU0}", False),
+        ("/dev/null", f"/var/run/nvidia-container-devices/{GPU1}", False),
+    ]
+    # The simulated node has nvidiactl, nvidia-uvm and nvidia-uvm-tools but no nvidia-modeset.
+    assert [(d.container_path, d.host_path, d.permissions) for d in container.devices] == [
+        (path, f"/run/nvidia/driver{path}", "rw")
+        for path in ("/dev/nvidiactl", "/dev/nvidia-uvm", "/dev/nvidia-uvm-tools", "/dev/nvidia0", "/dev/nvidia1")
+    ]
+
+
+async def test_an_unknown_device_id_is_refused_naming_resource_and_id(
+    two_gpu_node: Path, kubelet: KubeletEmulator
+) -> None:
+    async with running_daemon(settings(two_gpu_node, kubelet)):
+        with pytest.raises(grpc.RpcError) as error:
+            await trio.to_thread.run_sync(kubelet.allocate, "nvidia.com/gpu", ["GPU-nope"])
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error.value.details() == 'invalid allocation request for "nvidia.com/gpu": unknown device: GPU-nope'
+
+
+async def test_preferred_allocation_picks_nvlinked_gpus(tmp_path: Path, kubelet: KubeletEmulator) -> None:
+    node = write_node(tmp_path / "node.yaml", [gpu(i) for i in range(4)], nvlinks=[[1, 3, 12]])
+    async with running_daemon(settings(node, kubelet)):
+        assert await wait_for(kubelet, lambda k: len(k.devices("nvidia.com/gpu")) == 4)
+        ids = list(kubelet.devices("nvidia.com/gpu"))
+        preferred = await trio.to_thread.run_sync(kubelet.preferred_allocation, "nvidia.com/gpu", ids, [], 2)
+    assert preferred == [ids[1], ids[3]]
+
+
+async def test_kubelet_restart_is_followed_by_re_registration(two_gpu_node: Path, kubelet: KubeletEmulator) -> None:
+    async with running_daemon(settings(two_gpu_node, kubelet)):
+        for restart in range(3):
+            await trio.to_thread.run_sync(kubelet.restart)
+            assert await wait_for(kubelet, lambda k, n=restart: len(k.registrations) == n + 2
+                                  and k.devices("nvidia.com/gpu") == {GPU0: "Healthy", GPU1: "Healthy"})
+            assert (kubelet.plugin_dir / "nvidia-gpu.sock").exists()
+        # One registration per kubelet start: the deleted socket and the new kubelet.sock cause one restart.
+        assert len(kubelet.registrations) == 4
+
+
+async def test_a_deleted_plugin_socket_is_recreated(two_gpu_node: Path, kubelet: KubeletEmulator) -> None:
+    async with running_daemon(settings(two_gpu_node, kubelet)):
+        socket = kubelet.plugin_dir / "nvidia-gpu.sock"
+        socket.unlink()
+        assert await wait_for(kubelet, lambda k: len(k.registrations) == 2 and socket.exists())
+
+
+async def test_stopping_removes_every_socket_and_ends_the_stream(
+    two_gpu_node: Path, kubelet: KubeletEmulator
+) -> None:
+    async with running_daemon(settings(two_gpu_node, kubelet)):
+        assert await wait_for(kubelet, lambda k: bool(k.devices("nvidia.com/gpu")))
+    assert sorted(p.name for p in kubelet.plugin_dir.iterdir()) == ["kubelet.sock"]
+    # The kubelet saw its ListAndWatch end and made nothing allocatable.
+    assert await wait_for(kubelet, lambda k: k.devices("nvidia.com/gpu") == {GPU0: "Unhealthy", GPU1: "Unhealthy"})
+
+
+async def test_registration_waits_for_the_kubelet_and_retries(two_gpu_node: Path, tmp_path: Path) -> None:
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="nvdp-t-") as tmp:
+        kubelet = KubeletEmulator(Path(tmp) / "device-plugins")
+        kubelet.plugin_dir.mkdir()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(lambda: run_daemon(settings(two_gpu_node, kubelet), handle_signals=False))
+            await trio.sleep(0.3)
+            assert not kubelet.registrations
+            await trio.to_thread.run_sync(kubelet.start)
+            try:
+                assert await wait_for(kubelet, lambda k: bool(k.devices("nvidia.com/gpu")))
+            finally:
+                nursery.cancel_scope.cancel()
+                await trio.to_thread.run_sync(kubelet.stop)
+
+
+async def test_nvml_failure_exits_with_a_clear_message_by_default(tmp_path: Path, kubelet: KubeletEmulator) -> None:
+    node = write_node(tmp_path / "node.yaml", [gpu(0)], initError=9)
+    with pytest.raises(StartupError, match=r"failed to initialize NVML: .*failOnInitError=false"):
+        await run_daemon(settings(node, kubelet), handle_signals=False)
+
+
+async def test_nvml_failure_with_fail_on_init_error_false_serves_nothing_and_waits(
+    tmp_path: Path, kubelet: KubeletEmulator
+) -> None:
+    node = write_node(tmp_path / "node.yaml", [gpu(0)], initError=9)
+    async with trio.open_nursery() as nursery:
+        servers = await nursery.start(lambda task_status: run_daemon(
+            settings(node, kubelet, fail_on_init_error=False), handle_signals=False, task_status=task_status))
+        assert servers is None
+        await trio.sleep(0.1)
+        assert not kubelet.registrations
+        nursery.cancel_scope.cancel()
