@@ -20,6 +20,36 @@ class Sharing(StrEnum):
 
 
 @dataclass(frozen=True, slots=True)
+class MpsSlice:
+    """What an MPS client container gets: its GPU's control daemon and its limits."""
+
+    #: `<mpsRoot>/<gpu uuid>/pipe`: one control daemon per GPU.
+    pipe_dir: str
+    #: `<mpsRoot>/shm`: a dedicated tmpfs mounted at /dev/shm, so clients need no hostIPC.
+    shm_dir: str
+    #: Pinned device memory limit of the slice in MiB (CUDA_MPS_PINNED_DEVICE_MEM_LIMIT).
+    memory_limit_mib: int
+    #: CUDA_MPS_ACTIVE_THREAD_PERCENTAGE.
+    active_thread_percentage: int
+    #: Fork-style slices are declared in GB (= GiB) and advertised as `<uuid>::<memoryGB>::<n>`; None otherwise.
+    memory_gb: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class MpsDaemonSpec:
+    """One MPS control daemon: one per MPS-shared GPU."""
+
+    gpu_uuid: str
+    gpu_index: int
+    pipe_dir: str
+    log_dir: str
+    #: The daemon's default pinned-memory limit: the largest slice on this GPU (a client's env can only lower it).
+    pinned_mem_limit_mib: int
+    #: The daemon's default active thread percentage: the largest computePercent on this GPU.
+    active_thread_percentage: int
+
+
+@dataclass(frozen=True, slots=True)
 class Device:
     """One device as the kubelet sees it: a whole GPU, a MIG device, or one replica of either."""
 
@@ -40,6 +70,8 @@ class Device:
     replica: int | None = None
     #: MIG placement (gi, ci) for MIG devices, else None: an XID carrying instance ids matches only this device.
     mig_placement: tuple[int, int] | None = None
+    #: Set for MPS slices.
+    mps: MpsSlice | None = None
 
     @property
     def is_replica(self) -> bool:
@@ -78,9 +110,11 @@ class Resource:
 
 @dataclass(frozen=True, slots=True)
 class Plan:
-    """Every resource the node advertises, ordered by name."""
+    """Every resource the node advertises, ordered by name, and the MPS control daemons they need."""
 
     resources: tuple[Resource, ...]
+    #: Ordered by GPU index.
+    mps_daemons: tuple[MpsDaemonSpec, ...] = ()
 
     def resource(self, name: str) -> Resource | None:
         for resource in self.resources:

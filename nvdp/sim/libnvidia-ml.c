@@ -634,7 +634,6 @@ EXPORT nvmlReturn_t nvmlSystemGetDriverVersion(char *version, unsigned int lengt
     LOCKED(get_driver_version(version, length));
 }
 
-/* Like the real library, the CUDA version comes from the driver and needs no init. */
 static nvmlReturn_t get_cuda_version(int *v) {
     if (v == NULL)
         return NVML_ERROR_INVALID_ARGUMENT;

@@ -56,11 +56,7 @@ class SimNodeError(ValueError):
     """The simulated-node YAML is invalid; the message names the file, the key path and the offending value."""
 
 
-class _Spec(msgspec.Struct, rename="camel", forbid_unknown_fields=True, kw_only=True, frozen=True):
-    pass
-
-
-class SimMigDevice(_Spec):
+class SimMigDevice(msgspec.Struct, rename="camel", forbid_unknown_fields=True, kw_only=True, frozen=True):
     uuid: str
     #: `<slices>g.<GB>gb[+attr|-attr]`, e.g. `1g.5gb`, `1g.10gb+me`.
     profile: str
@@ -72,7 +68,7 @@ class SimMigDevice(_Spec):
     index: int | None = None
 
 
-class SimGpu(_Spec):
+class SimGpu(msgspec.Struct, rename="camel", forbid_unknown_fields=True, kw_only=True, frozen=True):
     uuid: str
     name: str
     memory_mib: int = msgspec.field(name="memoryMiB")
@@ -92,7 +88,7 @@ class SimGpu(_Spec):
     lost: bool = False
 
 
-class SimNode(_Spec):
+class SimNode(msgspec.Struct, rename="camel", forbid_unknown_fields=True, kw_only=True, frozen=True):
     driver_version: str
     cuda_driver_version: int
     events_file: str | None = None

@@ -387,3 +387,23 @@ def test_fork_values_without_mps_enabled_ask_for_it(render_error, values_file):
     values = values_file("fork-values.yaml")
     del values["mps"]["enabled"]
     assert "set mps.enabled=true" in render_error(values)
+
+
+def test_upstream_0_14_style_values_install(render):
+    values = {
+        "legacyDaemonsetAPI": False,
+        "migStrategy": "none",
+        "failOnInitError": True,
+        "compatWithCPUManager": None,
+        "nvidiaDriverRoot": "/",
+        "runtimeClassName": None,
+        "config": {"map": {}, "name": "", "default": "", "fallbackStrategies": ["named", "single"]},
+        "gfd": {"enabled": False},
+        "nfd": {"nameOverride": "node-feature-discovery"},
+        "affinity": {},
+    }
+    r = render(values)
+    assert r.env["MIG_STRATEGY"] == "none" and r.env["FAIL_ON_INIT_ERROR"] == "true"
+    assert r.env["NVIDIA_DRIVER_ROOT"] == "/"
+    assert "PASS_DEVICE_SPECS" not in r.env and "CONFIG_FILE_SRCDIR" not in r.env
+    assert r.security_context == DROP_ALL
