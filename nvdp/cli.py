@@ -27,6 +27,8 @@ SUBCOMMANDS = ("run", "demo", "config")
 
 def _add_options(parser: argparse.ArgumentParser) -> None:
     for option in OPTIONS:
+        if not option.flags:
+            continue
         envs = ", ".join(f"${e}" for e in option.envs)
         default = option.default if not isinstance(option.default, tuple) else ",".join(option.default)
         help_text = f"{option.help} [env {envs}; default {default!r}]"

@@ -36,12 +36,14 @@ import trio
 from nvdp.allocate import AllocateOptions
 from nvdp.config.errors import ConfigError
 from nvdp.config.settings import Settings
+from nvdp.health import HealthTracker, XidPolicy
 from nvdp.inventory import NodeInventory
 from nvdp.kubelet.aio import open_asyncio_thread
 from nvdp.kubelet.plugin_server import ServingContext
 from nvdp.kubelet.servers import ResourceServers
 from nvdp.kubelet.socket_watch import watch_plugin_dir
 from nvdp.nvml import adapter as nvml
+from nvdp.nvml.health import watch_nvml_health
 from nvdp.plan.build import PlanError, build_plan
 from nvdp.plan.model import Plan
 
@@ -187,19 +189,106 @@ async def _run_daemon(
                 plan = build_plan(inventory, settings)
             except PlanError as exc:
                 raise StartupError(str(exc)) from None
-            log.info("plan: %s", describe_plan(plan))
             plugin_dir = settings.plugin_dir or Path(tempfile.gettempdir())
             async with trio.open_nursery() as servers_nursery:
                 servers = ResourceServers(servers_nursery, host, plugin_dir, settings.kubelet_socket)
+                node = Node(nursery, session, servers, settings, inventory, plan)
                 if settings.kubelet_socket is not None:
+                    # Feeds "kubelet-started"/"socket-deleted" to the controller; lives as long as the servers.
                     nursery.start_soon(watch_kubelet, settings.kubelet_socket, send)
-                await servers.apply(serving_contexts(plan, inventory, settings))
-                if not plan.resources:
-                    log.warning("No devices found. Waiting indefinitely.")
+                await node.start_health()
+                await node.apply(settings, inventory, plan)
                 nursery.start_soon(report_ready, servers, notify_socket, task_status)
-                await control(receive, servers, settings, inventory, reload_settings)
+                # The controller: the only code that changes servers, health watching and plans after start-up.
+                await control(receive, node, reload_settings)
         root.cancel_scope.cancel()
     return 0
+
+
+class Node:
+    """What the controller owns: the running plan, the servers, the health watch. One instance per daemon."""
+
+    def __init__(
+        self, nursery: trio.Nursery, session: NvmlSession, servers: ResourceServers, settings: Settings,
+        inventory: NodeInventory, plan: Plan,
+    ) -> None:
+        self._nursery = nursery
+        self.session = session
+        self.servers = servers
+        self.settings = settings
+        self.inventory = inventory
+        self.plan = plan
+        self.tracker = self._new_tracker(settings)
+        self._health_scope: trio.CancelScope | None = None
+        self._health_gpus: tuple[str, ...] = ()
+
+    def __repr__(self) -> str:
+        return f"<Node {describe_plan(self.plan)} {self.tracker!r}>"
+
+    @staticmethod
+    def _new_tracker(settings: Settings) -> HealthTracker:
+        policy = XidPolicy.from_env(settings.disable_healthchecks, settings.enable_healthchecks)
+        for warning in policy.warnings:
+            log.warning("%s", warning)
+        log.info("health checks: %s; Unhealthy GPUs are probed again after %.0f s of quiet", policy.describe(),
+                 settings.health_quiet_period)
+        return HealthTracker(policy, quiet_period_s=settings.health_quiet_period)
+
+    def publish_health(self) -> None:
+        """Recompute which advertised devices are Unhealthy and send that to every server."""
+        devices = [d for r in self.plan.resources for d in r.devices]
+        self.servers.publish_health(self.tracker.unhealthy(devices))
+
+    async def start_health(self) -> None:
+        """(Re)start the NVML health watch for the node's physical GPUs; a no-op when they have not changed."""
+        gpus = tuple(g.uuid for g in sorted(self.inventory.gpus, key=lambda g: g.index))
+        if gpus == self._health_gpus and self._health_scope is not None:
+            return
+        if self._health_scope is not None:
+            self._health_scope.cancel()
+        self._health_gpus = gpus
+        self._health_scope = await self._nursery.start(self._watch_health, gpus)
+
+    async def _watch_health(self, gpus: tuple[str, ...], *, task_status: trio.TaskStatus[trio.CancelScope]) -> None:
+        with trio.CancelScope() as scope:
+            # Feeds the tracker from NVML events; restarted by start_health() when the GPUs change.
+            await watch_nvml_health(gpus, self.tracker, self.publish_health,
+                                    task_status=_started_with(task_status, scope))
+
+    async def apply(self, settings: Settings, inventory: NodeInventory, plan: Plan) -> None:
+        """Make the running servers match `plan`: stop what is gone or changed, then start what is new."""
+        contexts = serving_contexts(plan, inventory, settings)
+        self.settings, self.inventory, self.plan = settings, inventory, plan
+        await self.servers.stop_unwanted(contexts)
+        # Servers start with the current health snapshot, so a new server never advertises a faulty GPU as Healthy.
+        self.publish_health()
+        await self.servers.start_missing(contexts)
+        log.info("serving: %s", describe_plan(plan))
+        if not plan.resources:
+            log.warning("No devices found. Waiting indefinitely.")
+
+    async def reload(self, settings: Settings) -> None:
+        """Re-read the node and build the new plan *before* anything stops; on error keep serving as before."""
+        try:
+            inventory = await discover(self.session)
+            plan = build_plan(inventory, settings)
+        except (ConfigError, PlanError, nvml.NvmlError) as exc:
+            log.error("config rejected: %s; keeping the running config", exc)
+            return
+        await self.apply(settings, inventory, plan)
+        await self.start_health()
+
+
+def _started_with(
+    task_status: trio.TaskStatus[trio.CancelScope], scope: trio.CancelScope
+) -> trio.TaskStatus[None]:
+    """Adapts a TaskStatus so that a child's started() reports `scope` to our caller."""
+
+    class _Status:
+        def started(self, value: None = None) -> None:
+            task_status.started(scope)
+
+    return _Status()  # type: ignore[return-value]
 
 
 async def report_ready(
@@ -216,19 +305,16 @@ async def discover(session: NvmlSession) -> NodeInventory:
     log.info("driver %s, CUDA %s, %d GPU(s)", inventory.driver_version, inventory.cuda_driver_version,
              len(inventory.gpus))
     for gpu in inventory.gpus:
-        log.info("GPU %d: %s %s, %d MiB, minor %d, NUMA %s%s", gpu.index, gpu.name, gpu.uuid, gpu.memory_mib,
-                 gpu.minor, gpu.numa_node, ", MIG enabled" if gpu.mig_enabled else "")
+        log.debug("GPU %d: %s %s, %d MiB, minor %d, NUMA %s%s", gpu.index, gpu.name, gpu.uuid, gpu.memory_mib,
+                  gpu.minor, gpu.numa_node, ", MIG enabled" if gpu.mig_enabled else "")
     return inventory
 
 
 async def control(
-    receive: trio.MemoryReceiveChannel[Command],
-    servers: ResourceServers,
-    settings: Settings,
-    inventory: NodeInventory,
-    reload_settings: Callable[[], Settings] | None,
+    receive: trio.MemoryReceiveChannel[Command], node: Node, reload_settings: Callable[[], Settings] | None
 ) -> None:
     """Apply commands one at a time, so restarts and reloads never interleave."""
+    servers = node.servers
     async for command in receive:
         batch = [command]
         if command.kind == "socket-deleted":
@@ -254,14 +340,11 @@ async def control(
                 log.info("reload requested; nothing to reload (no config file)")
                 continue
             try:
-                new_settings = reload_settings()
-                plan = build_plan(inventory, new_settings)
-            except (ConfigError, PlanError) as exc:
+                settings = reload_settings()
+            except ConfigError as exc:
                 log.error("config rejected: %s; keeping the running config", exc)
                 continue
-            log.info("reloading: %s", describe_plan(plan))
-            settings = new_settings
-            await servers.apply(serving_contexts(plan, inventory, settings))
+            await node.reload(settings)
 
 
 async def watch_signals(

@@ -154,3 +154,128 @@ async def test_nvml_failure_with_fail_on_init_error_false_serves_nothing_and_wai
         await trio.sleep(0.1)
         assert not kubelet.registrations
         nursery.cancel_scope.cancel()
+
+
+async def test_stopping_leaves_no_thread_of_ours(two_gpu_node: Path, kubelet: KubeletEmulator) -> None:
+    import threading
+
+    before = {t.ident for t in threading.enumerate()}
+    async with running_daemon(settings(two_gpu_node, kubelet)):
+        assert any(t.name == "nvdp-grpc" for t in threading.enumerate())
+    # trio keeps idle worker threads of its own thread cache; the asyncio loop thread must be gone.
+    left = [t for t in threading.enumerate() if t.ident not in before and not t.name.startswith("Trio thread")]
+    assert not [t for t in left if t.name == "nvdp-grpc"], left
+
+
+def node_with_events(tmp_path: Path, **gpu0: object) -> tuple[Path, Path]:
+    events = tmp_path / "xids"
+    events.write_text("")
+    return write_node(tmp_path / "node.yaml", [gpu(0, **gpu0), gpu(1)], eventsFile=str(events)), events
+
+
+async def test_a_critical_xid_turns_that_gpu_unhealthy_and_it_recovers_after_quiet(
+    tmp_path: Path, kubelet: KubeletEmulator
+) -> None:
+    node, events = node_with_events(tmp_path)
+    async with running_daemon(settings(node, kubelet, health_quiet_period=0.5)):
+        assert await wait_for(kubelet, lambda k: k.devices("nvidia.com/gpu") == {GPU0: "Healthy", GPU1: "Healthy"})
+        with events.open("a") as f:
+            f.write(f"xid {GPU0} 48\n")
+        assert await wait_for(kubelet, lambda k: k.devices("nvidia.com/gpu") == {GPU0: "Unhealthy", GPU1: "Healthy"},
+                              2.0)
+        # No new XID for the quiet period: probed, Healthy again.
+        assert await wait_for(kubelet, lambda k: k.devices("nvidia.com/gpu") == {GPU0: "Healthy", GPU1: "Healthy"},
+                              5.0)
+
+
+@pytest.mark.parametrize(
+    ("xid", "overrides"),
+    [
+        pytest.param(13, {}, id="xid 13 is ignored by default"),
+        pytest.param(48, {"disable_healthchecks": "all"}, id="DP_DISABLE_HEALTHCHECKS=all ignores everything"),
+    ],
+)
+async def test_ignored_xids_change_nothing(
+    tmp_path: Path, kubelet: KubeletEmulator, xid: int, overrides: dict[str, object]
+) -> None:
+    node, events = node_with_events(tmp_path)
+    async with running_daemon(settings(node, kubelet, **overrides)):
+        assert await wait_for(kubelet, lambda k: bool(k.devices("nvidia.com/gpu")))
+        with events.open("a") as f:
+            f.write(f"xid {GPU0} {xid}\nxid {GPU1} 48\n" if not overrides else f"xid {GPU0} {xid}\n")
+        if not overrides:
+            # The second line proves the first was read: GPU1 turns Unhealthy, GPU0 does not.
+            assert await wait_for(kubelet, lambda k: k.devices("nvidia.com/gpu") == {
+                GPU0: "Healthy", GPU1: "Unhealthy"}, 2.0)
+        else:
+            assert not await wait_for(kubelet, lambda k: "Unhealthy" in k.devices("nvidia.com/gpu").values(), 0.5)
+
+
+def mig_node(tmp_path: Path) -> tuple[Path, Path]:
+    events = tmp_path / "xids"
+    events.write_text("")
+    a100 = gpu(0, migEnabled=True, migDevices=[
+        {"uuid": "MIG-aaaaaaaa-0000-0000-0000-000000000001", "profile": "1g.5gb", "memoryMiB": 4864, "gi": 7, "ci": 0},
+        {"uuid": "MIG-aaaaaaaa-0000-0000-0000-000000000002", "profile": "1g.5gb", "memoryMiB": 4864, "gi": 8, "ci": 0},
+        {"uuid": "MIG-aaaaaaaa-0000-0000-0000-000000000003", "profile": "2g.10gb", "memoryMiB": 9856, "gi": 3,
+         "ci": 0},
+    ])
+    h100 = gpu(1, name="NVIDIA H100 80GB HBM3", memoryMiB=81559, computeCapability="9.0")
+    return write_node(tmp_path / "node.yaml", [a100, h100], eventsFile=str(events)), events
+
+
+@pytest.mark.parametrize(
+    ("strategy", "expected"),
+    [
+        pytest.param("mixed", {"nvidia.com/gpu": 1, "nvidia.com/mig-1g.5gb": 2, "nvidia.com/mig-2g.10gb": 1},
+                     id="mixed: one resource per profile plus the whole H100"),
+        pytest.param("none", {"nvidia.com/gpu": 2}, id="none: both GPUs whole"),
+    ],
+)
+async def test_mig_strategies_on_a_simulated_a100_and_h100(
+    tmp_path: Path, kubelet: KubeletEmulator, strategy: str, expected: dict[str, int]
+) -> None:
+    node, _ = mig_node(tmp_path)
+    async with running_daemon(settings(node, kubelet, mig_strategy=strategy)):
+        assert await wait_for(kubelet, lambda k: {r: len(k.devices(r)) for r in k.resources()} == expected)
+    assert sorted(r.endpoint for r in kubelet.registrations) == sorted(
+        f"nvidia-{name.removeprefix('nvidia.com/')}.sock" for name in expected)
+
+
+async def test_single_strategy_refuses_two_profiles(tmp_path: Path, kubelet: KubeletEmulator) -> None:
+    node, _ = mig_node(tmp_path)
+    with pytest.raises(StartupError, match="more than one MIG device type present on node"):
+        await run_daemon(settings(node, kubelet, mig_strategy="single"), handle_signals=False)
+
+
+async def test_a_mig_xid_marks_only_that_mig_device(tmp_path: Path, kubelet: KubeletEmulator) -> None:
+    node, events = mig_node(tmp_path)
+    first, second = "MIG-aaaaaaaa-0000-0000-0000-000000000001", "MIG-aaaaaaaa-0000-0000-0000-000000000002"
+    async with running_daemon(settings(node, kubelet, mig_strategy="mixed")):
+        assert await wait_for(kubelet, lambda k: len(k.devices("nvidia.com/mig-1g.5gb")) == 2)
+        with events.open("a") as f:
+            f.write(f"xid {second} 48\n")
+        assert await wait_for(kubelet, lambda k: k.devices("nvidia.com/mig-1g.5gb") == {
+            first: "Healthy", second: "Unhealthy"}, 2.0)
+        assert set(kubelet.devices("nvidia.com/mig-2g.10gb").values()) == {"Healthy"}
+        # An XID on the parent GPU itself (no instance ids) marks every MIG device of it.
+        with events.open("a") as f:
+            f.write(f"xid {GPU0} 48\n")
+        assert await wait_for(kubelet, lambda k: set(k.devices("nvidia.com/mig-1g.5gb").values()) == {"Unhealthy"}
+                              and set(k.devices("nvidia.com/mig-2g.10gb").values()) == {"Unhealthy"}, 2.0)
+        assert set(kubelet.devices("nvidia.com/gpu").values()) == {"Healthy"}
+
+
+async def test_mig_device_specs_come_from_the_nodes_mig_minors(tmp_path: Path, kubelet: KubeletEmulator) -> None:
+    from nvdp.sim import mig_minor
+
+    node, _ = mig_node(tmp_path)
+    first = "MIG-aaaaaaaa-0000-0000-0000-000000000001"
+    s = settings(node, kubelet, mig_strategy="mixed", pass_device_specs=True, device_id_strategy="index")
+    async with running_daemon(s):
+        assert await wait_for(kubelet, lambda k: len(k.devices("nvidia.com/mig-1g.5gb")) == 2)
+        response = await trio.to_thread.run_sync(kubelet.allocate, "nvidia.com/mig-1g.5gb", [first])
+    (container,) = response.container_responses
+    assert container.envs == {"NVIDIA_VISIBLE_DEVICES": "0:0"}
+    caps = [f"/dev/nvidia-caps/nvidia-cap{mig_minor(0, 7)}", f"/dev/nvidia-caps/nvidia-cap{mig_minor(0, 7, 0)}"]
+    assert [d.container_path for d in container.devices][-3:] == ["/dev/nvidia0", *caps]

@@ -29,6 +29,17 @@ def parse_bool(text: str) -> bool:
     raise ValueError("expected a boolean: true or false")
 
 
+def parse_seconds(text: str) -> float:
+    """Seconds as a number, or with a unit suffix: 300, 300s, 5m, 1h."""
+    stripped = text.strip().lower()
+    factor = {"s": 1, "m": 60, "h": 3600}.get(stripped[-1:])
+    number = stripped[:-1] if factor else stripped
+    value = float(number) * (factor or 1)
+    if value < 0:
+        raise ValueError("expected a non-negative duration")
+    return value
+
+
 def parse_list(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
@@ -43,7 +54,7 @@ class Option:
     #: Path in the config file as attribute names, e.g. ("flags", "plugin", "pass_device_specs"); () = CLI only.
     config_path: tuple[str, ...]
     default: Any
-    #: "str" | "bool" | "list" | "path"
+    #: "str" | "bool" | "list" | "path" | "seconds"
     kind: str = "str"
     choices: tuple[str, ...] = ()
     help: str = ""
@@ -93,6 +104,13 @@ OPTIONS: tuple[Option, ...] = (
            help="run against a simulated GPU node described by this YAML file"),
     Option("log_level", ("--log-level",), ("LOG_LEVEL",), (), "info", choices=("debug", "info", "warning", "error"),
            help="log level"),
+    # Health checks: upstream reads these two variables directly and has no flags for them.
+    Option("disable_healthchecks", (), ("DP_DISABLE_HEALTHCHECKS",), (), None,
+           help="'all', 'xids', or XIDs to ignore besides the defaults"),
+    Option("enable_healthchecks", (), ("DP_ENABLE_HEALTHCHECKS",), (), None,
+           help="'all' or XIDs to treat as critical even if ignored by default"),
+    Option("health_quiet_period", ("--health-quiet-period",), ("HEALTH_QUIET_PERIOD",), (), "300", "seconds",
+           help="seconds without a new critical XID before an Unhealthy GPU is probed and may return to Healthy"),
 )
 
 OPTIONS_BY_DEST = {o.dest: o for o in OPTIONS}
@@ -118,6 +136,9 @@ class Settings:
     config_file: Path | None = None
     simulate: Path | None = None
     log_level: str = "info"
+    disable_healthchecks: str | None = None
+    enable_healthchecks: str | None = None
+    health_quiet_period: float = 300.0
     #: The parsed config file (or an empty one): the sharing sections are read from here.
     config: Config = field(default_factory=Config)
 
@@ -142,6 +163,8 @@ def _parse_text(option: Option, text: str, source: str) -> Any:
             return parse_bool(text)
         if option.kind == "list":
             return parse_list(text)
+        if option.kind == "seconds":
+            return parse_seconds(text)
     except ValueError as exc:
         raise ConfigError(f"{source}: invalid value {text!r}: {exc}") from None
     return text
@@ -188,6 +211,8 @@ def resolve(
             value = option.default
         values[option.dest] = value
 
+    if isinstance(values["health_quiet_period"], str):
+        values["health_quiet_period"] = parse_seconds(values["health_quiet_period"])
     for dest in ("driver_root", "dev_root", "config_file", "simulate"):
         if values[dest] not in (None, ""):
             values[dest] = Path(values[dest])
@@ -215,8 +240,20 @@ def validate(settings: Settings, config_source: str = "config file") -> None:
     if config.imex is not None and (config.imex.channel_ids or config.imex.required):
         raise ConfigError(
             f"{config_source}: $.imex: IMEX channels are not supported by nvdp; remove the imex section")
-    if config.sharing:
-        raise ConfigError(f"{config_source}: $.sharing: GPU sharing is not available in this build of nvdp")
+    mps = config.sharing.mps if config.sharing is not None else None
+    if mps is not None:
+        # Checks that need no node; those that do (GPU exists, slices fit its memory) are in nvdp.plan.sharing.
+        if not settings.mps_root:
+            raise ConfigError(
+                f"{config_source}: $.sharing.mps: using MPS requires --mps-root to be specified "
+                "(flag --mps-root, env MPS_ROOT or flags.mpsRoot; usually /run/nvidia/mps)")
+        if not settings.mps_root.startswith("/"):
+            # Pipe and shm directories are mounted into client containers by host path: relative means nothing.
+            raise ConfigError(f"--mps-root must be an absolute path, got {settings.mps_root!r}")
+        if settings.mig_strategy == "mixed":
+            raise ConfigError(
+                f"{config_source}: $.sharing.mps: using --mig-strategy=mixed is not supported with MPS "
+                "(MPS shares whole GPUs; use migStrategy none or single)")
 
 
 def cli_values(namespace: Any, options: Sequence[Option] = OPTIONS) -> dict[str, str | None]:

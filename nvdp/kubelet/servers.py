@@ -76,12 +76,21 @@ class ResourceServers:
         self._changed = trio.Event()
 
     async def apply(self, contexts: Sequence[ServingContext]) -> None:
+        await self.stop_unwanted(contexts)
+        await self.start_missing(contexts)
+
+    async def stop_unwanted(self, contexts: Sequence[ServingContext]) -> None:
+        """Stop the servers whose resource is gone or changed (first half of a reconcile)."""
         wanted = {c.resource.name: c for c in contexts}
         for name, running in list(self._running.items()):
             if wanted.get(name) != running.context:
                 await self._stop(name)
-        for name, context in wanted.items():
-            if name not in self._running:
+        self._notify()
+
+    async def start_missing(self, contexts: Sequence[ServingContext]) -> None:
+        """Start servers for wanted resources that are not running (second half of a reconcile)."""
+        for context in contexts:
+            if context.resource.name not in self._running:
                 await self._start(context)
         self._notify()
 
