@@ -2,7 +2,8 @@
 
 `allocate(resource, ids, options)` validates the requested device IDs against the resource, translates them into
 what the NVIDIA container runtime understands (UUIDs or indices) and runs one small "add X to the response" step
-per enabled feature. The gRPC layer turns the returned `ContainerAllocation` into protobuf; nothing here imports
+per enabled feature (MPS slices add their control daemon's pipe directory, the shared `/dev/shm` and their
+limits). The gRPC layer turns the returned `ContainerAllocation` into protobuf; nothing here imports
 trio, grpclib or pynvml.
 
 Cost: every step is O(number of requested IDs). Device lookup goes through `Resource.device`, a dict, so Allocate
@@ -15,7 +16,7 @@ import posixpath
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from nvdp.plan.model import Device, Resource
+from nvdp.plan.model import Device, MpsSlice, Resource
 
 #: The device-list strategies this module knows, in the order their steps run. The order matters: volume-mounts
 #: overwrites the env var that envvar set, whichever order the config lists them in (as upstream does).
@@ -27,6 +28,9 @@ VISIBLE_DEVICES_ENV = "NVIDIA_VISIBLE_DEVICES"
 #: Where the volume-mounts strategy lists devices: one empty mount per device under this directory. The runtime
 #: reads the file names, which unprivileged pods cannot forge (unlike an env var they set themselves).
 VOLUME_MOUNTS_ROOT = "/var/run/nvidia-container-devices"
+#: MPS clients and their control daemon exchange data through POSIX shared memory: nvdp mounts one dedicated tmpfs
+#: here in every client (and the daemon), so client pods need no hostIPC.
+MPS_SHM_CONTAINER_PATH = "/dev/shm"
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +85,7 @@ def allocate(resource: Resource, device_ids: Sequence[str], options: AllocateOpt
     """Validate `device_ids` for `resource` and build the container's Allocate response."""
     devices = _validate_request(resource, device_ids)
     _check_options(resource, options)
+    _check_mps(resource, devices)
     ids = _translate(devices, options.device_id_strategy, resource)
 
     response = _ResponseBuilder()
@@ -91,6 +96,7 @@ def allocate(resource: Resource, device_ids: Sequence[str], options: AllocateOpt
     if "volume-mounts" in options.device_list_strategy:
         # Runs after envvar on purpose: its NVIDIA_VISIBLE_DEVICES value must win when both are enabled.
         _add_volume_mounts(response, ids)
+    _add_mps(response, devices)
     if options.pass_device_specs:
         _add_device_specs(response, devices, options)
     return response.build()
@@ -154,6 +160,18 @@ def _check_options(resource: Resource, options: AllocateOptions) -> None:
         raise AllocationError(_prefix(resource) + f"unsupported device ID strategy: {options.device_id_strategy!r}")
 
 
+def _check_mps(resource: Resource, devices: Sequence[Device]) -> None:
+    if not any(d.mps is not None for d in devices):
+        return
+    gpus = sorted({d.gpu_index for d in devices})
+    if len(gpus) > 1:
+        # Always, whatever failRequestsGreaterThanOne says: a CUDA process reaches exactly one MPS control daemon
+        # (one CUDA_MPS_PIPE_DIRECTORY), and nvdp runs one daemon per GPU.
+        raise AllocationError(
+            _prefix(resource) + f"MPS slices of several GPUs ({', '.join(f'GPU {g}' for g in gpus)}) cannot go "
+            "to one container: an MPS client talks to one GPU's control daemon; request slices of one GPU")
+
+
 def _translate(devices: Sequence[Device], strategy: str, resource: Resource) -> list[str]:
     if strategy == "uuid":
         ids = (d.physical_id for d in devices)
@@ -205,6 +223,30 @@ def _add_volume_mounts(response: _ResponseBuilder, ids: Sequence[str]) -> None:
     response.envs[VISIBLE_DEVICES_ENV] = VOLUME_MOUNTS_ROOT
     for device_id in ids:
         response.mounts.append(Mount(container_path=f"{VOLUME_MOUNTS_ROOT}/{device_id}", host_path="/dev/null"))
+
+
+def _add_mps(response: _ResponseBuilder, devices: Sequence[Device]) -> None:
+    """Point the container at its GPU's control daemon and set its limits; a no-op for devices without MPS."""
+    # De-duplicated by ID: a repeated ID must not double the limits.
+    slices: list[MpsSlice] = [d.mps for d in {d.id: d for d in devices}.values() if d.mps is not None]
+    if not slices:
+        return
+    # _check_mps made sure every slice is of one GPU: one pipe directory, one shm.
+    pipe_dir, shm_dir = slices[0].pipe_dir, slices[0].shm_dir
+    response.envs["CUDA_MPS_PIPE_DIRECTORY"] = pipe_dir
+    # Ordinal 0: the container sees its one GPU as device 0, whatever the host index (the fork writes the host
+    # index, which leaves every GPU but 0 unlimited). Several slices of one GPU in one request add up.
+    gb = [s.memory_gb for s in slices]
+    if all(g is not None for g in gb):
+        limit = f"0={sum(g for g in gb if g is not None)}G"
+    else:
+        limit = f"0={sum(s.memory_limit_mib for s in slices)}M"
+    response.envs["CUDA_MPS_PINNED_DEVICE_MEM_LIMIT"] = limit
+    response.envs["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] = str(min(100, sum(s.active_thread_percentage
+                                                                          for s in slices)))
+    # The same host path inside the container: the daemon and every client agree on one path.
+    response.mounts.append(Mount(container_path=pipe_dir, host_path=pipe_dir))
+    response.mounts.append(Mount(container_path=MPS_SHM_CONTAINER_PATH, host_path=shm_dir))
 
 
 def _add_device_specs(response: _ResponseBuilder, devices: Sequence[Device], options: AllocateOptions) -> None:

@@ -257,6 +257,10 @@ class Node:
 
     async def apply(self, settings: Settings, inventory: NodeInventory, plan: Plan) -> None:
         """Make the running servers match `plan`: stop what is gone or changed, then start what is new."""
+        if settings.config.resources:
+            # Upstream parses this section (renaming patterns) and ignores it with a warning; so do we.
+            log.warning("the config's `resources` section is ignored (as upstream does); rename shared "
+                        "resources with sharing.*.resources[].rename instead")
         contexts = serving_contexts(plan, inventory, settings)
         self.settings, self.inventory, self.plan = settings, inventory, plan
         await self.servers.stop_unwanted(contexts)

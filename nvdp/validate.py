@@ -10,7 +10,16 @@ from nvdp.config.errors import ConfigError
 from nvdp.config.load import load_config_file
 from nvdp.config.settings import resolve
 from nvdp.plan.build import PlanError, build_plan
-from nvdp.plan.model import Plan
+from nvdp.plan.model import Device, Plan, Sharing
+
+
+def _device_line(device: Device) -> str:
+    line = f"  {device.id}  index {device.index}  paths {' '.join(device.paths)}"
+    mps = device.mps
+    if mps is not None:
+        size = f"{mps.memory_gb} GB" if mps.memory_gb is not None else f"{mps.memory_limit_mib} MiB"
+        line += f"  mps memory {size}  compute {mps.active_thread_percentage}%  pipe {mps.pipe_dir}"
+    return line
 
 
 def format_plan(plan: Plan) -> str:
@@ -18,9 +27,17 @@ def format_plan(plan: Plan) -> str:
         return "no resources: this node would advertise nothing"
     lines = []
     for resource in plan.resources:
-        lines.append(f"{resource.name}  ({len(resource.devices)} devices, socket {resource.socket_name}, "
-                     f"sharing {resource.sharing.value})")
-        lines += [f"  {d.id}  index {d.index}  paths {' '.join(d.paths)}" for d in resource.devices]
+        header = (f"{resource.name}  ({len(resource.devices)} devices, socket {resource.socket_name}, "
+                  f"sharing {resource.sharing.value}")
+        if resource.sharing is not Sharing.NONE:
+            header += f", failRequestsGreaterThanOne {str(resource.fail_requests_greater_than_one).lower()}"
+        lines.append(header + ")")
+        lines += [_device_line(d) for d in resource.devices]
+    for daemon in plan.mps_daemons:
+        lines.append(f"MPS control daemon for GPU {daemon.gpu_index} ({daemon.gpu_uuid}): "
+                     f"pinned memory limit {daemon.pinned_mem_limit_mib} MiB, "
+                     f"active thread percentage {daemon.active_thread_percentage}%, "
+                     f"pipe {daemon.pipe_dir}, log {daemon.log_dir}")
     return "\n".join(lines)
 
 

@@ -12,6 +12,8 @@ from typing import Any
 
 import msgspec
 
+from nvdp.config.sharing import Sharing
+
 # Upstream spells a few keys with an upper-case acronym.
 _ACRONYMS = {
     "device_id_strategy": "deviceIDStrategy",
@@ -72,5 +74,5 @@ class Config(_Struct):
     flags: Flags | None = None
     #: Upstream's renaming patterns: parsed for compatibility, ignored at runtime with a warning, as upstream does.
     resources: dict[str, Any] | None = None
-    sharing: dict[str, Any] | None = None
+    sharing: Sharing | None = None
     imex: Imex | None = None

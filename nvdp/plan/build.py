@@ -15,7 +15,7 @@ from collections import defaultdict
 
 from nvdp.config.settings import Settings
 from nvdp.inventory import Gpu, MigDevice, NodeInventory
-from nvdp.plan.model import RESOURCE_PREFIX, Device, Plan, Resource
+from nvdp.plan.model import RESOURCE_PREFIX, Device, Plan
 
 log = logging.getLogger(__name__)
 
@@ -109,9 +109,14 @@ def whole_and_mig_devices(inventory: NodeInventory, settings: Settings) -> dict[
 
 
 def build_plan(inventory: NodeInventory, settings: Settings) -> Plan:
-    """The resources this node advertises. Resources with no device are left out (upstream starts no server)."""
+    """The resources this node advertises, sharing applied, and the MPS control daemons they need.
+
+    Resources with no device are left out (upstream starts no server).
+    """
     if settings.mig_strategy not in ("none", "single", "mixed"):
         raise PlanError(f"unknown MIG strategy: {settings.mig_strategy}")
-    resources = [Resource(name, tuple(devices))
-                 for name, devices in whole_and_mig_devices(inventory, settings).items() if devices]
-    return Plan(tuple(sorted(resources, key=lambda r: r.name)))
+    # Imported here: nvdp.plan.sharing raises this module's PlanError, so a top-level import would be circular.
+    from nvdp.plan.sharing import apply_sharing
+
+    resources, mps_daemons = apply_sharing(whole_and_mig_devices(inventory, settings), inventory, settings)
+    return Plan(tuple(sorted(resources, key=lambda r: r.name)), mps_daemons)
