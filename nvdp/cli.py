@@ -19,10 +19,11 @@ from nvdp import __version__
 from nvdp.config.errors import ConfigError
 from nvdp.config.load import load_config_file
 from nvdp.config.settings import OPTIONS, Settings, cli_values, resolve
+from nvdp.observe.logs import setup_logging
 
 log = logging.getLogger("nvdp")
 
-SUBCOMMANDS = ("run", "demo", "config")
+SUBCOMMANDS = ("run", "demo", "config", "status")
 
 
 def _add_options(parser: argparse.ArgumentParser) -> None:
@@ -50,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_options(run)
     demo = sub.add_parser("demo", help="run nvdp on a simulated GPU node against an embedded kubelet emulator")
     demo.add_argument("--simulate", type=Path, default=None, help="simulated node YAML (default: built-in node)")
+    status = sub.add_parser("status", help="show what a running nvdp serves (from its metrics endpoint)")
+    status.add_argument("--address", default=None,
+                        help="the daemon's metrics address [env $METRICS_ADDRESS; default :9400]")
     config = sub.add_parser("config", help="config file tools")
     config_sub = config.add_subparsers(dest="config_command", metavar="ACTION", required=True)
     validate = config_sub.add_parser("validate", help="check a config file and print the resource plan")
@@ -67,16 +71,6 @@ def load_settings(args: argparse.Namespace, env: Mapping[str, str]) -> Settings:
     return resolve(cli, env, config, config_source=str(config_file) if config_file else "config file")
 
 
-def setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    # grpclib logs every stream the kubelet cancels at INFO; that is normal traffic, not news.
-    logging.getLogger("grpclib").setLevel(max(logging.WARNING, logging.getLogger().level))
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or (argv[0] not in SUBCOMMANDS and argv[0] not in ("-h", "--help", "--version")):
@@ -87,8 +81,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "demo":
             from nvdp.demo import run_demo
 
-            setup_logging("warning")
+            setup_logging("warning", "text")
             return trio.run(run_demo, args.simulate)
+        if args.command == "status":
+            from nvdp.observe.status import status_main
+
+            return status_main(args.address or env.get("METRICS_ADDRESS") or ":9400")
         if args.command == "config":
             from nvdp.validate import validate_config
 
@@ -103,7 +101,7 @@ def run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     settings = load_settings(args, env)
     from nvdp.daemon import StartupError, run_daemon
 
-    setup_logging(settings.log_level)
+    setup_logging(settings.log_level, settings.log_format)
     log.info("nvdp %s starting", __version__)
 
     def reload_settings() -> Settings:
@@ -111,7 +109,8 @@ def run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
 
     try:
         return trio.run(lambda: run_daemon(
-            settings, reload_settings=reload_settings, notify_socket=env.get("NOTIFY_SOCKET")))
+            settings, reload_settings=reload_settings, notify_socket=env.get("NOTIFY_SOCKET"),
+            search_path=env.get("PATH", os.defpath)))
     except StartupError as exc:
         log.error("%s", exc)
         print(f"nvdp: {exc}", file=sys.stderr)

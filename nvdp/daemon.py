@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import signal
 import socket
 import tempfile
@@ -36,14 +37,19 @@ import trio
 from nvdp.allocate import AllocateOptions
 from nvdp.config.errors import ConfigError
 from nvdp.config.settings import Settings
-from nvdp.health import HealthTracker, XidPolicy
+from nvdp.health import ALL_GPUS, HealthTracker, XidPolicy
 from nvdp.inventory import NodeInventory
 from nvdp.kubelet.aio import open_asyncio_thread
 from nvdp.kubelet.plugin_server import ServingContext
 from nvdp.kubelet.servers import ResourceServers
 from nvdp.kubelet.socket_watch import watch_plugin_dir
+from nvdp.mps import MpsDaemons, MpsError, NvmlComputeMode, find_control_binary
+from nvdp.mps.shm import ShmError, ensure_shm
 from nvdp.nvml import adapter as nvml
+from nvdp.nvml.adapter import XidEvent
 from nvdp.nvml.health import watch_nvml_health
+from nvdp.observe.http import ProbeState, serve_http
+from nvdp.observe.metrics import Metrics
 from nvdp.plan.build import PlanError, build_plan
 from nvdp.plan.model import Plan
 
@@ -143,15 +149,20 @@ async def run_daemon(
     reload_settings: Callable[[], Settings] | None = None,
     handle_signals: bool = True,
     notify_socket: str | None = None,
+    search_path: str = os.defpath,
+    metrics: Metrics | None = None,
+    probes: ProbeState | None = None,
     task_status: trio.TaskStatus[ResourceServers | None] = trio.TASK_STATUS_IGNORED,
 ) -> int:
     """Serve until cancelled or told to stop by a signal; returns the exit code.
 
-    `reload_settings` re-reads the config file (SIGHUP). `task_status.started()` is called with the servers once
-    every resource is registered, for embedding (the demo, tests).
+    `reload_settings` re-reads the config file (SIGHUP). `search_path` is the PATH where the MPS control program is
+    looked for. `task_status.started()` is called with the servers once every resource is registered, for embedding
+    (the demo, tests).
     """
+    daemon = Daemon(settings, reload_settings, search_path, metrics or Metrics(), probes or ProbeState())
     try:
-        return await _run_daemon(settings, reload_settings, handle_signals, notify_socket, task_status)
+        return await daemon.run(handle_signals, notify_socket, task_status)
     except BaseExceptionGroup as group:
         # Nurseries wrap errors in groups; a start-up failure alone is reported as itself.
         startup, rest = group.split(StartupError)
@@ -168,76 +179,95 @@ def _first_leaf(group: BaseExceptionGroup[StartupError]) -> StartupError:
     return leaf
 
 
-async def _run_daemon(
-    settings: Settings,
-    reload_settings: Callable[[], Settings] | None,
-    handle_signals: bool,
-    notify_socket: str | None,
-    task_status: trio.TaskStatus[ResourceServers | None],
-) -> int:
-    async with trio.open_nursery() as root:
-        send, receive = trio.open_memory_channel[Command](16)
-        if handle_signals:
-            # First of all, so that a SIGTERM during start-up also ends in an orderly exit 0.
-            await root.start(watch_signals, root.cancel_scope, send)
-        async with open_asyncio_thread() as host, open_nvml(settings) as session, trio.open_nursery() as nursery:
-            if session is None:
-                task_status.started(None)
-                await trio.sleep_forever()
-            inventory = await discover(session)
-            try:
-                plan = build_plan(inventory, settings)
-            except PlanError as exc:
-                raise StartupError(str(exc)) from None
-            plugin_dir = settings.plugin_dir or Path(tempfile.gettempdir())
-            async with trio.open_nursery() as servers_nursery:
-                servers = ResourceServers(servers_nursery, host, plugin_dir, settings.kubelet_socket)
-                node = Node(nursery, session, servers, settings, inventory, plan)
-                if settings.kubelet_socket is not None:
-                    # Feeds "kubelet-started"/"socket-deleted" to the controller; lives as long as the servers.
-                    nursery.start_soon(watch_kubelet, settings.kubelet_socket, send)
-                await node.start_health()
-                await node.apply(settings, inventory, plan)
-                nursery.start_soon(report_ready, servers, notify_socket, task_status)
-                # The controller: the only code that changes servers, health watching and plans after start-up.
-                await control(receive, node, reload_settings)
-        root.cancel_scope.cancel()
-    return 0
-
-
-class Node:
-    """What the controller owns: the running plan, the servers, the health watch. One instance per daemon."""
+class Daemon:
+    """The supervisor tree (module docstring) and what its controller owns: plan, servers, MPS daemons, health."""
 
     def __init__(
-        self, nursery: trio.Nursery, session: NvmlSession, servers: ResourceServers, settings: Settings,
-        inventory: NodeInventory, plan: Plan,
+        self, settings: Settings, reload_settings: Callable[[], Settings] | None, search_path: str,
+        metrics: Metrics, probes: ProbeState,
     ) -> None:
-        self._nursery = nursery
-        self.session = session
-        self.servers = servers
         self.settings = settings
-        self.inventory = inventory
-        self.plan = plan
-        self.tracker = self._new_tracker(settings)
+        self._reload_settings = reload_settings
+        self.metrics = metrics
+        self.probes = probes
+        if settings.simulate is not None:
+            # The simulated node brings a fake nvidia-cuda-mps-control beside its fake libnvidia-ml.
+            search_path = f"{Path(__file__).parent / 'sim'}{os.pathsep}{search_path}"
+        self.search_path = search_path
+        self.tracker = _CountingTracker.for_settings(settings, metrics)
+        self.generation = 0
+        self.mps: MpsDaemons | None = None
+        self.mps_down: set[str] = set()
         self._health_scope: trio.CancelScope | None = None
         self._health_gpus: tuple[str, ...] = ()
 
     def __repr__(self) -> str:
-        return f"<Node {describe_plan(self.plan)} {self.tracker!r}>"
+        plan = describe_plan(self.plan) if hasattr(self, "plan") else "starting"
+        return f"<Daemon generation={self.generation} {plan} {self.tracker!r} {self.mps!r}>"
 
-    @staticmethod
-    def _new_tracker(settings: Settings) -> HealthTracker:
-        policy = XidPolicy.from_env(settings.disable_healthchecks, settings.enable_healthchecks)
-        for warning in policy.warnings:
-            log.warning("%s", warning)
-        log.info("health checks: %s; Unhealthy GPUs are probed again after %.0f s of quiet", policy.describe(),
-                 settings.health_quiet_period)
-        return HealthTracker(policy, quiet_period_s=settings.health_quiet_period)
+    async def run(
+        self, handle_signals: bool, notify_socket: str | None, task_status: trio.TaskStatus[ResourceServers | None]
+    ) -> int:
+        settings = self.settings
+        async with trio.open_nursery() as root:
+            send, receive = trio.open_memory_channel[Command](16)
+            if handle_signals:
+                # First of all, so that a SIGTERM during start-up also ends in an orderly exit 0.
+                await root.start(watch_signals, root.cancel_scope, send)
+            # /metrics, /healthz, /readyz: up during start-up too, so probes see why nvdp is not ready yet.
+            try:
+                await root.start(serve_http, settings.metrics_address, self.metrics, self.probes)
+            except OSError as exc:
+                raise StartupError(f"cannot serve metrics and probes on {settings.metrics_address!r}: "
+                                   f"{exc.strerror or exc}; choose another --metrics-address (METRICS_ADDRESS) "
+                                   "or an empty one to disable the endpoint") from None
+            async with open_asyncio_thread() as host, open_nvml(settings) as session, \
+                    trio.open_nursery() as nursery:
+                if session is None:
+                    self.probes.set_pending(["NVML is not available (failOnInitError=false)"])
+                    task_status.started(None)
+                    await trio.sleep_forever()
+                self.session = session
+                self.inventory = await discover(session)
+                plugin_dir = settings.plugin_dir or Path(tempfile.gettempdir())
+                # MPS daemons outlive the servers: their nursery is outside the servers', so on the way out the
+                # servers stop first and the daemons (and compute modes) after them.
+                async with trio.open_nursery() as mps_nursery, trio.open_nursery() as servers_nursery:
+                    self._nursery, self._mps_nursery = nursery, mps_nursery
+                    try:
+                        self.plan = build_plan(self.inventory, settings)
+                        await self.prepare_mps(settings, self.plan)
+                    except (PlanError, MpsError, ShmError) as exc:
+                        raise StartupError(str(exc)) from None
+                    self.servers = ResourceServers(
+                        servers_nursery, host, plugin_dir, settings.kubelet_socket, observer=self.metrics,
+                        on_change=self._servers_changed)
+                    if settings.kubelet_socket is not None:
+                        # Feeds "kubelet-started"/"socket-deleted" to the controller.
+                        nursery.start_soon(watch_kubelet, settings.kubelet_socket, send)
+                    # Feeds NVML health events to the tracker; restarted by start_health() if the GPUs change.
+                    await self.start_health()
+                    await self.apply(settings, self.inventory, self.plan, started=trio.current_time())
+                    # Waits for every registration, then tells systemd and the embedding caller.
+                    nursery.start_soon(report_ready, self.servers, notify_socket, task_status)
+                    # The controller: the only code that changes servers, MPS daemons and plans after start-up.
+                    await self.control(receive)
+            root.cancel_scope.cancel()
+        return 0
+
+    # -- health ----------------------------------------------------------------------------------------------------
 
     def publish_health(self) -> None:
-        """Recompute which advertised devices are Unhealthy and send that to every server."""
+        """Recompute which advertised devices are Unhealthy (XIDs, NVML, MPS daemons) and send that out."""
         devices = [d for r in self.plan.resources for d in r.devices]
-        self.servers.publish_health(self.tracker.unhealthy(devices))
+        unhealthy = self.tracker.unhealthy(devices)
+        if self.mps_down:
+            for device in devices:
+                if device.mps is not None and device.gpu_uuid in self.mps_down:
+                    unhealthy.setdefault(device.id, "MPS control daemon not answering")
+        self.servers.publish_health(unhealthy)
+        self.metrics.health_changed(self.plan, unhealthy)
+        self.probes.nvml_ok = self.tracker.fault(ALL_GPUS) is None
 
     async def start_health(self) -> None:
         """(Re)start the NVML health watch for the node's physical GPUs; a no-op when they have not changed."""
@@ -251,12 +281,42 @@ class Node:
 
     async def _watch_health(self, gpus: tuple[str, ...], *, task_status: trio.TaskStatus[trio.CancelScope]) -> None:
         with trio.CancelScope() as scope:
-            # Feeds the tracker from NVML events; restarted by start_health() when the GPUs change.
             await watch_nvml_health(gpus, self.tracker, self.publish_health,
                                     task_status=_started_with(task_status, scope))
 
-    async def apply(self, settings: Settings, inventory: NodeInventory, plan: Plan) -> None:
-        """Make the running servers match `plan`: stop what is gone or changed, then start what is new."""
+    def _mps_health(self, gpu_uuid: str, healthy: bool) -> None:
+        if healthy:
+            self.mps_down.discard(gpu_uuid)
+        else:
+            self.mps_down.add(gpu_uuid)
+        self.metrics.mps_daemon(gpu_uuid, healthy)
+        self.publish_health()
+
+    def _servers_changed(self) -> None:
+        self.probes.set_pending(self.servers.pending)
+
+    # -- plans -----------------------------------------------------------------------------------------------------
+
+    async def prepare_mps(self, settings: Settings, plan: Plan) -> None:
+        """What MPS needs before any server changes: the control program and the clients' shm tmpfs."""
+        if not plan.mps_daemons:
+            return
+        control = find_control_binary(settings.driver_root, self.search_path)
+        shm = Path(settings.mps_root) / "shm"
+        if settings.simulate is not None:
+            # A simulated node has no clients to share memory with: a plain directory stands in for the tmpfs.
+            await trio.Path(shm).mkdir(parents=True, exist_ok=True)
+        else:
+            await trio.to_thread.run_sync(ensure_shm, shm, settings.mps_shm_size)
+        if self.mps is None or self.mps.control != control:
+            if self.mps is not None:
+                await self.mps.stop_all()
+            self.mps = MpsDaemons(self._mps_nursery, control, NvmlComputeMode(), self._mps_health,
+                                  path_env=self.search_path)
+
+    async def apply(self, settings: Settings, inventory: NodeInventory, plan: Plan, started: float) -> None:
+        """Make the running servers and MPS daemons match `plan`: stop what is gone or changed, then start what is
+        new. Servers of MPS resources start only after their daemons answer."""
         if settings.config.resources:
             # Upstream parses this section (renaming patterns) and ignores it with a warning; so do we.
             log.warning("the config's `resources` section is ignored (as upstream does); rename shared "
@@ -264,23 +324,96 @@ class Node:
         contexts = serving_contexts(plan, inventory, settings)
         self.settings, self.inventory, self.plan = settings, inventory, plan
         await self.servers.stop_unwanted(contexts)
+        if self.mps is not None:
+            try:
+                await self.mps.apply(plan.mps_daemons)
+            except MpsError as exc:
+                log.error("MPS: %s; the affected slices stay Unhealthy until their daemon answers", exc)
         # Servers start with the current health snapshot, so a new server never advertises a faulty GPU as Healthy.
         self.publish_health()
         await self.servers.start_missing(contexts)
-        log.info("serving: %s", describe_plan(plan))
+        self.generation += 1
+        self.metrics.plan_applied(plan, inventory, self.config_name, self.generation, trio.current_time() - started)
+        log.info("serving (generation %d): %s", self.generation, describe_plan(plan))
         if not plan.resources:
             log.warning("No devices found. Waiting indefinitely.")
 
+    @property
+    def config_name(self) -> str:
+        return str(self.settings.config_file) if self.settings.config_file else "built-in defaults"
+
     async def reload(self, settings: Settings) -> None:
         """Re-read the node and build the new plan *before* anything stops; on error keep serving as before."""
+        started = trio.current_time()
         try:
             inventory = await discover(self.session)
             plan = build_plan(inventory, settings)
-        except (ConfigError, PlanError, nvml.NvmlError) as exc:
-            log.error("config rejected: %s; keeping the running config", exc)
+            await self.prepare_mps(settings, plan)
+        except (ConfigError, PlanError, MpsError, ShmError, nvml.NvmlError) as exc:
+            self.reject(exc)
             return
-        await self.apply(settings, inventory, plan)
+        await self.apply(settings, inventory, plan, started)
         await self.start_health()
+
+    def reject(self, exc: Exception) -> None:
+        log.error("config rejected: %s; keeping the running config", exc)
+        self.metrics.reload_failed(self.config_name, str(exc))
+
+    async def control(self, receive: trio.MemoryReceiveChannel[Command]) -> None:
+        """Apply commands one at a time, so restarts and reloads never interleave."""
+        servers = self.servers
+        async for command in receive:
+            batch = [command]
+            if command.kind == "socket-deleted":
+                # A restarting kubelet deletes our sockets just before it creates kubelet.sock again: wait a
+                # moment so that one restart of everything answers both, instead of restarting a server twice.
+                with trio.move_on_after(SETTLE_S):
+                    async for more in receive:
+                        batch.append(more)
+                        if more.kind == "kubelet-started":
+                            break
+            kinds = {c.kind for c in batch}
+            if "kubelet-started" in kinds:
+                log.info("kubelet socket created: restarting every server and registering again")
+                self.metrics.kubelet_restart()
+                await servers.restart_all()
+            else:
+                for deleted in (c.detail for c in batch if c.kind == "socket-deleted"):
+                    name = servers.resource_for_socket(deleted)
+                    if name is not None and not await trio.Path(servers.plugin_dir / deleted).exists():
+                        log.warning("socket %s of %s was removed: restarting that server", deleted, name)
+                        await servers.restart(name)
+            if "reload" in kinds:
+                if self._reload_settings is None:
+                    log.info("reload requested; nothing to reload (no config file)")
+                    continue
+                try:
+                    settings = self._reload_settings()
+                except ConfigError as exc:
+                    self.reject(exc)
+                    continue
+                await self.reload(settings)
+
+
+class _CountingTracker(HealthTracker):
+    """The health tracker, also counting every XID per GPU and code for /metrics."""
+
+    metrics: Metrics
+
+    @classmethod
+    def for_settings(cls, settings: Settings, metrics: Metrics) -> _CountingTracker:
+        policy = XidPolicy.from_env(settings.disable_healthchecks, settings.enable_healthchecks)
+        for warning in policy.warnings:
+            log.warning("%s", warning)
+        log.info("health checks: %s; Unhealthy GPUs are probed again after %.0f s of quiet", policy.describe(),
+                 settings.health_quiet_period)
+        tracker = cls(policy, quiet_period_s=settings.health_quiet_period)
+        tracker.metrics = metrics
+        return tracker
+
+    def on_xid(self, event: XidEvent, now: float) -> bool:
+        self.metrics.xid(event.gpu_uuid, event.xid)
+        return super().on_xid(event, now)
 
 
 def _started_with(
@@ -312,43 +445,6 @@ async def discover(session: NvmlSession) -> NodeInventory:
         log.debug("GPU %d: %s %s, %d MiB, minor %d, NUMA %s%s", gpu.index, gpu.name, gpu.uuid, gpu.memory_mib,
                   gpu.minor, gpu.numa_node, ", MIG enabled" if gpu.mig_enabled else "")
     return inventory
-
-
-async def control(
-    receive: trio.MemoryReceiveChannel[Command], node: Node, reload_settings: Callable[[], Settings] | None
-) -> None:
-    """Apply commands one at a time, so restarts and reloads never interleave."""
-    servers = node.servers
-    async for command in receive:
-        batch = [command]
-        if command.kind == "socket-deleted":
-            # A restarting kubelet deletes our sockets just before it creates kubelet.sock again: wait a moment so
-            # that one restart of everything answers both, instead of restarting a server twice.
-            with trio.move_on_after(SETTLE_S):
-                async for more in receive:
-                    batch.append(more)
-                    if more.kind == "kubelet-started":
-                        break
-        kinds = {c.kind for c in batch}
-        if "kubelet-started" in kinds:
-            log.info("kubelet socket created: restarting every server and registering again")
-            await servers.restart_all()
-        else:
-            for deleted in (c.detail for c in batch if c.kind == "socket-deleted"):
-                name = servers.resource_for_socket(deleted)
-                if name is not None and not await trio.Path(servers.plugin_dir / deleted).exists():
-                    log.warning("socket %s of %s was removed: restarting that server", deleted, name)
-                    await servers.restart(name)
-        if "reload" in kinds:
-            if reload_settings is None:
-                log.info("reload requested; nothing to reload (no config file)")
-                continue
-            try:
-                settings = reload_settings()
-            except ConfigError as exc:
-                log.error("config rejected: %s; keeping the running config", exc)
-                continue
-            await node.reload(settings)
 
 
 async def watch_signals(

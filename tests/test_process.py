@@ -25,7 +25,8 @@ def start_nvdp(kubelet: KubeletEmulator) -> Iterator[object]:
     def start(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
         process = subprocess.Popen(
             [sys.executable, "-m", "nvdp", "--kubelet-socket", str(kubelet.socket), *args],
-            env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            env={**os.environ, "METRICS_ADDRESS": "127.0.0.1:0", **(env or {})},
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         processes.append(process)
         return process
 
@@ -106,6 +107,22 @@ def test_sighup_reloads_the_config_file(
 def test_a_missing_driver_exits_one_with_a_clear_message(tmp_path: Path, kubelet: KubeletEmulator) -> None:
     # A machine without libnvidia-ml: the real pynvml path, no simulation.
     result = subprocess.run([sys.executable, "-m", "nvdp", "--kubelet-socket", str(kubelet.socket)],
-                            capture_output=True, text=True, timeout=30, env={**os.environ, "LD_LIBRARY_PATH": ""})
+                            capture_output=True, text=True, timeout=30,
+                            env={**os.environ, "LD_LIBRARY_PATH": "", "METRICS_ADDRESS": "127.0.0.1:0"})
     assert result.returncode == 1
     assert "failed to initialize NVML" in result.stderr and "failOnInitError=false" in result.stderr
+
+
+def test_a_busy_metrics_port_is_a_clear_start_up_error(kubelet: KubeletEmulator, two_gpu_node: Path) -> None:
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        address = f"127.0.0.1:{busy.getsockname()[1]}"
+        result = subprocess.run(
+            [sys.executable, "-m", "nvdp", "--simulate", str(two_gpu_node), "--kubelet-socket", str(kubelet.socket)],
+            capture_output=True, text=True, timeout=30, env={**os.environ, "METRICS_ADDRESS": address})
+    assert result.returncode == 1
+    assert f"cannot serve metrics and probes on '{address}'" in result.stderr
+    assert "Traceback" not in result.stderr

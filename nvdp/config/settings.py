@@ -40,6 +40,17 @@ def parse_seconds(text: str) -> float:
     return value
 
 
+def parse_bytes(text: str) -> int:
+    """A size in bytes, with an optional binary or decimal suffix: 1073741824, 1Gi, 512Mi, 2G."""
+    stripped = text.strip()
+    units = {"Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30, "Ti": 1 << 40, "k": 10**3, "K": 10**3, "M": 10**6,
+             "G": 10**9, "T": 10**12}
+    for suffix, factor in sorted(units.items(), key=lambda u: -len(u[0])):
+        if stripped.endswith(suffix):
+            return int(float(stripped[: -len(suffix)]) * factor)
+    return int(stripped)
+
+
 def parse_list(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
@@ -54,7 +65,7 @@ class Option:
     #: Path in the config file as attribute names, e.g. ("flags", "plugin", "pass_device_specs"); () = CLI only.
     config_path: tuple[str, ...]
     default: Any
-    #: "str" | "bool" | "list" | "path" | "seconds"
+    #: "str" | "bool" | "list" | "path" | "seconds" | "bytes"
     kind: str = "str"
     choices: tuple[str, ...] = ()
     help: str = ""
@@ -104,6 +115,12 @@ OPTIONS: tuple[Option, ...] = (
            help="run against a simulated GPU node described by this YAML file"),
     Option("log_level", ("--log-level",), ("LOG_LEVEL",), (), "info", choices=("debug", "info", "warning", "error"),
            help="log level"),
+    Option("mps_shm_size", ("--mps-shm-size",), ("MPS_SHM_SIZE",), (), None, "bytes",
+           help="size of the MPS clients' shm tmpfs at <mps root>/shm (e.g. 8Gi; default half of RAM)"),
+    Option("metrics_address", ("--metrics-address",), ("METRICS_ADDRESS",), (), ":9400",
+           help="host:port for /metrics, /healthz and /readyz (empty disables)"),
+    Option("log_format", ("--log-format",), ("LOG_FORMAT",), (), "text", choices=("text", "json"),
+           help="log line format"),
     # Health checks: upstream reads these two variables directly and has no flags for them.
     Option("disable_healthchecks", (), ("DP_DISABLE_HEALTHCHECKS",), (), None,
            help="'all', 'xids', or XIDs to ignore besides the defaults"),
@@ -139,6 +156,11 @@ class Settings:
     disable_healthchecks: str | None = None
     enable_healthchecks: str | None = None
     health_quiet_period: float = 300.0
+    mps_shm_size: int | None = None
+    #: Empty (no HTTP endpoint) unless given: embedded daemons (tests, the demo) must not collide on a port. The
+    #: command line's default is ":9400".
+    metrics_address: str = ""
+    log_format: str = "text"
     #: The parsed config file (or an empty one): the sharing sections are read from here.
     config: Config = field(default_factory=Config)
 
@@ -165,6 +187,11 @@ def _parse_text(option: Option, text: str, source: str) -> Any:
             return parse_list(text)
         if option.kind == "seconds":
             return parse_seconds(text)
+        if option.kind == "bytes":
+            value = parse_bytes(text)
+            if value <= 0:
+                raise ValueError("expected a positive size")
+            return value
     except ValueError as exc:
         raise ConfigError(f"{source}: invalid value {text!r}: {exc}") from None
     return text
@@ -234,6 +261,13 @@ def validate(settings: Settings, config_source: str = "config file") -> None:
         raise ConfigError(
             f"device list strategy {', '.join(unsupported)}: CDI strategies are not supported by nvdp; "
             f"use {' or '.join(SUPPORTED_DEVICE_LIST_STRATEGIES)} (see docs/compatibility.md)")
+    if settings.metrics_address.strip():
+        from nvdp.observe.http import parse_address
+
+        try:
+            parse_address(settings.metrics_address)
+        except ValueError as exc:
+            raise ConfigError(f"metrics address {settings.metrics_address!r}: {exc}") from None
     config = settings.config
     if config.version not in (None, "", "v1"):
         raise ConfigError(f"{config_source}: $.version: unknown version {config.version!r}: accepted values are v1")

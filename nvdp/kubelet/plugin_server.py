@@ -11,10 +11,11 @@ import asyncio
 import contextlib
 import logging
 import os
+import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import grpclib.const
 import grpclib.server
@@ -117,10 +118,26 @@ def container_response(allocation: ContainerAllocation) -> api.ContainerAllocate
     )
 
 
+class CallObserver(Protocol):
+    """Where a server reports each call's latency (nvdp.observe.metrics.Metrics; thread-safe)."""
+
+    def allocate_observed(self, resource: str, seconds: float, ok: bool = True) -> None: ...
+    def preferred_observed(self, resource: str, seconds: float, ok: bool = True) -> None: ...
+
+
+class _NoObserver:
+    def allocate_observed(self, resource: str, seconds: float, ok: bool = True) -> None:
+        pass
+
+    def preferred_observed(self, resource: str, seconds: float, ok: bool = True) -> None:
+        pass
+
+
 class DevicePluginService(api.DevicePluginBase):
-    def __init__(self, context: ServingContext, mirror: DeviceListMirror) -> None:
+    def __init__(self, context: ServingContext, mirror: DeviceListMirror, observer: CallObserver) -> None:
         self.context = context
         self.mirror = mirror
+        self.observer = observer
 
     async def get_device_plugin_options(self, message: api.Empty) -> api.DevicePluginOptions:
         return OPTIONS
@@ -132,30 +149,42 @@ class DevicePluginService(api.DevicePluginBase):
 
     async def allocate(self, message: api.AllocateRequest) -> api.AllocateResponse:
         context = self.context
-        responses = []
-        for request in message.container_requests:
-            try:
-                allocation = allocate(context.resource, request.devices_ids, context.options)
-            except AllocationError as exc:
-                log.warning("Allocate refused for %s: %s", context.resource.name, exc)
-                raise GRPCError(grpclib.const.Status.INVALID_ARGUMENT, str(exc)) from None
-            responses.append(container_response(allocation))
-        return api.AllocateResponse(container_responses=responses)
+        started = time.perf_counter()
+        ok = False
+        try:
+            responses = []
+            for request in message.container_requests:
+                try:
+                    allocation = allocate(context.resource, request.devices_ids, context.options)
+                except AllocationError as exc:
+                    log.warning("Allocate refused for %s: %s", context.resource.name, exc)
+                    raise GRPCError(grpclib.const.Status.INVALID_ARGUMENT, str(exc)) from None
+                responses.append(container_response(allocation))
+            ok = True
+            return api.AllocateResponse(container_responses=responses)
+        finally:
+            self.observer.allocate_observed(context.resource.name, time.perf_counter() - started, ok)
 
     async def get_preferred_allocation(
         self, message: api.PreferredAllocationRequest
     ) -> api.PreferredAllocationResponse:
         context = self.context
-        responses = []
-        for request in message.container_requests:
-            try:
-                ids = preferred_allocation(
-                    context.resource, context.inventory, request.available_deviceIDs,
-                    request.must_include_deviceIDs, request.allocation_size, context.allocation_policy)
-            except PreferredAllocationError as exc:
-                raise GRPCError(grpclib.const.Status.INVALID_ARGUMENT, str(exc)) from None
-            responses.append(api.ContainerPreferredAllocationResponse(device_i_ds=ids))
-        return api.PreferredAllocationResponse(container_responses=responses)
+        started = time.perf_counter()
+        ok = False
+        try:
+            responses = []
+            for request in message.container_requests:
+                try:
+                    ids = preferred_allocation(
+                        context.resource, context.inventory, request.available_deviceIDs,
+                        request.must_include_deviceIDs, request.allocation_size, context.allocation_policy)
+                except PreferredAllocationError as exc:
+                    raise GRPCError(grpclib.const.Status.INVALID_ARGUMENT, str(exc)) from None
+                responses.append(api.ContainerPreferredAllocationResponse(device_i_ds=ids))
+            ok = True
+            return api.PreferredAllocationResponse(container_responses=responses)
+        finally:
+            self.observer.preferred_observed(context.resource.name, time.perf_counter() - started, ok)
 
     async def pre_start_container(self, message: api.PreStartContainerRequest) -> api.PreStartContainerResponse:
         return api.PreStartContainerResponse()
@@ -201,10 +230,12 @@ class BoundServer:
     inode: tuple[int, int]
 
 
-async def start_server(context: ServingContext, unhealthy: Mapping[str, str], socket_path: Path) -> BoundServer:
+async def start_server(
+    context: ServingContext, unhealthy: Mapping[str, str], socket_path: Path, observer: CallObserver | None = None
+) -> BoundServer:
     """Bind the resource's socket and start serving (on the asyncio loop). A stale file at the path is replaced."""
     mirror = DeviceListMirror(context.resource, unhealthy)
-    server = _TrackingServer([DevicePluginService(context, mirror)])
+    server = _TrackingServer([DevicePluginService(context, mirror, observer or _NoObserver())])
     # A stale socket (ours from a crashed run, or a leftover) would make bind fail.
     with contextlib.suppress(FileNotFoundError):
         os.unlink(socket_path)

@@ -8,17 +8,25 @@ started second, and unchanged ones are left alone, so their `ListAndWatch` strea
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import trio
 
 from nvdp.kubelet.aio import AsyncioThread
-from nvdp.kubelet.plugin_server import BoundServer, ServingContext, start_server, stop_server
+from nvdp.kubelet.plugin_server import BoundServer, CallObserver, ServingContext, start_server, stop_server
 from nvdp.kubelet.registration import RegistrationError, register
 
 log = logging.getLogger(__name__)
+
+
+class ServerObserver(CallObserver, Protocol):
+    """What the servers report (nvdp.observe.metrics.Metrics)."""
+
+    def registered(self, resource: str) -> None: ...
+
 
 #: Registration retry delays: first retry after 0.5 s, doubling, capped at 30 s (upstream retries every 30 s).
 RETRY_FIRST_S = 0.5
@@ -44,9 +52,19 @@ class ResourceServers:
     """Owns the running resource servers; only the daemon's controller task calls its async methods."""
 
     def __init__(
-        self, nursery: trio.Nursery, host: AsyncioThread, plugin_dir: Path, kubelet_socket: Path | None
+        self,
+        nursery: trio.Nursery,
+        host: AsyncioThread,
+        plugin_dir: Path,
+        kubelet_socket: Path | None,
+        *,
+        observer: ServerObserver | None = None,
+        on_change: Callable[[], None] | None = None,
     ) -> None:
         self._nursery = nursery
+        self._observer = observer
+        #: Called (on trio) whenever a resource is started, stopped or registered: readiness follows it.
+        self._on_change = on_change
         self._host = host
         self.plugin_dir = plugin_dir
         self.kubelet_socket = kubelet_socket
@@ -71,9 +89,16 @@ class ResourceServers:
             event = self._changed
             await event.wait()
 
+    @property
+    def pending(self) -> list[str]:
+        """Resources running but not (yet) registered with the kubelet."""
+        return sorted(n for n, r in self._running.items() if not r.registered.is_set())
+
     def _notify(self) -> None:
         self._changed.set()
         self._changed = trio.Event()
+        if self._on_change is not None:
+            self._on_change()
 
     async def apply(self, contexts: Sequence[ServingContext]) -> None:
         await self.stop_unwanted(contexts)
@@ -144,7 +169,8 @@ class ResourceServers:
         try:
             with running.scope:
                 try:
-                    running.bound = await self._host.run(start_server, running.context, self._unhealthy, socket_path)
+                    running.bound = await self._host.run(
+                        start_server, running.context, self._unhealthy, socket_path, self._observer)
                 except OSError as exc:
                     # Typically the plugin directory is missing because the kubelet is not up yet. The socket
                     # watcher restarts us when kubelet.sock appears.
@@ -181,6 +207,8 @@ class ResourceServers:
                 continue
             running.registrations += 1
             running.registered.set()
+            if self._observer is not None:
+                self._observer.registered(resource.name)
             self._notify()
             log.info("registered %s with the kubelet", resource.name)
             return

@@ -54,7 +54,14 @@ def test_default_render_is_one_least_privilege_daemonset(render):
     assert pod["automountServiceAccountToken"] is False
     assert "serviceAccountName" not in pod
     assert not pod.get("hostPID") and not pod.get("hostNetwork") and not pod.get("shareProcessNamespace")
-    assert "livenessProbe" not in r.container and "readinessProbe" not in r.container
+    # The daemon's HTTP server (METRICS_ADDRESS) serves /metrics and both probes on the container port `metrics`.
+    assert r.container["ports"] == [{"name": "metrics", "containerPort": 9400, "protocol": "TCP"}]
+    liveness, readiness = r.container["livenessProbe"], r.container["readinessProbe"]
+    assert liveness["httpGet"] == {"path": "/healthz", "port": "metrics"}
+    assert readiness["httpGet"] == {"path": "/readyz", "port": "metrics"}
+    assert liveness["initialDelaySeconds"] == 10 and liveness["failureThreshold"] == 3
+    assert readiness["periodSeconds"] == 5
+    assert "annotations" not in r.daemonset["spec"]["template"]["metadata"], "scrape annotations are opt-in"
     assert {t["key"] for t in pod["tolerations"]} == {"CriticalAddonsOnly", "nvidia.com/gpu"}
 
 
@@ -151,30 +158,62 @@ def test_config_map_two_configs_and_a_default(render):
     assert len(r.pod["containers"]) == 1 and not r.pod.get("initContainers")
     assert not r.pod.get("shareProcessNamespace")
     assert r.security_context == DROP_ALL, "neither config uses MIG or MPS"
-    # API access: its own ServiceAccount; Nodes read cluster-wide, Events written in its namespace; nothing else.
+    # API access: its own ServiceAccount; Nodes read cluster-wide, Events written in `default`; nothing else.
     sa = r.one("ServiceAccount")
     assert r.pod["serviceAccountName"] == sa["metadata"]["name"]
     assert "automountServiceAccountToken" not in r.pod
     nodes = {"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "list", "watch"]}
     assert r.one("ClusterRole")["rules"] == [nodes]
-    role = r.one("Role")
-    assert role["metadata"]["namespace"] == "nvdp"
-    events = {"apiGroups": ["", "events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"]}
-    assert role["rules"] == [events]
-    for binding in (r.one("ClusterRoleBinding"), r.one("RoleBinding")):
-        assert binding["subjects"] == [{"kind": "ServiceAccount", "name": sa["metadata"]["name"], "namespace": "nvdp"}]
+    assert_events_rbac(r, sa["metadata"]["name"], "nvdp")
+    assert r.one("ClusterRoleBinding")["subjects"] == [
+        {"kind": "ServiceAccount", "name": sa["metadata"]["name"], "namespace": "nvdp"}
+    ]
     assert "nvidia.com/device-plugin.config=<config name>" in r.notes
+
+
+def assert_events_rbac(r, sa_name: str, sa_namespace: str) -> None:
+    """Events about a Node live in `default`: one Role there, core/v1 events create/patch only, bound to nvdp's SA."""
+    roles = [o for o in r.of_kind("Role") if any("events" in rule["resources"] for rule in o["rules"])]
+    assert len(roles) == 1, roles
+    assert roles[0]["metadata"]["namespace"] == "default"
+    assert roles[0]["rules"] == [{"apiGroups": [""], "resources": ["events"], "verbs": ["create", "patch"]}]
+    bindings = [o for o in r.of_kind("RoleBinding") if o["roleRef"]["name"] == roles[0]["metadata"]["name"]]
+    assert len(bindings) == 1, bindings
+    assert bindings[0]["metadata"]["namespace"] == "default"
+    assert bindings[0]["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "Role",
+        "name": roles[0]["metadata"]["name"],
+    }
+    assert bindings[0]["subjects"] == [{"kind": "ServiceAccount", "name": sa_name, "namespace": sa_namespace}]
 
 
 def test_config_read_through_the_api_is_limited_to_that_configmap(render):
     r = render({"config": {"map": {"default": "version: v1\n"}, "readFromAPI": True}})
     assert r.env["CONFIG_MAP"] == "nvdp/nvdp-configs"
-    assert {
-        "apiGroups": [""],
-        "resources": ["configmaps"],
-        "resourceNames": ["nvdp-configs"],
-        "verbs": ["get", "list", "watch"],
-    } in r.one("Role")["rules"]
+    config_roles = [o for o in r.of_kind("Role") if o["metadata"]["namespace"] == "nvdp"]
+    assert len(config_roles) == 1
+    assert config_roles[0]["rules"] == [
+        {
+            "apiGroups": [""],
+            "resources": ["configmaps"],
+            "resourceNames": ["nvdp-configs"],
+            "verbs": ["get", "list", "watch"],
+        }
+    ]
+    binding = [o for o in r.of_kind("RoleBinding") if o["metadata"]["namespace"] == "nvdp"]
+    assert len(binding) == 1 and binding[0]["roleRef"]["name"] == config_roles[0]["metadata"]["name"]
+    assert_events_rbac(r, "nvdp", "nvdp")
+
+
+def test_events_rbac_when_installed_into_default_does_not_clash(render):
+    r = render(
+        {"allowDefaultNamespace": True, "config": {"map": {"default": "version: v1\n"}, "readFromAPI": True}},
+        namespace="default",
+    )
+    names = [(o["kind"], o["metadata"]["name"]) for o in r.objects if o["metadata"].get("namespace") == "default"]
+    assert len(names) == len(set(names)), names
+    assert_events_rbac(r, "nvdp", "default")
 
 
 @pytest.mark.parametrize(
@@ -215,6 +254,9 @@ def test_external_config_name(render):
         ({"image": {"repository": "nvcr.io/nvidia/k8s-device-plugin"}}, "remove image.repository"),
         ({"mps": {"userID": 1000}}, "set mps.enabled=true"),
         ({"probes": {"enabled": True}, "metrics": {"enabled": False}}, "needs metrics.enabled=true"),
+        # probes are on by default: turning metrics off alone says to turn the probes off too.
+        ({"metrics": {"enabled": False}}, "also set probes.enabled=false"),
+        ({"metrics": {"enabled": False, "scrapeAnnotations": True}, "probes": {"enabled": False}}, "nothing to scrape"),
     ],
 )
 def test_refused_values_name_the_key_to_change(render_error, values, message):
@@ -241,6 +283,9 @@ def test_default_namespace_needs_allow_default_namespace(render, render_error):
         {"config": {"map": {"a": 1}}},
         {"config": {"fallbackStrategies": "named"}},
         {"metrics": {"port": "9400"}},
+        {"metrics": {"scrapeAnnotations": "yes"}},
+        {"probes": {"enabled": "true"}},
+        {"probes": {"readiness": {"periodSeconds": "5"}}},
         {"tolerations": {"key": "x"}},
         {"nodeSelector": {"gpu": True}},
     ],
@@ -265,7 +310,7 @@ def test_schema_refuses_wrong_types(render_error, values):
         ({"nvidiaDevRoot": "/"}, "NVIDIA_DEV_ROOT", "/"),
         ({"mps": {"enabled": True, "root": "/srv/mps"}}, "MPS_ROOT", "/srv/mps"),
         ({"metrics": {"port": 9500}}, "METRICS_ADDRESS", ":9500"),
-        ({"metrics": {"enabled": False}}, "METRICS_ADDRESS", ""),
+        ({"metrics": {"enabled": False}, "probes": {"enabled": False}}, "METRICS_ADDRESS", ""),
         ({"logFormat": "json"}, "LOG_FORMAT", "json"),
         ({"logLevel": "debug"}, "LOG_LEVEL", "debug"),
         ({"extraEnv": [{"name": "KUBELET_SOCKET", "value": "/k/kubelet.sock"}]}, "KUBELET_SOCKET", "/k/kubelet.sock"),
@@ -284,16 +329,63 @@ def test_driver_and_dev_roots_are_mounted_read_only_at_the_same_path(render):
     assert "/" not in render({"nvidiaDriverRoot": "/"}).mount_paths(), "the host's / is never mounted"
 
 
-def test_probes_only_when_enabled(render):
-    r = render({"probes": {"enabled": True}})
+def test_probes_and_port_follow_the_metrics_values(render):
+    r = render({"metrics": {"port": 9500}, "probes": {"readiness": {"periodSeconds": 2}}})
+    assert r.env["METRICS_ADDRESS"] == ":9500"
+    assert r.container["ports"] == [{"name": "metrics", "containerPort": 9500, "protocol": "TCP"}]
     assert r.container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
     assert r.container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
+    assert r.container["readinessProbe"]["periodSeconds"] == 2
+    off = render({"metrics": {"enabled": False}, "probes": {"enabled": False}})
+    assert off.env["METRICS_ADDRESS"] == ""
+    assert "ports" not in off.container
+    assert "livenessProbe" not in off.container and "readinessProbe" not in off.container
+    assert "probes are off" in off.notes
+    no_probes = render({"probes": {"enabled": False}})
+    assert "livenessProbe" not in no_probes.container and no_probes.container["ports"][0]["containerPort"] == 9400
+
+
+def test_scrape_annotations(render):
+    r = render({"metrics": {"port": 9500, "scrapeAnnotations": True}, "podAnnotations": {"a": "b"}})
+    assert r.daemonset["spec"]["template"]["metadata"]["annotations"] == {
+        "a": "b",
+        "prometheus.io/scrape": "true",
+        "prometheus.io/port": "9500",
+        "prometheus.io/path": "/metrics",
+    }
+    mine = render({"metrics": {"scrapeAnnotations": True}, "podAnnotations": {"prometheus.io/path": "/other"}})
+    assert mine.daemonset["spec"]["template"]["metadata"]["annotations"]["prometheus.io/path"] == "/other"
 
 
 def test_events_alone_give_only_event_rights(render):
     r = render({"events": {"enabled": True}})
     assert r.pod["serviceAccountName"] == "nvdp"
     assert "CONFIG_FILE_SRCDIR" not in r.env
+    assert_events_rbac(r, "nvdp", "nvdp")
+    assert [o["metadata"]["namespace"] for o in r.of_kind("Role")] == ["default"], "nothing in the release namespace"
+    assert "default" in r.notes
+
+
+def test_no_api_access_no_events_rbac(render):
+    assert not render().of_kind("Role") and not render().of_kind("RoleBinding")
+
+
+def test_bare_metal_rbac_writes_events_in_default():
+    objects = [o for o in yaml.safe_load_all((ROOT / "deploy/systemd/node-rbac.yaml").read_text()) if o]
+    by_kind = {}
+    for o in objects:
+        by_kind.setdefault(o["kind"], []).append(o)
+    (role,) = by_kind["Role"]
+    (binding,) = by_kind["RoleBinding"]
+    assert role["metadata"]["namespace"] == binding["metadata"]["namespace"] == "default"
+    assert role["rules"] == [{"apiGroups": [""], "resources": ["events"], "verbs": ["create", "patch"]}]
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "nvdp-node", "namespace": "kube-system"}]
+    (sa,) = by_kind["ServiceAccount"]
+    assert sa["metadata"] == {"name": "nvdp-node", "namespace": "kube-system"}
+    assert by_kind["ClusterRole"][0]["rules"] == [
+        {"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "list", "watch"]}
+    ]
 
 
 def test_pod_placement_values_pass_through(render):

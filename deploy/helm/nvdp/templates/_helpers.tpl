@@ -93,6 +93,28 @@ true
 {{- if or (include "nvdp.configMapName" .) .Values.events.enabled -}}true{{- end -}}
 {{- end -}}
 
+{{/*
+"true" when nvdp may record Events about its Node: it has API access (a config or events.enabled). RBAC then
+allows create/patch on core/v1 events in the `default` namespace, the only one the API server accepts for a Node.
+*/}}
+{{- define "nvdp.eventsAllowed" -}}
+{{- include "nvdp.apiAccess" . -}}
+{{- end -}}
+
+{{/* The pod's annotations: podAnnotations over the Prometheus scrape annotations (metrics.scrapeAnnotations). */}}
+{{- define "nvdp.podAnnotations" -}}
+{{- $annotations := dict -}}
+{{- if and .Values.metrics.enabled .Values.metrics.scrapeAnnotations -}}
+{{- $_ := set $annotations "prometheus.io/scrape" "true" -}}
+{{- $_ := set $annotations "prometheus.io/port" (toString .Values.metrics.port) -}}
+{{- $_ := set $annotations "prometheus.io/path" "/metrics" -}}
+{{- end -}}
+{{- $annotations = merge (deepCopy (.Values.podAnnotations | default dict)) $annotations -}}
+{{- if $annotations -}}
+{{- toYaml $annotations -}}
+{{- end -}}
+{{- end -}}
+
 {{- define "nvdp.serviceAccountName" -}}
 {{- if .Values.serviceAccount.create -}}
 {{- default (include "nvdp.fullname" .) .Values.serviceAccount.name -}}
@@ -199,6 +221,9 @@ Checks that make `helm install` fail with a message naming the value to change.
 {{- fail "mps.userID/mps.image come from the nebuly fork, whose chart ran MPS by default: set mps.enabled=true to keep MPS (nvdp then ignores mps.userID and mps.image), or remove them" -}}
 {{- end -}}
 {{- if and .Values.probes.enabled (not .Values.metrics.enabled) -}}
-{{- fail "probes.enabled=true needs metrics.enabled=true: the probes use the metrics port" -}}
+{{- fail "probes.enabled=true needs metrics.enabled=true: the probes use the metrics port (to run without metrics, also set probes.enabled=false)" -}}
+{{- end -}}
+{{- if and .Values.metrics.scrapeAnnotations (not .Values.metrics.enabled) -}}
+{{- fail "metrics.scrapeAnnotations=true needs metrics.enabled=true: there is nothing to scrape" -}}
 {{- end -}}
 {{- end -}}
