@@ -217,10 +217,13 @@ class Daemon:
             # /metrics, /healthz, /readyz: up during start-up too, so probes see why nvdp is not ready yet.
             try:
                 await root.start(serve_http, settings.metrics_address, self.metrics, self.probes)
-            except OSError as exc:
-                raise StartupError(f"cannot serve metrics and probes on {settings.metrics_address!r}: "
-                                   f"{exc.strerror or exc}; choose another --metrics-address (METRICS_ADDRESS) "
-                                   "or an empty one to disable the endpoint") from None
+            except* OSError as group:
+                # serve_tcp reports a failed bind from inside its own nursery, hence the group.
+                exc = group.exceptions[0]
+                reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+                raise StartupError(f"cannot serve metrics and probes on {settings.metrics_address!r}: {reason}; "
+                                   "choose another --metrics-address (METRICS_ADDRESS) or an empty one to disable "
+                                   "the endpoint") from None
             async with open_asyncio_thread() as host, open_nvml(settings) as session, \
                     trio.open_nursery() as nursery:
                 if session is None:
