@@ -296,7 +296,11 @@ class Daemon:
         self.publish_health()
 
     def _servers_changed(self) -> None:
-        self.probes.set_pending(self.servers.pending)
+        # Against the plan, not the running servers: between stopping old servers and starting new ones nothing
+        # runs, and that must not read as "everything registered".
+        running = self.servers.running
+        self.probes.set_pending([r.name for r in self.plan.resources
+                                 if r.name not in running or not running[r.name].registered.is_set()])
 
     # -- plans -----------------------------------------------------------------------------------------------------
 

@@ -89,11 +89,6 @@ class ResourceServers:
             event = self._changed
             await event.wait()
 
-    @property
-    def pending(self) -> list[str]:
-        """Resources running but not (yet) registered with the kubelet."""
-        return sorted(n for n, r in self._running.items() if not r.registered.is_set())
-
     def _notify(self) -> None:
         self._changed.set()
         self._changed = trio.Event()
