@@ -12,14 +12,19 @@ import os
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import trio
 
 from nvdp import __version__
 from nvdp.config.errors import ConfigError
 from nvdp.config.load import load_config_file
+from nvdp.config.schema import Config
 from nvdp.config.settings import OPTIONS, Settings, cli_values, resolve
 from nvdp.observe.logs import setup_logging
+
+if TYPE_CHECKING:
+    from nvdp.daemon import NodeConfig
 
 log = logging.getLogger("nvdp")
 
@@ -97,12 +102,47 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
+def node_config_for(args: argparse.Namespace, env: Mapping[str, str], settings: Settings) -> NodeConfig | None:
+    """Per-node configs (a config directory and/or a ConfigMap, chosen by a node label) and API access."""
+    from nvdp.config.selection import check_fallbacks
+    from nvdp.daemon import NodeConfig
+    from nvdp.k8s.client import KubeConfigError, load_api_config
+    from nvdp.node_config import ConfigSources, parse_config_map_ref
+
+    sources = None
+    if settings.config_dir is not None or settings.config_map:
+        config_map = parse_config_map_ref(settings.config_map, settings.pod_namespace) if settings.config_map else None
+        sources = ConfigSources(
+            config_dir=settings.config_dir, config_map=config_map, node_name=settings.node_name,
+            node_label=settings.node_label, default_config=settings.default_config,
+            fallbacks=check_fallbacks(settings.fallback_strategies))
+        if settings.config_file is not None:
+            log.warning("--config-file %s is ignored: the config is chosen from the named configs",
+                        settings.config_file)
+    api = None
+    if (sources is not None and sources.needs_api) or settings.node_name:
+        try:
+            api = load_api_config(env, settings.kubeconfig)
+        except KubeConfigError as exc:
+            if sources is not None and sources.needs_api:
+                raise
+            log.info("no Kubernetes API access (%s): no Events on the Node", exc)
+    if sources is None and api is None:
+        return None
+
+    def make_settings(config: Config | None, source: str) -> Settings:
+        return resolve(cli_values(args), env, config, config_source=source)
+
+    return NodeConfig(sources, api, make_settings)
+
+
 def run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     settings = load_settings(args, env)
     from nvdp.daemon import StartupError, run_daemon
 
     setup_logging(settings.log_level, settings.log_format)
     log.info("nvdp %s starting", __version__)
+    node_config = node_config_for(args, env, settings)
 
     def reload_settings() -> Settings:
         return load_settings(args, env)
@@ -110,7 +150,7 @@ def run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     try:
         return trio.run(lambda: run_daemon(
             settings, reload_settings=reload_settings, notify_socket=env.get("NOTIFY_SOCKET"),
-            search_path=env.get("PATH", os.defpath)))
+            search_path=env.get("PATH", os.defpath), node_config=node_config))
     except StartupError as exc:
         log.error("%s", exc)
         print(f"nvdp: {exc}", file=sys.stderr)

@@ -36,18 +36,24 @@ import trio
 
 from nvdp.allocate import AllocateOptions
 from nvdp.config.errors import ConfigError
+from nvdp.config.load import parse_config
+from nvdp.config.schema import Config
 from nvdp.config.settings import Settings
 from nvdp.health import ALL_GPUS, HealthTracker, XidPolicy
 from nvdp.inventory import NodeInventory
+from nvdp.k8s.client import ApiClient, ApiConfig, open_client
 from nvdp.kubelet.aio import open_asyncio_thread
 from nvdp.kubelet.plugin_server import ServingContext
 from nvdp.kubelet.servers import ResourceServers
 from nvdp.kubelet.socket_watch import watch_plugin_dir
+from nvdp.labels import sharing_labels, write_features_file
 from nvdp.mps import MpsDaemons, MpsError, NvmlComputeMode, find_control_binary
 from nvdp.mps.shm import ShmError, ensure_shm
+from nvdp.node_config import ConfigSources, ConfigUpdate, watch_config
 from nvdp.nvml import adapter as nvml
 from nvdp.nvml.adapter import XidEvent
 from nvdp.nvml.health import watch_nvml_health
+from nvdp.observe.events import EventRecorder
 from nvdp.observe.http import ProbeState, serve_http
 from nvdp.observe.metrics import Metrics
 from nvdp.plan.build import PlanError, build_plan
@@ -65,9 +71,21 @@ class StartupError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class Command:
-    #: "reload" | "kubelet-started" | "socket-deleted"
+    #: "reload" | "kubelet-started" | "socket-deleted" | "config"
     kind: str
     detail: str = ""
+    update: ConfigUpdate | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class NodeConfig:
+    """Per-node config selection (docs/node-config.md): where named configs come from and how to choose one, the
+    API access for the node label, ConfigMap and Events, and how a chosen config becomes settings."""
+
+    sources: ConfigSources | None
+    api: ApiConfig | None
+    #: (parsed config or None for built-in defaults, source for messages) -> settings, with flags and env on top.
+    make_settings: Callable[[Config | None, str], Settings]
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,6 +170,7 @@ async def run_daemon(
     search_path: str = os.defpath,
     metrics: Metrics | None = None,
     probes: ProbeState | None = None,
+    node_config: NodeConfig | None = None,
     task_status: trio.TaskStatus[ResourceServers | None] = trio.TASK_STATUS_IGNORED,
 ) -> int:
     """Serve until cancelled or told to stop by a signal; returns the exit code.
@@ -160,7 +179,7 @@ async def run_daemon(
     looked for. `task_status.started()` is called with the servers once every resource is registered, for embedding
     (the demo, tests).
     """
-    daemon = Daemon(settings, reload_settings, search_path, metrics or Metrics(), probes or ProbeState())
+    daemon = Daemon(settings, reload_settings, search_path, metrics or Metrics(), probes or ProbeState(), node_config)
     try:
         return await daemon.run(handle_signals, notify_socket, task_status)
     except BaseExceptionGroup as group:
@@ -184,10 +203,14 @@ class Daemon:
 
     def __init__(
         self, settings: Settings, reload_settings: Callable[[], Settings] | None, search_path: str,
-        metrics: Metrics, probes: ProbeState,
+        metrics: Metrics, probes: ProbeState, node_config: NodeConfig | None = None,
     ) -> None:
         self.settings = settings
         self._reload_settings = reload_settings
+        self.node_config = node_config
+        #: The last config chosen by the node-config sources (None without them).
+        self.update: ConfigUpdate | None = None
+        self.events: EventRecorder | None = None
         self.metrics = metrics
         self.probes = probes
         if settings.simulate is not None:
@@ -209,7 +232,7 @@ class Daemon:
         self, handle_signals: bool, notify_socket: str | None, task_status: trio.TaskStatus[ResourceServers | None]
     ) -> int:
         settings = self.settings
-        async with trio.open_nursery() as root:
+        async with contextlib.AsyncExitStack() as root_stack, trio.open_nursery() as root:
             send, receive = trio.open_memory_channel[Command](16)
             if handle_signals:
                 # First of all, so that a SIGTERM during start-up also ends in an orderly exit 0.
@@ -224,6 +247,21 @@ class Daemon:
                 raise StartupError(f"cannot serve metrics and probes on {settings.metrics_address!r}: {reason}; "
                                    "choose another --metrics-address (METRICS_ADDRESS) or an empty one to disable "
                                    "the endpoint") from None
+            client = None
+            if self.node_config is not None and self.node_config.api is not None:
+                client = await root_stack.enter_async_context(open_client(self.node_config.api))
+                if settings.node_name:
+                    # Node Events: rate-limited, posted by their own task, never blocking the controller.
+                    self.events = EventRecorder(settings.node_name, metrics=self.metrics)
+                    root.start_soon(self.events.serve, client)
+            if self.node_config is not None and self.node_config.sources is not None:
+                # The node-label / config-directory watch: its first choice decides the settings NVML starts with.
+                try:
+                    self.update = await root.start(self._watch_config, self.node_config.sources, client, send)
+                    settings = self.settings = self._settings_for(self.update)
+                except* ConfigError as group:
+                    raise StartupError(str(group.exceptions[0])) from None
+                self._report(self.update)
             async with open_asyncio_thread() as host, open_nvml(settings) as session, \
                     trio.open_nursery() as nursery:
                 if session is None:
@@ -342,14 +380,33 @@ class Daemon:
         self.generation += 1
         self.metrics.plan_applied(plan, inventory, self.config_name, self.generation, trio.current_time() - started)
         log.info("serving (generation %d): %s", self.generation, describe_plan(plan))
+        if self.events is not None:
+            self.events.config_applied(self.config_name, self.generation, describe_plan(plan))
+        await self.write_labels(settings, inventory, plan)
         if not plan.resources:
             log.warning("No devices found. Waiting indefinitely.")
 
+    async def write_labels(self, settings: Settings, inventory: NodeInventory, plan: Plan) -> None:
+        """The sharing labels upstream's GFD would write, as an NFD local feature file (when NFD's directory is
+        there: nvdp does not create it on hosts without node-feature-discovery)."""
+        path = settings.nfd_features_file
+        if path is None:
+            return
+        if not await trio.Path(path.parent).is_dir():
+            log.debug("no node-feature-discovery directory %s: sharing labels not written", path.parent)
+            return
+        try:
+            await trio.to_thread.run_sync(write_features_file, path, sharing_labels(plan, inventory))
+        except OSError as exc:
+            log.warning("cannot write the sharing labels to %s: %s", path, exc.strerror or exc)
+
     @property
     def config_name(self) -> str:
+        if self.update is not None:
+            return self.update.name or "built-in defaults"
         return str(self.settings.config_file) if self.settings.config_file else "built-in defaults"
 
-    async def reload(self, settings: Settings) -> None:
+    async def reload(self, settings: Settings) -> bool:
         """Re-read the node and build the new plan *before* anything stops; on error keep serving as before."""
         started = trio.current_time()
         try:
@@ -358,13 +415,55 @@ class Daemon:
             await self.prepare_mps(settings, plan)
         except (ConfigError, PlanError, MpsError, ShmError, nvml.NvmlError) as exc:
             self.reject(exc)
-            return
+            return False
         await self.apply(settings, inventory, plan, started)
         await self.start_health()
+        return True
 
     def reject(self, exc: Exception) -> None:
         log.error("config rejected: %s; keeping the running config", exc)
         self.metrics.reload_failed(self.config_name, str(exc))
+        if self.events is not None:
+            self.events.config_rejected(self.config_name, str(exc))
+
+    # -- per-node config -------------------------------------------------------------------------------------------
+
+    async def _watch_config(
+        self, sources: ConfigSources, client: ApiClient | None, send: trio.MemorySendChannel[Command], *,
+        task_status: trio.TaskStatus[ConfigUpdate],
+    ) -> None:
+        async with watch_config(sources, client) as updates:
+            task_status.started(await updates.receive())
+            async for update in updates:
+                await send.send(Command("config", update=update))
+
+    def _settings_for(self, update: ConfigUpdate) -> Settings:
+        assert self.node_config is not None
+        config = parse_config(update.text, update.source) if update.text.strip() else None
+        return self.node_config.make_settings(config, update.source)
+
+    def _report(self, update: ConfigUpdate) -> None:
+        log.info("config: %s (%s)", update.name or "built-in defaults", update.reason)
+        if update.problem:
+            log.warning("config: %s", update.problem)
+        if update.unknown_label is not None:
+            self.metrics.config_label_unknown(update.unknown_label)
+            if self.events is not None:
+                self.events.config_label_unknown(update.unknown_label, update.name or "built-in defaults")
+
+    async def apply_update(self, update: ConfigUpdate) -> None:
+        self._report(update)
+        if not update.changed:
+            return
+        previous, self.update = self.update, update
+        try:
+            settings = self._settings_for(update)
+        except ConfigError as exc:
+            self.update = previous
+            self.reject(exc)
+            return
+        if not await self.reload(settings):
+            self.update = previous
 
     async def control(self, receive: trio.MemoryReceiveChannel[Command]) -> None:
         """Apply commands one at a time, so restarts and reloads never interleave."""
@@ -390,7 +489,18 @@ class Daemon:
                     if name is not None and not await trio.Path(servers.plugin_dir / deleted).exists():
                         log.warning("socket %s of %s was removed: restarting that server", deleted, name)
                         await servers.restart(name)
-            if "reload" in kinds:
+            for update in (c.update for c in batch if c.kind == "config" and c.update is not None):
+                await self.apply_update(update)
+            if "reload" in kinds and self.update is not None:
+                # SIGHUP with per-node configs: apply the chosen config again (its content is re-parsed).
+                assert self.node_config is not None
+                try:
+                    settings = self._settings_for(self.update)
+                except ConfigError as exc:
+                    self.reject(exc)
+                    continue
+                await self.reload(settings)
+            elif "reload" in kinds:
                 if self._reload_settings is None:
                     log.info("reload requested; nothing to reload (no config file)")
                     continue

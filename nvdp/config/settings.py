@@ -113,6 +113,26 @@ OPTIONS: tuple[Option, ...] = (
     Option("config_file", ("--config-file",), ("CONFIG_FILE",), (), None, "path", help="config file (YAML, v1)"),
     Option("simulate", ("--simulate",), ("NVDP_SIMULATE",), (), None, "path",
            help="run against a simulated GPU node described by this YAML file"),
+    # Per-node configs (docs/node-config.md): a directory of named configs and/or a ConfigMap read through the
+    # API, chosen by a node label.
+    Option("config_dir", ("--config-dir",), ("CONFIG_FILE_SRCDIR",), (), None, "path",
+           help="directory of named configs, one per file (a mounted ConfigMap)"),
+    Option("config_map", ("--config-map",), ("CONFIG_MAP",), (), None,
+           help="NAMESPACE/NAME of a ConfigMap of named configs, read through the Kubernetes API"),
+    Option("node_name", ("--node-name",), ("NODE_NAME",), (), None, help="this node's name (for its label)"),
+    Option("node_label", ("--node-label",), ("NODE_LABEL",), (), "nvidia.com/device-plugin.config",
+           help="node label naming the config to use"),
+    Option("default_config", ("--default-config",), ("DEFAULT_CONFIG",), (), None,
+           help="config to use when the label is unset"),
+    Option("fallback_strategies", ("--fallback-strategies",), ("FALLBACK_STRATEGIES",), (), "named,single",
+           help="what to use when the label is unset and there is no default: named, single, empty"),
+    Option("kubeconfig", ("--kubeconfig",), ("KUBECONFIG",), (), None,
+           help="kubeconfig for the API (default: in-cluster service account)"),
+    Option("pod_namespace", (), ("POD_NAMESPACE",), (), None, help="the pod's namespace (for --config-map NAME)"),
+    Option("nfd_features_file", ("--nfd-features-file",), ("NFD_FEATURES_FILE",), (),
+           "/etc/kubernetes/node-feature-discovery/features.d/nvdp", "path",
+           help="node-feature-discovery local feature file for the sharing labels (written when its directory "
+                "exists; empty disables)"),
     Option("log_level", ("--log-level",), ("LOG_LEVEL",), (), "info", choices=("debug", "info", "warning", "error"),
            help="log level"),
     Option("mps_shm_size", ("--mps-shm-size",), ("MPS_SHM_SIZE",), (), None, "bytes",
@@ -161,6 +181,16 @@ class Settings:
     #: command line's default is ":9400".
     metrics_address: str = ""
     log_format: str = "text"
+    config_dir: Path | None = None
+    config_map: str | None = None
+    node_name: str | None = None
+    node_label: str = "nvidia.com/device-plugin.config"
+    default_config: str | None = None
+    fallback_strategies: tuple[str, ...] = ("named", "single")
+    kubeconfig: str | None = None
+    pod_namespace: str | None = None
+    #: None (not written) unless given; the command line's default is NFD's features.d/nvdp.
+    nfd_features_file: Path | None = None
     #: The parsed config file (or an empty one): the sharing sections are read from here.
     config: Config = field(default_factory=Config)
 
@@ -240,7 +270,8 @@ def resolve(
 
     if isinstance(values["health_quiet_period"], str):
         values["health_quiet_period"] = parse_seconds(values["health_quiet_period"])
-    for dest in ("driver_root", "dev_root", "config_file", "simulate"):
+    values["fallback_strategies"] = tuple(parse_list(values["fallback_strategies"] or ""))
+    for dest in ("driver_root", "dev_root", "config_file", "simulate", "config_dir", "nfd_features_file"):
         if values[dest] not in (None, ""):
             values[dest] = Path(values[dest])
         else:

@@ -67,6 +67,8 @@ class ConfigUpdate:
     #: True when name or content differ from the previous update (and on the first): build a new plan. False when
     #: only `problem` changed.
     changed: bool
+    #: The node label's value when it names no config (reported as a metric and an Event), else None.
+    unknown_label: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -307,15 +309,20 @@ def _select(sources: ConfigSources, state: _State, last: ConfigUpdate | None) ->
     if not state.label_known:
         notes.append(f"node label {sources.node_label} of node {sources.node_name} not read yet (API server "
                      "unreachable?); choosing as if it were unset")
-    choice = choose_config(
-        state.label if state.label_known else None,
-        available,
-        sources.default_config,
-        sources.fallbacks,
-        last.name if last is not None else None,
-        at_startup=last is None,
-        label_name=sources.node_label,
-    )
+    try:
+        choice = choose_config(
+            state.label if state.label_known else None,
+            available,
+            sources.default_config,
+            sources.fallbacks,
+            last.name if last is not None else None,
+            at_startup=last is None,
+            label_name=sources.node_label,
+        )
+    except ConfigError as exc:
+        if notes:  # say which source was not read, or the error would look like a config mistake
+            raise ConfigError(f"{exc} ({'; '.join(notes)})") from None
+        raise
     if choice.text is None:
         # Keeping a config whose content is gone from every source: keep the content being served.
         assert last is not None
@@ -325,7 +332,8 @@ def _select(sources: ConfigSources, state: _State, last: ConfigUpdate | None) ->
     if choice.problem:
         notes.append(choice.problem)
     changed = last is None or (choice.name, text) != (last.name, last.text)
-    return ConfigUpdate(choice.name, text, source, choice.reason, "; ".join(notes) or None, changed)
+    unknown = state.label if state.label_known and state.label and state.label not in available else None
+    return ConfigUpdate(choice.name, text, source, choice.reason, "; ".join(notes) or None, changed, unknown)
 
 
 def _source(sources: ConfigSources, name: str | None, from_cm: set[str]) -> str:

@@ -1,0 +1,485 @@
+"""An in-process fake Kubernetes API server: just enough of it to exercise nvdp's watches, and every way they break.
+
+Raw ASGI on hypercorn's trio worker, real TLS with trustme certificates. It serves Nodes (`/api/v1/nodes`) and
+ConfigMaps (`/api/v1/namespaces/<ns>/configmaps`): list and watch with `fieldSelector=metadata.name=<name>`,
+`resourceVersion`, `allowWatchBookmarks` and `timeoutSeconds`, and a history of changes from which a watch resumes.
+
+Faults, all from the test's side:
+
+- `expire()`: forget the history (etcd compaction); open watches get a 410 ERROR event, and a watch resumed from an
+  older version gets 410 as an event or, with `gone_as = "status"`, as the HTTP status;
+- `drop_watches(abrupt=...)`: end every open watch stream, cleanly or by resetting the connection mid-body;
+- `stalled = True`: open watches go silent and ignore `timeoutSeconds` (a half-open connection);
+- `fail_next(kind, status, count)`: answer the next lists or watches with an error status;
+- `offline()`: stop listening and drop every connection, then come back on the same port;
+- `token`: requests without `Authorization: Bearer <token>` get 401 (change it to simulate rotation); with
+  `require_client_cert`, TLS itself checks the client certificate instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import functools
+import http
+import json
+import math
+import ssl
+import tempfile
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl
+
+import trio
+import trustme
+import yaml
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio import serve
+
+from nvdp.k8s.client import ApiConfig
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+NODES = "/api/v1/nodes"
+
+
+@dataclass
+class Change:
+    rv: int
+    collection: str
+    type: str
+    obj: dict[str, Any]
+
+
+@dataclass
+class Request:
+    kind: str  # "list" | "watch" | "other"
+    path: str
+    query: dict[str, str]
+    status: int = 200
+
+
+@dataclass(eq=False)
+class _Watch:
+    #: None | "expire" | "drop" | "reset"
+    action: str | None = None
+
+
+class _Abort(Exception):
+    """Raised inside the app to make hypercorn reset a connection mid-response."""
+
+
+class FakeApiServer:
+    def __init__(self, workdir: Path, *, tls: bool = True, token: str | None = "token-1",
+                 require_client_cert: bool = False, bookmark_interval_s: float | None = None) -> None:
+        self.workdir = workdir
+        self.tls = tls
+        self.token = token
+        self.require_client_cert = require_client_cert
+        self.bookmark_interval_s = bookmark_interval_s
+        self.gone_as = "event"
+        self.stalled = False
+        self.rv = 100
+        self.compacted_rv = 0
+        self.objects: dict[tuple[str, str], dict[str, Any]] = {}
+        self.history: list[Change] = []
+        self.requests: list[Request] = []
+        self.faults: dict[str, list[int]] = {"list": [], "watch": []}
+        self.port = 0
+        self._changed = trio.Event()
+        self._watches: set[_Watch] = set()
+        self._watch_opened = trio.Event()
+        self._request_seen = trio.Event()
+        self.ca = trustme.CA()
+        self._backend_port = 0
+        self._proxy_scope: trio.CancelScope | None = None
+        self._proxy_stopped = trio.Event()
+        self._nursery: trio.Nursery | None = None
+
+    # -- the test's side --------------------------------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
+
+    def api_config(self, *, token: str | None = None, token_file: Path | None = None) -> ApiConfig:
+        return ApiConfig(server=self.url, source="fake API server", ca_data=self.ca.cert_pem.bytes(),
+                         token=token, token_file=token_file)
+
+    def client_cert(self) -> tuple[bytes, bytes]:
+        issued = self.ca.issue_cert("nvdp-node")
+        return issued.cert_chain_pems[0].bytes(), issued.private_key_pem.bytes()
+
+    def count(self, kind: str, path: str | None = None) -> int:
+        return sum(1 for r in self.requests if r.kind == kind and (path is None or r.path == path))
+
+    def set_node(self, name: str, labels: dict[str, str] | None = None) -> None:
+        self._put(NODES, name, {"apiVersion": "v1", "kind": "Node",
+                                "metadata": {"name": name, "labels": dict(labels or {})},
+                                "status": {"conditions": [{"type": "Ready", "status": "True"}]}})
+
+    def patch_node_labels(self, name: str, changes: dict[str, str | None]) -> None:
+        obj = copy.deepcopy(self.objects[(NODES, name)])
+        labels = obj["metadata"].setdefault("labels", {})
+        for key, value in changes.items():
+            if value is None:
+                labels.pop(key, None)
+            else:
+                labels[key] = value
+        self._put(NODES, name, obj)
+
+    def delete_node(self, name: str) -> None:
+        self._delete(NODES, name)
+
+    def set_configmap(self, namespace: str, name: str, data: dict[str, str],
+                      binary_data: dict[str, str] | None = None) -> None:
+        obj: dict[str, Any] = {"apiVersion": "v1", "kind": "ConfigMap",
+                               "metadata": {"name": name, "namespace": namespace}, "data": dict(data)}
+        if binary_data:
+            obj["binaryData"] = dict(binary_data)
+        self._put(f"/api/v1/namespaces/{namespace}/configmaps", name, obj)
+
+    def delete_configmap(self, namespace: str, name: str) -> None:
+        self._delete(f"/api/v1/namespaces/{namespace}/configmaps", name)
+
+    def touch_node(self, name: str) -> None:
+        """A change that does not touch labels (as the kubelet's status updates)."""
+        obj = copy.deepcopy(self.objects[(NODES, name)])
+        obj["status"]["heartbeat"] = self.rv + 1
+        self._put(NODES, name, obj)
+
+    def expire(self) -> None:
+        """Compaction: every version so far is too old to resume from; open watches get a 410 ERROR event."""
+        self.compacted_rv = self.rv + 1
+        self.history.clear()
+        self._act("expire")
+
+    def drop_watches(self, *, abrupt: bool = False) -> None:
+        self._act("reset" if abrupt else "drop")
+
+    def fail_next(self, kind: str, status: int = 500, count: int = 1) -> None:
+        self.faults[kind].extend([status] * count)
+
+    def wake(self) -> None:
+        old, self._changed = self._changed, trio.Event()
+        old.set()
+
+    async def wait_requests(self, kind: str, count: int) -> None:
+        """Until `count` requests of `kind` ("list", "watch") have arrived in all."""
+        while self.count(kind) < count:
+            await self._request_seen.wait()
+
+    async def wait_watching(self, count: int = 1) -> None:
+        """Until at least `count` watch streams are open."""
+        while len(self._watches) < count:
+            await self._watch_opened.wait()
+
+    @contextlib.asynccontextmanager
+    async def offline(self) -> AsyncIterator[None]:
+        """The server is gone for the block's duration: every connection is cut and new ones are refused. Then it
+        is back on the same port, with the same state."""
+        assert self._nursery is not None and self._proxy_scope is not None
+        self._proxy_scope.cancel()
+        await self._proxy_stopped.wait()
+        try:
+            yield
+        finally:
+            await self._nursery.start(self._proxy)
+
+    # -- internals ---------------------------------------------------------------------------------------------
+
+    def _put(self, collection: str, name: str, obj: dict[str, Any]) -> None:
+        kind = "MODIFIED" if (collection, name) in self.objects else "ADDED"
+        self.rv += 1
+        obj = copy.deepcopy(obj)
+        obj["metadata"]["resourceVersion"] = str(self.rv)
+        self.objects[(collection, name)] = obj
+        self.history.append(Change(self.rv, collection, kind, copy.deepcopy(obj)))
+        self.wake()
+
+    def _delete(self, collection: str, name: str) -> None:
+        obj = self.objects.pop((collection, name))
+        self.rv += 1
+        obj["metadata"]["resourceVersion"] = str(self.rv)
+        self.history.append(Change(self.rv, collection, "DELETED", obj))
+        self.wake()
+
+    def _act(self, action: str) -> None:
+        for watch in self._watches:
+            watch.action = action
+        self.wake()
+
+    async def _serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """hypercorn on a private port. Clients reach it through `_proxy`, which the test can cut: hypercorn's own
+        shutdown waits for open streams, so it is not the way to make a server vanish."""
+        config = HypercornConfig()
+        config.bind = ["127.0.0.1:0"]
+        config.graceful_timeout = 0.1
+        config.accesslog = None
+        config.errorlog = None
+        if self.tls:
+            cert = self.ca.issue_cert("127.0.0.1", "localhost")
+            config.certfile = str(self.workdir / "server.crt")
+            config.keyfile = str(self.workdir / "server.key")
+            cert.cert_chain_pems[0].write_to_path(config.certfile)
+            cert.private_key_pem.write_to_path(config.keyfile)
+            if self.require_client_cert:
+                config.ca_certs = str(self.workdir / "ca.crt")
+                self.ca.cert_pem.write_to_path(config.ca_certs)
+                config.verify_mode = ssl.CERT_REQUIRED
+        async with trio.open_nursery() as nursery:
+            binds = await nursery.start(functools.partial(serve, self._app, config))  # type: ignore[arg-type]
+            self._backend_port = int(binds[0].rsplit(":", 1)[1])
+            task_status.started()
+
+    async def _proxy(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        listeners = await trio.open_tcp_listeners(self.port, host="127.0.0.1")
+        self.port = listeners[0].socket.getsockname()[1]
+        self._proxy_stopped = trio.Event()
+        try:
+            async with trio.open_nursery() as nursery:
+                self._proxy_scope = nursery.cancel_scope
+                task_status.started()
+                await trio.serve_listeners(self._pipe, listeners, handler_nursery=nursery)
+        finally:
+            self._proxy_stopped.set()
+
+    async def _pipe(self, downstream: trio.SocketStream) -> None:
+        async with downstream:
+            try:
+                upstream = await trio.open_tcp_stream("127.0.0.1", self._backend_port)
+            except OSError:
+                return
+            async with upstream, trio.open_nursery() as nursery:
+                nursery.start_soon(_copy, downstream, upstream, nursery.cancel_scope)
+                nursery.start_soon(_copy, upstream, downstream, nursery.cancel_scope)
+
+    async def _app(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                elif message["type"] == "lifespan.shutdown":
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        if scope["type"] != "http":
+            return
+        path: str = scope["path"]
+        query = dict(parse_qsl(scope["query_string"].decode()))
+        watching = query.get("watch") in ("true", "1")
+        request = Request("watch" if watching else "list", path, query)
+        self.requests.append(request)
+        self._request_seen.set()
+        self._request_seen = trio.Event()
+        headers = dict(scope["headers"])
+        authorization = headers.get(b"authorization", b"").decode()
+        if self.token is not None and authorization != f"Bearer {self.token}" and not (
+                self.require_client_cert and not authorization):
+            request.status = 401
+            await _respond(send, 401, _status(401, "Unauthorized", "Unauthorized"))
+            return
+        collection = path if path == NODES or (path.startswith("/api/v1/namespaces/")
+                                               and path.endswith("/configmaps")) else None
+        if collection is None or scope["method"] != "GET":
+            request.kind = "other"
+            request.status = 404
+            await _respond(send, 404, _status(404, "NotFound", f"{path} not found"))
+            return
+        if self.faults[request.kind]:
+            request.status = self.faults[request.kind].pop(0)
+            reason = http.HTTPStatus(request.status).phrase.replace(" ", "")
+            await _respond(send, request.status, _status(request.status, reason, "injected fault"))
+            return
+        selector = query.get("fieldSelector", "")
+        name = selector.removeprefix("metadata.name=") if selector.startswith("metadata.name=") else None
+        if watching:
+            await self._watch(scope, receive, send, request, collection, name, query)
+        else:
+            items = [copy.deepcopy(o) for (c, n), o in sorted(self.objects.items())
+                     if c == collection and (name is None or n == name)]
+            await _respond(send, 200, {"kind": "List", "apiVersion": "v1",
+                                       "metadata": {"resourceVersion": str(self.rv)}, "items": items})
+
+    async def _watch(self, scope: Scope, receive: Receive, send: Send, request: Request, collection: str,
+                     name: str | None, query: dict[str, str]) -> None:
+        since = int(query.get("resourceVersion") or 0)
+        if since and since < self.compacted_rv:
+            message = f"too old resource version: {since} ({self.compacted_rv})"
+            if self.gone_as == "status":
+                request.status = 410
+                await _respond(send, 410, _status(410, "Expired", message))
+            else:
+                await _start(send, 200)
+                await _chunk(send, {"type": "ERROR", "object": _status(410, "Expired", message)})
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+            return
+        timeout = float(query.get("timeoutSeconds") or 1800)
+        bookmarks = query.get("allowWatchBookmarks") == "true"
+        deadline = trio.current_time() + timeout
+        watch = _Watch()
+        self._watches.add(watch)
+        self._watch_opened.set()
+        self._watch_opened = trio.Event()
+        try:
+            await _start(send, 200)
+            cursor = since
+            if not since:  # "any version": the current state as ADDED events
+                for (c, n), obj in sorted(self.objects.items()):
+                    if c == collection and (name is None or n == name):
+                        await _chunk(send, {"type": "ADDED", "object": obj})
+                cursor = self.rv
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_until_disconnected, receive, nursery.cancel_scope)
+                next_bookmark = trio.current_time() + (self.bookmark_interval_s or math.inf)
+                while True:
+                    changed = self._changed  # before looking, so that no change is missed
+                    if watch.action == "expire":
+                        await _chunk(send, {"type": "ERROR", "object": _status(410, "Expired", "compacted")})
+                        break
+                    if watch.action == "drop":
+                        break
+                    if watch.action == "reset":
+                        raise _Abort("connection reset by the fake API server")
+                    if not self.stalled:
+                        for change in [h for h in self.history if h.rv > cursor]:
+                            if change.collection == collection and (name is None or
+                                                                    change.obj["metadata"]["name"] == name):
+                                await _chunk(send, {"type": change.type, "object": change.obj})
+                        cursor = self.rv
+                        if bookmarks and trio.current_time() >= next_bookmark:
+                            kind = "Node" if collection == NODES else "ConfigMap"
+                            await _chunk(send, {"type": "BOOKMARK", "object": {
+                                "kind": kind, "apiVersion": "v1", "metadata": {"resourceVersion": str(self.rv)}}})
+                            next_bookmark = trio.current_time() + (self.bookmark_interval_s or math.inf)
+                        if trio.current_time() >= deadline:
+                            break
+                    with trio.move_on_at(math.inf if self.stalled else min(deadline, next_bookmark)):
+                        await changed.wait()
+                nursery.cancel_scope.cancel()
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            self._watches.discard(watch)
+
+
+async def _copy(source: trio.SocketStream, sink: trio.SocketStream, scope: trio.CancelScope) -> None:
+    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+        while data := await source.receive_some(65536):
+            await sink.send_all(data)
+    scope.cancel()
+
+
+async def _until_disconnected(receive: Receive, scope: trio.CancelScope) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    scope.cancel()
+
+
+def _status(code: int, reason: str, message: str) -> dict[str, Any]:
+    return {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "message": message,
+            "reason": reason, "code": code}
+
+
+async def _start(send: Send, status: int) -> None:
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json")]})
+
+
+async def _chunk(send: Send, event: dict[str, Any]) -> None:
+    await send({"type": "http.response.body", "body": json.dumps(event).encode() + b"\n", "more_body": True})
+
+
+async def _respond(send: Send, status: int, body: dict[str, Any]) -> None:
+    data = json.dumps(body).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]})
+    await send({"type": "http.response.body", "body": data, "more_body": False})
+
+
+@contextlib.asynccontextmanager
+async def open_fake_apiserver(**kwargs: Any) -> AsyncIterator[FakeApiServer]:
+    """Run a fake API server for the block's duration (on 127.0.0.1, a free port)."""
+    with tempfile.TemporaryDirectory(prefix="nvdp-api-") as tmp:
+        fake = FakeApiServer(Path(tmp), **kwargs)
+        async with trio.open_nursery() as nursery:
+            fake._nursery = nursery
+            await nursery.start(fake._serve)
+            await nursery.start(fake._proxy)
+            yield fake
+            nursery.cancel_scope.cancel()
+
+
+def write_kubeconfig(path: Path, fake: FakeApiServer, *, token: str | None = None, token_file: Path | None = None,
+                     client_cert: tuple[bytes, bytes] | None = None, inline_ca: bool = True,
+                     insecure: bool = False) -> Path:
+    """A kubeconfig for the fake server, in the shapes a bare-metal host would have."""
+    import base64
+
+    cluster: dict[str, Any] = {"server": fake.url}
+    if insecure:
+        cluster["insecure-skip-tls-verify"] = True
+    elif inline_ca:
+        cluster["certificate-authority-data"] = base64.b64encode(fake.ca.cert_pem.bytes()).decode()
+    else:
+        (path.parent / "ca.crt").write_bytes(fake.ca.cert_pem.bytes())
+        cluster["certificate-authority"] = "ca.crt"  # relative: resolved against the kubeconfig's directory
+    user: dict[str, Any] = {}
+    if token:
+        user["token"] = token
+    if token_file:
+        user["tokenFile"] = str(token_file)
+    if client_cert:
+        user["client-certificate-data"] = base64.b64encode(client_cert[0]).decode()
+        user["client-key-data"] = base64.b64encode(client_cert[1]).decode()
+    doc = {
+        "apiVersion": "v1", "kind": "Config", "current-context": "fake",
+        "clusters": [{"name": "fake-cluster", "cluster": cluster}],
+        "users": [{"name": "node", "user": user}],
+        "contexts": [{"name": "fake", "context": {"cluster": "fake-cluster", "user": "node"}},
+                     {"name": "other", "context": {"cluster": "missing", "user": "node"}}],
+    }
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+class Follower:
+    """The items of a running watch, collected by a background task so the watch keeps reading while the test
+    does other things."""
+
+    def __init__(self, receive: trio.MemoryReceiveChannel[Any]) -> None:
+        self._receive = receive
+
+    async def next(self, limit_s: float = 3.0) -> Any:
+        with trio.fail_after(limit_s):
+            return await self._receive.receive()
+
+    def pending(self) -> list[Any]:
+        items = []
+        while True:
+            try:
+                items.append(self._receive.receive_nowait())
+            except trio.WouldBlock:
+                return items
+
+
+@contextlib.asynccontextmanager
+async def follow(
+    source: contextlib.AbstractAsyncContextManager[trio.abc.ReceiveChannel[Any]],
+) -> AsyncIterator[Follower]:
+    """Run `source` (an `as_safe_channel` watch) in a task for the block's duration."""
+    send, receive = trio.open_memory_channel[Any](math.inf)
+
+    async def pump(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with source as items:
+            task_status.started()
+            async for item in items:
+                send.send_nowait(item)
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(pump)
+        yield Follower(receive)
+        nursery.cancel_scope.cancel()
