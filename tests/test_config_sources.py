@@ -9,6 +9,8 @@ import pytest
 import trio
 
 from nvdp.config.errors import ConfigError
+from nvdp.k8s.client import open_client
+from nvdp.k8s.watch import WatchOptions
 from nvdp.node_config import (
     ConfigSources,
     ConfigUpdate,
@@ -17,8 +19,6 @@ from nvdp.node_config import (
     watch_config,
     watch_config_dir,
 )
-from nvdp.k8s.client import open_client
-from nvdp.k8s.watch import WatchOptions
 from tests.fake_apiserver import FakeApiServer, follow, open_fake_apiserver
 
 LABEL = "nvidia.com/device-plugin.config"

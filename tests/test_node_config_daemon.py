@@ -3,6 +3,7 @@ tokens), and the kubelet emulator. The acceptance sequence of the node-label iss
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import trio
@@ -32,6 +33,15 @@ def metric(metrics: Metrics, metric_name: str, **labels: str) -> float:
             if sample.name == metric_name and all(sample.labels.get(k) == v for k, v in labels.items()):
                 return sample.value
     return 0.0
+
+
+async def eventually(predicate: Callable[[], bool], limit_s: float = 5.0) -> bool:
+    """Poll a condition that has no event to wait on (a metric), for at most `limit_s`."""
+    for _ in range(int(limit_s / 0.02)):
+        if predicate():
+            return True
+        await trio.sleep(0.02)
+    return predicate()
 
 
 def count(kubelet: KubeletEmulator, resource: str = "nvidia.com/gpu") -> int:
@@ -70,9 +80,7 @@ async def test_relabel_unknown_label_new_file_unset_label_and_invalid_config(
 
             # Relabel to an unknown C: nothing changes, and it is reported.
             fake.patch_node_labels(NODE, {LABEL: "C"})
-            with trio.fail_after(5):
-                while metric(metrics, "nvdp_config_label_unknown_total", value="C") < 1:
-                    await trio.sleep(0.02)
+            assert await eventually(lambda: metric(metrics, "nvdp_config_label_unknown_total", value="C") == 1)
             assert count(kubelet) == 8
 
             # Create C: applied as soon as it appears.
@@ -85,9 +93,7 @@ async def test_relabel_unknown_label_new_file_unset_label_and_invalid_config(
 
             # An invalid config under the active name: the old plan keeps serving, the error is reported.
             (configs / "A").write_text("version: v1\nflags:\n  migStrategy: sometimes\n")
-            with trio.fail_after(5):
-                while metric(metrics, "nvdp_config_last_reload_successful") != 0:
-                    await trio.sleep(0.02)
+            assert await eventually(lambda: metric(metrics, "nvdp_config_last_reload_successful") == 0)
             assert count(kubelet) == 2
             assert set(kubelet.devices("nvidia.com/gpu").values()) == {"Healthy"}
             nursery.cancel_scope.cancel()
