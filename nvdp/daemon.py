@@ -28,7 +28,7 @@ import os
 import signal
 import socket
 import tempfile
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,7 +57,7 @@ from nvdp.observe.events import EventRecorder
 from nvdp.observe.http import ProbeState, serve_http
 from nvdp.observe.metrics import Metrics
 from nvdp.plan.build import PlanError, build_plan
-from nvdp.plan.model import Plan
+from nvdp.plan.model import Device, Plan
 
 log = logging.getLogger(__name__)
 
@@ -211,6 +211,8 @@ class Daemon:
         #: The last config chosen by the node-config sources (None without them).
         self.update: ConfigUpdate | None = None
         self.events: EventRecorder | None = None
+        #: GPU UUID -> (reason, number of advertised devices) for GPUs with Unhealthy devices; for Node Events.
+        self._unhealthy_gpus: dict[str, tuple[str, int]] = {}
         self.metrics = metrics
         self.probes = probes
         if settings.simulate is not None:
@@ -250,9 +252,11 @@ class Daemon:
             client = None
             if self.node_config is not None and self.node_config.api is not None:
                 client = await root_stack.enter_async_context(open_client(self.node_config.api))
-                if settings.node_name:
+                sources = self.node_config.sources
+                node_name = settings.node_name or (sources.node_name if sources is not None else None)
+                if node_name:
                     # Node Events: rate-limited, posted by their own task, never blocking the controller.
-                    self.events = EventRecorder(settings.node_name, metrics=self.metrics)
+                    self.events = EventRecorder(node_name, metrics=self.metrics)
                     root.start_soon(self.events.serve, client)
             if self.node_config is not None and self.node_config.sources is not None:
                 # The node-label / config-directory watch: its first choice decides the settings NVML starts with.
@@ -309,6 +313,25 @@ class Daemon:
         self.servers.publish_health(unhealthy)
         self.metrics.health_changed(self.plan, unhealthy)
         self.probes.nvml_ok = self.tracker.fault(ALL_GPUS) is None
+        self._report_health_events(devices, unhealthy)
+
+    def _report_health_events(self, devices: list[Device], unhealthy: Mapping[str, str]) -> None:
+        """One Node Event per physical GPU that turns Unhealthy or recovers (not one per replica: a GPU cut into
+        48 slices would otherwise flood the API server)."""
+        by_gpu: dict[str, tuple[str, int]] = {}
+        for device in devices:
+            reason = unhealthy.get(device.id)
+            if reason is not None:
+                _, count = by_gpu.get(device.gpu_uuid, (reason, 0))
+                by_gpu[device.gpu_uuid] = (reason, count + 1)
+        previous, self._unhealthy_gpus = self._unhealthy_gpus, by_gpu
+        if self.events is None:
+            return
+        for gpu_uuid, (reason, count) in by_gpu.items():
+            if gpu_uuid not in previous:
+                self.events.device_unhealthy(gpu_uuid, f"{reason} ({count} advertised device(s))")
+        for gpu_uuid in previous.keys() - by_gpu.keys():
+            self.events.device_recovered(gpu_uuid)
 
     async def start_health(self) -> None:
         """(Re)start the NVML health watch for the node's physical GPUs; a no-op when they have not changed."""

@@ -99,6 +99,8 @@ class FakeApiServer:
         self._proxy_scope: trio.CancelScope | None = None
         self._proxy_stopped = trio.Event()
         self._nursery: trio.Nursery | None = None
+        #: (path, body) of every Event POSTed.
+        self.posted_events: list[tuple[str, dict[str, Any]]] = []
 
     # -- the test's side --------------------------------------------------------------------------------------
 
@@ -282,6 +284,18 @@ class FakeApiServer:
                 self.require_client_cert and not authorization):
             request.status = 401
             await _respond(send, 401, _status(401, "Unauthorized", "Unauthorized"))
+            return
+        if scope["method"] == "POST" and path.startswith("/api/v1/namespaces/") and path.endswith("/events"):
+            # Events the daemon posts about its Node: kept for the test to read.
+            body = b""
+            while True:
+                message = await receive()
+                body += message.get("body", b"")
+                if not message.get("more_body"):
+                    break
+            request.kind = "event"
+            self.posted_events.append((path, json.loads(body)))
+            await _respond(send, 201, json.loads(body))
             return
         collection = path if path == NODES or (path.startswith("/api/v1/namespaces/")
                                                and path.endswith("/configmaps")) else None

@@ -96,6 +96,16 @@ async def test_relabel_unknown_label_new_file_unset_label_and_invalid_config(
             assert await eventually(lambda: metric(metrics, "nvdp_config_last_reload_successful") == 0)
             assert count(kubelet) == 2
             assert set(kubelet.devices("nvidia.com/gpu").values()) == {"Healthy"}
+
+            # Every decision above also reached the API server as an Event on the Node, in `default`.
+            def reasons() -> set[str]:
+                return {body["reason"] for _, body in fake.posted_events}
+
+            ok = await eventually(lambda: {"ConfigApplied", "ConfigLabelUnknown", "ConfigRejected"} <= reasons())
+            assert ok, (reasons(), fake.posted_events[:3], [r for r in fake.requests if r.kind == "other"][:3])
+            path, body = fake.posted_events[0]
+            assert path == "/api/v1/namespaces/default/events"
+            assert body["involvedObject"]["kind"] == "Node" and body["involvedObject"]["name"] == NODE
             nursery.cancel_scope.cancel()
 
 
@@ -130,3 +140,37 @@ async def test_a_reload_that_changes_only_a_mig_resource_keeps_the_gpu_stream(
         assert kubelet.broken_streams.get("nvidia.com/gpu", 0) == 0
         assert [r.resource for r in kubelet.registrations].count("nvidia.com/gpu") == 1
         nursery.cancel_scope.cancel()
+
+
+async def test_an_xid_and_the_recovery_become_node_events(tmp_path: Path, kubelet: KubeletEmulator) -> None:
+    events = tmp_path / "xids"
+    events.write_text("")
+    node = write_node(tmp_path / "node.yaml", [gpu(0), gpu(1)], eventsFile=str(events))
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    (configs / "default").write_text(PLAIN)
+
+    async with open_fake_apiserver() as fake:
+        fake.set_node(NODE, {})
+
+        def make_settings(config: object, source: str) -> object:
+            return resolve({"simulate": str(node), "kubelet_socket": str(kubelet.socket), "metrics_address": "",
+                            "health_quiet_period": "0.3"}, {}, config, config_source=source)  # type: ignore[arg-type]
+
+        node_config = NodeConfig(ConfigSources(config_dir=configs, node_name=NODE),
+                                 fake.api_config(token="token-1"), make_settings)  # type: ignore[arg-type]
+        async with trio.open_nursery() as nursery:
+            await nursery.start(lambda task_status: run_daemon(
+                make_settings(None, "flags"), handle_signals=False, node_config=node_config,  # type: ignore[arg-type]
+                task_status=task_status))
+            with events.open("a") as f:
+                f.write("xid GPU-00000000-aaaa-bbbb-cccc-000000000000 48\n")
+
+            def messages(reason: str) -> list[str]:
+                return [b["message"] for _, b in fake.posted_events if b["reason"] == reason]
+
+            assert await eventually(lambda: bool(messages("DeviceUnhealthy")) and bool(messages("DeviceRecovered")))
+            (unhealthy,) = messages("DeviceUnhealthy")
+            assert unhealthy.startswith("device GPU-00000000-aaaa-bbbb-cccc-000000000000 is Unhealthy: XID 48")
+            assert unhealthy.endswith("(1 advertised device(s))")
+            nursery.cancel_scope.cancel()
