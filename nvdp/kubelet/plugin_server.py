@@ -19,6 +19,7 @@ from typing import Any, Protocol
 
 import grpclib.const
 import grpclib.server
+from grpclib.encoding.proto import ProtoCodec
 from grpclib.exceptions import GRPCError
 
 from nvdp.allocate import AllocateOptions, AllocationError, ContainerAllocation, allocate
@@ -51,6 +52,71 @@ def list_and_watch_response(resource: Resource, unhealthy: Mapping[str, str]) ->
     return api.ListAndWatchResponse(devices=devices)
 
 
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _length_delimited(tag: int, payload: bytes) -> bytes:
+    return bytes((tag,)) + _varint(len(payload)) + payload
+
+
+def device_entry(device_id: str, health: str, numa_node: int | None) -> bytes:
+    """One `devices` entry of a ListAndWatchResponse, encoded by hand (field 1 of the response, length-delimited).
+
+    Encoding the generated message for every update costs ~60 ms at 2 700 devices; a device's entry only changes with
+    its health, so each server encodes each device once per health state and joins the bytes. A test checks the
+    result is byte-identical to what the generated code produces.
+    """
+    body = _length_delimited(0x0A, device_id.encode()) + _length_delimited(0x12, health.encode())
+    if numa_node is not None:
+        # NUMANode{ID} (proto3 omits a zero ID) inside TopologyInfo.nodes inside Device.topology (field 3).
+        node = b"\x08" + _varint(numa_node) if numa_node else b""
+        body += _length_delimited(0x1A, _length_delimited(0x0A, node))
+    return _length_delimited(0x0A, body)
+
+
+class EncodedMessage:
+    """A message already serialized; `_Codec` sends its bytes as they are."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+
+class _Codec(ProtoCodec):
+    def encode(self, message: Any, message_type: Any) -> bytes:
+        if isinstance(message, EncodedMessage):
+            return message.data
+        return super().encode(message, message_type)
+
+
+class DeviceListEncoder:
+    """Encodes a resource's device list for any health snapshot, reusing each device's encoded entry."""
+
+    def __init__(self, resource: Resource) -> None:
+        self.resource = resource
+        self._healthy = [device_entry(d.id, HEALTHY, d.numa_node) for d in resource.devices]
+        self._unhealthy: dict[int, bytes] = {}
+
+    def encode(self, unhealthy: Mapping[str, str]) -> bytes:
+        if not unhealthy:
+            return b"".join(self._healthy)
+        parts = self._healthy.copy()
+        for i, device in enumerate(self.resource.devices):
+            if device.id in unhealthy:
+                entry = self._unhealthy.get(i)
+                if entry is None:
+                    entry = self._unhealthy[i] = device_entry(device.id, UNHEALTHY, device.numa_node)
+                parts[i] = entry
+        return b"".join(parts)
+
+
 class DeviceListMirror:
     """The latest device list of one resource, on the asyncio side.
 
@@ -60,8 +126,9 @@ class DeviceListMirror:
 
     def __init__(self, resource: Resource, unhealthy: Mapping[str, str]) -> None:
         self.resource = resource
-        self._unhealthy: Mapping[str, str] = unhealthy
-        self._message = list_and_watch_response(resource, unhealthy)
+        self._encoder = DeviceListEncoder(resource)
+        self._unhealthy: Mapping[str, str] = {i: r for i, r in unhealthy.items() if resource.device(i) is not None}
+        self._message = EncodedMessage(self._encoder.encode(self._unhealthy))
         self._version = 1
         self._closed = False
         self._changed = asyncio.Event()
@@ -75,7 +142,7 @@ class DeviceListMirror:
         if relevant == self._unhealthy:
             return
         self._unhealthy = relevant
-        self._message = list_and_watch_response(self.resource, relevant)
+        self._message = EncodedMessage(self._encoder.encode(relevant))
         self._version += 1
         self._wake()
 
@@ -87,7 +154,7 @@ class DeviceListMirror:
         self._changed.set()
         self._changed = asyncio.Event()
 
-    async def updates(self) -> AsyncIterator[api.ListAndWatchResponse]:
+    async def updates(self) -> AsyncIterator[EncodedMessage]:
         sent = 0
         while not self._closed:
             if self._version != sent:
@@ -145,7 +212,8 @@ class DevicePluginService(api.DevicePluginBase):
     async def list_and_watch(self, message: api.Empty) -> AsyncIterator[api.ListAndWatchResponse]:
         log.debug("ListAndWatch opened for %s", self.context.resource.name)
         async for response in self.mirror.updates():
-            yield response
+            # Already serialized (see DeviceListEncoder); the server's codec passes the bytes through.
+            yield response  # type: ignore[misc]
 
     async def allocate(self, message: api.AllocateRequest) -> api.AllocateResponse:
         context = self.context
@@ -199,7 +267,7 @@ class _TrackingServer(grpclib.server.Server):
     """
 
     def __init__(self, handlers: list[Any]) -> None:
-        super().__init__(handlers)
+        super().__init__(handlers, codec=_Codec())
         self.transports: set[asyncio.BaseTransport] = set()
 
     def _protocol_factory(self) -> Any:

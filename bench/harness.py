@@ -1,0 +1,233 @@
+"""The measuring instruments: nvdp as a child process next to a kubelet emulator, /proc readings, statistics."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from nvdp.kubelet.api import v1beta1 as api
+from nvdp.kubelet.emulator import KubeletEmulator
+
+ROOT = Path(__file__).resolve().parent.parent
+#: The fake `nvidia-cuda-mps-control` lives here; MPS scenarios put this directory first on PATH.
+SIM_BIN = ROOT / "nvdp" / "sim"
+PAGE_KIB = os.sysconf("SC_PAGE_SIZE") // 1024
+
+
+class Unavailable(Exception):
+    """The figure cannot be measured on this tree (its feature is not wired yet); the message says why."""
+
+
+class FigureError(Exception):
+    """Something that should work did not: the benchmark run fails."""
+
+
+# -------------------------------------------------------------------------------------------------- statistics
+
+
+def percentile(ordered: Sequence[float], q: float) -> float:
+    """Linear interpolation between closest ranks (numpy's default); `ordered` must be sorted."""
+    if not ordered:
+        raise ValueError("no samples")
+    pos = (len(ordered) - 1) * q
+    low = int(pos)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
+
+
+def latency_stats(samples_ms: Iterable[float]) -> dict[str, float]:
+    ordered = sorted(samples_ms)
+    return {
+        "n": float(len(ordered)),
+        "p50": percentile(ordered, 0.50),
+        "p90": percentile(ordered, 0.90),
+        "p99": percentile(ordered, 0.99),
+        "max": ordered[-1],
+    }
+
+
+# -------------------------------------------------------------------------------------------------- /proc
+
+
+def rss_mib(pid: int) -> float:
+    """Resident set size of a process in MiB (VmRSS)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise FigureError(f"no VmRSS for pid {pid}")
+
+
+def thread_cpu_ns(pid: int) -> dict[int, int]:
+    """CPU time per thread of a process (ns, from /proc/<pid>/task/*/schedstat)."""
+    times = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            times[int(task.name)] = int((task / "schedstat").read_text().split()[0])
+        except (FileNotFoundError, ProcessLookupError, ValueError):
+            continue
+    return times
+
+
+def cpu_seconds_between(before: dict[int, int], after: dict[int, int]) -> float:
+    """CPU seconds spent between two `thread_cpu_ns` readings by the threads alive at the second one.
+
+    Per thread, so that a worker thread exiting in between (trio's thread cache retires idle workers after 10 s)
+    does not subtract its whole lifetime from the total, as a plain sum would.
+    """
+    return sum(max(0, ns - before.get(tid, 0)) for tid, ns in after.items()) / 1e9
+
+
+def thread_count(pid: int) -> int:
+    return len(list(Path(f"/proc/{pid}/task").iterdir()))
+
+
+# -------------------------------------------------------------------------------------------------- the child
+
+
+@dataclass
+class Nvdp:
+    """`python -m nvdp --simulate NODE` in a child process, registered with a kubelet emulator in this process.
+
+    The emulator's plugin directory is a short temp directory (Unix socket paths are limited to 107 bytes); the
+    child's log goes to `<workdir>/nvdp.log` so a full pipe never stalls it.
+    """
+
+    workdir: Path
+    node: Path
+    args: Sequence[str] = ()
+    env: dict[str, str] = field(default_factory=dict)
+    config: Path | None = None
+    process: subprocess.Popen[bytes] | None = None
+    kubelet: KubeletEmulator | None = None
+    spawned_at: float = 0.0
+    _plugin_tmp: tempfile.TemporaryDirectory[str] | None = None
+
+    @property
+    def log_path(self) -> Path:
+        return self.workdir / "nvdp.log"
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def start(self) -> None:
+        self._plugin_tmp = tempfile.TemporaryDirectory(prefix="nvdp-b-")
+        self.kubelet = KubeletEmulator(Path(self._plugin_tmp.name) / "device-plugins")
+        self.kubelet.start()
+        argv = [sys.executable, "-m", "nvdp", "--simulate", str(self.node),
+                "--kubelet-socket", str(self.kubelet.socket), *self.args]
+        if self.config is not None:
+            argv += ["--config-file", str(self.config)]
+        env = {**os.environ, **self.env}
+        # The child imports the working tree's nvdp, whatever the caller's directory.
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
+        log = self.log_path.open("wb")
+        self.spawned_at = time.monotonic()
+        self.process = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+
+    def log_tail(self, lines: int = 6) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def wait_for(self, predicate: Callable[[KubeletEmulator], bool], timeout: float) -> bool:
+        """Wait for a kubelet-side condition, giving up early if the child exits."""
+        assert self.kubelet is not None
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            if self.kubelet.wait_for(predicate, min(remaining, 0.25)):
+                return True
+            if not self.alive():
+                return self.kubelet.wait_for(predicate, 0)
+
+    def wait_resources(self, names: Iterable[str], timeout: float = 30.0) -> bool:
+        """Every named resource registered and its device list received."""
+        wanted = set(names)
+        return self.wait_for(lambda k: all(k.devices(n) for n in wanted), timeout)
+
+    def registered_at(self, names: Iterable[str]) -> float:
+        """When the kubelet received the latest Register among the named resources (monotonic)."""
+        assert self.kubelet is not None
+        wanted = set(names)
+        return max(r.at for r in self.kubelet.registrations if r.resource in wanted)
+
+    def sighup(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGHUP)
+
+    def stop(self) -> int | None:
+        code = None
+        if self.process is not None:
+            if self.process.poll() is None:
+                self.process.send_signal(signal.SIGTERM)
+                try:
+                    self.process.wait(10)
+                except subprocess.TimeoutExpired:
+                    self.process.kill()
+                    self.process.wait(10)
+            code = self.process.returncode
+        if self.kubelet is not None:
+            self.kubelet.stop()
+        if self._plugin_tmp is not None:
+            self._plugin_tmp.cleanup()
+        return code
+
+    def __enter__(self) -> Nvdp:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- raw calls: the request is encoded once, the response is not decoded in the timed loop ------------------
+
+    def raw_method(self, resource: str, name: str) -> Callable[..., bytes]:
+        assert self.kubelet is not None
+        endpoint = self.kubelet.endpoint(resource)
+        if endpoint is None:
+            raise FigureError(f"{resource} is not registered")
+        return endpoint.channel.unary_unary(f"/v1beta1.DevicePlugin/{name}")  # type: ignore[return-value]
+
+
+def allocate_request(device_ids: Sequence[str]) -> bytes:
+    return bytes(api.AllocateRequest(container_requests=[api.ContainerAllocateRequest(devices_ids=list(device_ids))]))
+
+
+def preferred_request(available: Sequence[str], size: int) -> bytes:
+    return bytes(api.PreferredAllocationRequest(container_requests=[api.ContainerPreferredAllocationRequest(
+        available_deviceIDs=list(available), must_include_deviceIDs=[], allocation_size=size)]))
+
+
+def time_calls(call: Callable[..., bytes], request: bytes, calls: int, warmup: int) -> list[float]:
+    """Round trips in ms of `calls` unary calls after `warmup` untimed ones."""
+    for _ in range(warmup):
+        call(request, timeout=5.0)
+    samples = []
+    clock = time.perf_counter_ns
+    for _ in range(calls):
+        start = clock()
+        call(request, timeout=5.0)
+        samples.append((clock() - start) / 1e6)
+    return samples
+
+
+def repeat_calls(call: Callable[..., bytes], request: bytes, calls: int) -> None:
+    for _ in range(calls):
+        call(request, timeout=5.0)

@@ -1,0 +1,44 @@
+"""The benchmark's smoke test: `python -m bench --quick` runs end to end on this tree, so it never rots."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.helpers import ROOT
+
+#: Every figure the issue asks for; each must be in the JSON, measured or marked unavailable with a reason.
+FIGURES = {
+    "allocate.whole_gpu", "allocate.time_slicing", "allocate.mps", "allocate.four_gpu_volume_mounts",
+    "preferred.nvlink8_size2", "preferred.nvlink8_size4", "health.xid_to_unhealthy", "reload.file",
+    "reload.file_broken_unchanged_streams", "reload.node_label", "reload.node_label_broken_unchanged_streams",
+    "startup.process", "startup.kubelet_restart", "memory.rss_registered", "memory.rss_after_allocates",
+    "memory.rss_growth", "idle_cpu.default", "idle_cpu.health_checks_disabled", "scale.list_and_watch_encode",
+    "scale.startup", "scale.allocate", "scale.rss_registered",
+}
+
+
+def test_quick_benchmark_runs_and_reports_every_figure(tmp_path: Path) -> None:
+    result = subprocess.run([sys.executable, "-m", "bench", "--quick", "--output", str(tmp_path)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=180,
+                            env={**os.environ, "PYTHONWARNINGS": "error"})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    [json_file] = tmp_path.glob("quick-*.json")
+    data = json.loads(json_file.read_text())
+    assert data["mode"] == "quick"
+    assert {"host", "cpu", "cpus", "python", "commit"} <= set(data["machine"])
+    assert set(data["figures"]) == FIGURES
+    for key, figure in data["figures"].items():
+        assert figure["status"] in ("ok", "unavailable"), (key, figure)
+        if figure["status"] == "ok":
+            assert figure["summary"] and all({"min", "median", "max"} == set(s) for s in figure["summary"].values())
+        else:
+            assert figure["reason"], key
+    # The figures that need no feature beyond the foundation are always measured.
+    for key in ("allocate.whole_gpu", "allocate.four_gpu_volume_mounts", "preferred.nvlink8_size4",
+                "startup.process", "memory.rss_registered", "idle_cpu.default", "scale.list_and_watch_encode"):
+        assert data["figures"][key]["status"] == "ok", key
+    assert "| Figure |" in json_file.with_suffix(".md").read_text()
