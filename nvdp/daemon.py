@@ -31,6 +31,7 @@ import tempfile
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -41,7 +42,6 @@ from nvdp.config.schema import Config
 from nvdp.config.settings import Settings
 from nvdp.health import ALL_GPUS, HealthTracker, XidPolicy
 from nvdp.inventory import NodeInventory
-from nvdp.k8s.client import ApiClient, ApiConfig, open_client
 from nvdp.kubelet.aio import open_asyncio_thread
 from nvdp.kubelet.plugin_server import ServingContext
 from nvdp.kubelet.servers import ResourceServers
@@ -49,15 +49,20 @@ from nvdp.kubelet.socket_watch import watch_plugin_dir
 from nvdp.labels import sharing_labels, write_features_file
 from nvdp.mps import MpsDaemons, MpsError, NvmlComputeMode, find_control_binary
 from nvdp.mps.shm import ShmError, ensure_shm
-from nvdp.node_config import ConfigSources, ConfigUpdate, watch_config
 from nvdp.nvml import adapter as nvml
 from nvdp.nvml.adapter import XidEvent
 from nvdp.nvml.health import watch_nvml_health
-from nvdp.observe.events import EventRecorder
 from nvdp.observe.http import ProbeState, serve_http
 from nvdp.observe.metrics import Metrics
 from nvdp.plan.build import PlanError, build_plan
 from nvdp.plan.model import Device, Plan
+
+if TYPE_CHECKING:
+    # The Kubernetes client (httpx) and the node-config watch are imported only when per-node configs or API
+    # access are configured: start-up time and memory on nodes that use neither.
+    from nvdp.k8s.client import ApiClient, ApiConfig
+    from nvdp.node_config import ConfigSources, ConfigUpdate
+    from nvdp.observe.events import EventRecorder
 
 log = logging.getLogger(__name__)
 
@@ -251,6 +256,9 @@ class Daemon:
                                    "the endpoint") from None
             client = None
             if self.node_config is not None and self.node_config.api is not None:
+                from nvdp.k8s.client import open_client
+                from nvdp.observe.events import EventRecorder
+
                 client = await root_stack.enter_async_context(open_client(self.node_config.api))
                 sources = self.node_config.sources
                 node_name = settings.node_name or (sources.node_name if sources is not None else None)
@@ -455,6 +463,8 @@ class Daemon:
         self, sources: ConfigSources, client: ApiClient | None, send: trio.MemorySendChannel[Command], *,
         task_status: trio.TaskStatus[ConfigUpdate],
     ) -> None:
+        from nvdp.node_config import watch_config
+
         async with watch_config(sources, client) as updates:
             task_status.started(await updates.receive())
             async for update in updates:
