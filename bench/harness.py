@@ -126,7 +126,8 @@ class Nvdp:
                 "--kubelet-socket", str(self.kubelet.socket), *self.args]
         if self.config is not None:
             argv += ["--config-file", str(self.config)]
-        env = {**os.environ, **self.env}
+        # No metrics endpoint unless a scenario asks for one: :9400 may be taken on a shared machine.
+        env = {**os.environ, "METRICS_ADDRESS": "", **self.env}
         # The child imports the working tree's nvdp, whatever the caller's directory.
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
         log = self.log_path.open("wb")

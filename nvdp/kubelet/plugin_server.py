@@ -12,7 +12,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -200,6 +200,22 @@ class _NoObserver:
         pass
 
 
+class _Timed:
+    """Reports a call's duration and whether it succeeded (no exception) to `report`."""
+
+    __slots__ = ("report", "resource", "started")
+
+    def __init__(self, report: Callable[[str, float, bool], None], resource: str) -> None:
+        self.report = report
+        self.resource = resource
+
+    def __enter__(self) -> None:
+        self.started = time.perf_counter()
+
+    def __exit__(self, exc_type: type[BaseException] | None, *rest: object) -> None:
+        self.report(self.resource, time.perf_counter() - self.started, exc_type is None)
+
+
 class DevicePluginService(api.DevicePluginBase):
     def __init__(self, context: ServingContext, mirror: DeviceListMirror, observer: CallObserver) -> None:
         self.context = context
@@ -217,9 +233,7 @@ class DevicePluginService(api.DevicePluginBase):
 
     async def allocate(self, message: api.AllocateRequest) -> api.AllocateResponse:
         context = self.context
-        started = time.perf_counter()
-        ok = False
-        try:
+        with _Timed(self.observer.allocate_observed, context.resource.name):
             responses = []
             for request in message.container_requests:
                 try:
@@ -228,18 +242,13 @@ class DevicePluginService(api.DevicePluginBase):
                     log.warning("Allocate refused for %s: %s", context.resource.name, exc)
                     raise GRPCError(grpclib.const.Status.INVALID_ARGUMENT, str(exc)) from None
                 responses.append(container_response(allocation))
-            ok = True
             return api.AllocateResponse(container_responses=responses)
-        finally:
-            self.observer.allocate_observed(context.resource.name, time.perf_counter() - started, ok)
 
     async def get_preferred_allocation(
         self, message: api.PreferredAllocationRequest
     ) -> api.PreferredAllocationResponse:
         context = self.context
-        started = time.perf_counter()
-        ok = False
-        try:
+        with _Timed(self.observer.preferred_observed, context.resource.name):
             responses = []
             for request in message.container_requests:
                 try:
@@ -249,10 +258,7 @@ class DevicePluginService(api.DevicePluginBase):
                 except PreferredAllocationError as exc:
                     raise GRPCError(grpclib.const.Status.INVALID_ARGUMENT, str(exc)) from None
                 responses.append(api.ContainerPreferredAllocationResponse(device_i_ds=ids))
-            ok = True
             return api.PreferredAllocationResponse(container_responses=responses)
-        finally:
-            self.observer.preferred_observed(context.resource.name, time.perf_counter() - started, ok)
 
     async def pre_start_container(self, message: api.PreStartContainerRequest) -> api.PreStartContainerResponse:
         return api.PreStartContainerResponse()
