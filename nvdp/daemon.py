@@ -1,23 +1,28 @@
 """The supervisor tree: every long-lived task of nvdp, who starts it and who restarts what.
 
-Nesting is lifetime, outermost lives longest::
+Nesting is lifetime, outermost lives longest (`Daemon.run`)::
 
-    run_daemon (root nursery)
-    ├ watch signals                             SIGTERM/SIGINT/SIGQUIT: cancel everything, exit 0; SIGHUP: reload.
-    │                                             Started first, so a signal during start-up is handled too.
-    └ asyncio thread (grpclib's loop)           open_asyncio_thread: outlives every server, stopped last
-      └ NVML session                            open_nvml: init (real or simulated), shutdown on the way out
+    root nursery
+    ├ watch signals               SIGTERM/SIGINT/SIGQUIT: cancel everything, exit 0; SIGHUP: "reload". First, so a
+    │                               signal during start-up is handled too.
+    ├ serve_http                  /metrics, /healthz, /readyz; up during start-up so probes can say why not ready
+    ├ Event recorder              (with API access) posts rate-limited Node Events; never blocks anyone
+    ├ watch config                (with per-node configs) node label + config directory/ConfigMap -> "config"; its
+    │                               first choice decides the settings everything below starts with
+    └ asyncio thread              grpclib's loop (nvdp.kubelet.aio); outlives every server, stopped last
+      └ NVML session              nvmlInit (the fake library with --simulate); nvmlShutdown on the way out
         └ main nursery
-          ├ servers nursery                     ResourceServers: one task + cancel scope per resource;
-          │  └ serve {resource}                   bind socket, Register (retry with backoff), hold streams
-          ├ watch kubelet socket                kubelet.sock created -> restart every server and re-register;
-          │                                       one of our sockets deleted -> restart that server
-          ├ report ready                        every resource registered -> sd_notify READY=1
-          └ controller (this function's body)   the only task that changes the servers: applies reloads and
-                                                  restarts in order, one at a time, from a command channel
+          ├ health watch          NVML events -> HealthTracker -> publish_health(); restarted if the GPUs change
+          ├ watch kubelet socket  kubelet.sock created -> "kubelet-started"; our socket deleted -> "socket-deleted"
+          ├ report ready          every resource registered -> sd_notify READY=1
+          └ MPS nursery           one supervised nvidia-cuda-mps-control per MPS-shared GPU (nvdp.mps)
+            └ servers nursery     one task and cancel scope per resource (nvdp.kubelet.servers)
+          controller              `Daemon.control`, the only code that changes servers, MPS daemons and the plan:
+                                    it applies commands one at a time
 
-Triggers never touch the servers themselves; they send a command to the controller. A reload builds and checks the
-new plan *before* anything stops; if that fails the running plan keeps serving and the error is logged.
+Triggers never touch servers or daemons; they send a `Command` to the controller. A reload builds and checks the
+new plan *before* anything stops; if that fails the running plan keeps serving and the error is reported. Servers
+stop before MPS daemons, MPS daemons (and their GPUs' compute modes) before NVML shuts down.
 """
 
 from __future__ import annotations
@@ -112,7 +117,7 @@ async def open_nvml(settings: Settings) -> AsyncIterator[NvmlSession | None]:
             try:
                 node = sim.load_node(settings.simulate)
                 handle = await trio.to_thread.run_sync(sim.activate, node, workdir)
-            except sim.SimNodeError as exc:
+            except (sim.SimNodeError, sim.SimBuildError) as exc:
                 raise StartupError(str(exc)) from None
             host_root = driver_root = handle.host_root
             log.info("simulating the GPU node described by %s", settings.simulate)
