@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -38,8 +39,6 @@ MIG_1G = "nvidia.com/mig-1g.5gb"
 START_TIMEOUT_S = 30.0
 #: How long a sharing config may take to show its devices before the feature is declared not wired.
 FEATURE_TIMEOUT_S = 15.0
-#: After registration, before RSS and idle CPU are read: let start-up stragglers (threads, GC) finish.
-SETTLE_S = 1.0
 
 Stats = dict[str, float | str]
 Results = dict[str, Stats | Unavailable]
@@ -60,12 +59,14 @@ class Params:
     kubelet_restarts: int
     startups: int
     encode_runs: int
+    #: After registration, before RSS and idle CPU are read: let start-up stragglers (threads, GC) finish.
+    settle_s: float
 
 
 FULL = Params(repeats=3, calls=2000, warmup=200, leak_calls=10_000, idle_s=30.0, idle_no_health_s=30.0,
-              health_events=56, reloads=20, kubelet_restarts=5, startups=5, encode_runs=20)
+              health_events=56, reloads=20, kubelet_restarts=5, startups=5, encode_runs=20, settle_s=1.0)
 QUICK = Params(repeats=1, calls=200, warmup=30, leak_calls=1000, idle_s=1.0, idle_no_health_s=0.5,
-               health_events=8, reloads=3, kubelet_restarts=1, startups=1, encode_runs=3)
+               health_events=8, reloads=3, kubelet_restarts=1, startups=1, encode_runs=3, settle_s=0.3)
 
 
 # -------------------------------------------------------------------------------------------------- helpers
@@ -119,7 +120,7 @@ def base(p: Params, wd: Path) -> Results:
     with Nvdp(wd, nodes.four_gpus(wd / "node.yaml")) as n:
         assert n.kubelet is not None
         _started(n, [GPU])
-        time.sleep(SETTLE_S)
+        time.sleep(p.settle_s)
         out["memory.rss_registered"] = {"value": rss_mib(n.pid)}
         out["idle_cpu.default"] = {"value": _idle_cpu_percent(n.pid, p.idle_s)}
         first = next(iter(n.kubelet.devices(GPU)))
@@ -163,7 +164,7 @@ def idle_no_health(p: Params, wd: Path) -> Results:
     5 ms event-wait polling, which a real driver does not do."""
     with Nvdp(wd, nodes.four_gpus(wd / "node.yaml"), env={"DP_DISABLE_HEALTHCHECKS": "all"}) as n:
         _started(n, [GPU])
-        time.sleep(SETTLE_S)
+        time.sleep(p.settle_s)
         return {"idle_cpu.health_checks_disabled": {"value": _idle_cpu_percent(n.pid, p.idle_no_health_s)}}
 
 
@@ -290,6 +291,43 @@ def _settled(n: Nvdp, timeout: float) -> dict[str, frozenset[str]]:
     return last[1]
 
 
+def _changed_and_unchanged(state_a: dict[str, frozenset[str]],
+                           state_b: dict[str, frozenset[str]]) -> tuple[list[str], list[str]]:
+    changed = sorted(r for r in set(state_a) | set(state_b) if state_a.get(r) != state_b.get(r))
+    unchanged = sorted(r for r in state_a if state_a[r] == state_b.get(r))
+    return changed, unchanged
+
+
+def _time_switches(n: Nvdp, switches: int, states: tuple[dict[str, frozenset[str]], dict[str, frozenset[str]]],
+                   changed: list[str], prepare: Callable[[int], None], trigger: Callable[[int], None],
+                   what: str) -> list[float]:
+    """Switch `switches` times between the two states (0 -> state A, 1 -> state B, ...); each sample is `trigger`
+    -> the kubelet holds the target device set, all Healthy, for every changed resource."""
+    samples = []
+    for i in range(switches):
+        target = states[i % 2]
+        prepare(i)
+        time.sleep(0.05)
+        started = time.monotonic()
+        trigger(i)
+        ok = n.wait_for(lambda k, t=target: all(
+            frozenset(k.devices(r)) == t[r] and all(h == "Healthy" for h in k.devices(r).values())
+            for r in changed if r in t), 10.0)
+        if not ok:
+            raise FigureError(f"{what} {i} not seen by the kubelet within 10 s; log tail:\n{n.log_tail()}")
+        samples.append(1000 * (time.monotonic() - started))
+    return samples
+
+
+def _broken_streams(k: KubeletEmulator, unchanged: list[str]) -> int:
+    """ListAndWatch streams of the unchanged resources that ended, plus their re-registrations."""
+    broken = 0
+    for r in unchanged:
+        broken += k.broken_streams.get(r, 0)
+        broken += sum(reg.resource == r for reg in k.registrations) - 1
+    return broken
+
+
 def reload_file(p: Params, wd: Path) -> Results:
     """Config file changed + SIGHUP -> the kubelet holds the new device set; unchanged resources' streams kept."""
     key, broken_key = "reload.file", "reload.file_broken_unchanged_streams"
@@ -305,52 +343,78 @@ def reload_file(p: Params, wd: Path) -> Results:
             n.sighup()
             n.wait_for(lambda k, a=state_a: _snapshot(k) != a, 5.0)
             state_b = _settled(n, FEATURE_TIMEOUT_S)
-            changed = sorted(r for r in set(state_a) | set(state_b) if state_a.get(r) != state_b.get(r))
-            unchanged = sorted(r for r in state_a if state_a[r] == state_b.get(r))
+            changed, unchanged = _changed_and_unchanged(state_a, state_b)
             if not n.alive() or not changed or not unchanged:
                 seen = {r: len(v) for r, v in state_b.items()}
                 reasons.append(f"{name}: {'nvdp exited: ' + n.log_tail(1) if not n.alive() else seen}")
                 continue
-            samples = []
-            states = (state_a, state_b)
-            for i in range(p.reloads):
-                target = states[i % 2]
-                nodes.config(config, (config_a, config_b)[i % 2])
-                time.sleep(0.05)
-                started = time.monotonic()
-                n.sighup()
-                ok = n.wait_for(lambda k, t=target, c=tuple(changed): all(
-                    frozenset(k.devices(r)) == t[r] and all(h == "Healthy" for h in k.devices(r).values())
-                    for r in c if r in t), 10.0)
-                if not ok:
-                    raise FigureError(f"reload {i} ({name}) not seen by the kubelet within 10 s; log tail:\n"
-                                      f"{n.log_tail()}")
-                samples.append(1000 * (time.monotonic() - started))
-            broken = 0
-            for r in unchanged:
-                broken += n.kubelet.broken_streams.get(r, 0)
-                broken += sum(reg.resource == r for reg in n.kubelet.registrations) - 1
+
+            def rewrite(i: int, path: Path = config, data: tuple[dict[str, Any], ...] = (config_a, config_b)) -> None:
+                nodes.config(path, data[i % 2])
+
+            samples = _time_switches(n, p.reloads, (state_a, state_b), changed, rewrite,
+                                     lambda i: n.sighup(), f"reload ({name})")
             return {key: {**latency_stats(samples), "note": name},
-                    broken_key: {"value": float(broken), "unchanged_resources": float(len(unchanged)),
-                                 "reloads": float(p.reloads + 1)}}
+                    broken_key: {"value": float(_broken_streams(n.kubelet, unchanged)),
+                                 "unchanged_resources": float(len(unchanged)), "reloads": float(p.reloads + 1)}}
     reason = "config reload did not change one resource while keeping another: " + "; ".join(reasons)
     return {key: Unavailable(reason), broken_key: Unavailable(reason)}
+
+
+NODE_NAME = "gpu-node-bench"
+NODE_LABEL = "nvidia.com/device-plugin.config"
 
 
 def reload_node_label(p: Params, wd: Path) -> Results:
     """Node label changed on the fake API server -> the kubelet holds the new device set.
 
-    Needs `tests/fake_apiserver.py` and nvdp's node-label reloader; until both exist the figure is unavailable.
+    nvdp gets a directory of two named configs (`CONFIG_FILE_SRCDIR`), its node name and a kubeconfig for the fake
+    API server (real TLS, a bearer token), which runs in this process on its own trio thread. Each switch is one
+    label PATCH (a MODIFIED event on nvdp's Node watch); unchanged resources must keep their streams.
     """
-    keys = ("reload.node_label", "reload.node_label_broken_unchanged_streams")
-    fake = SIM_BIN.parent.parent / "tests" / "fake_apiserver.py"
-    from nvdp.config.settings import OPTIONS
+    key, broken_key = "reload.node_label", "reload.node_label_broken_unchanged_streams"
+    try:
+        from bench.apiserver import ApiServerThread
+        from tests.fake_apiserver import write_kubeconfig
+    except ImportError as exc:  # hypercorn / trustme are test extras
+        reason = f"the fake API server needs the test extras ({exc})"
+        return {key: Unavailable(reason), broken_key: Unavailable(reason)}
+    reasons = []
+    with ApiServerThread() as api:
+        for name, node_writer, config_a, config_b in RELOAD_CANDIDATES:
+            sub = wd / f"candidate{len(reasons)}"
+            configs_dir = sub / "configs"
+            configs_dir.mkdir(parents=True)
+            labels = ("a", "b")
+            nodes.config(configs_dir / labels[0], config_a)
+            nodes.config(configs_dir / labels[1], config_b)
+            api.call(api.fake.set_node, NODE_NAME, {NODE_LABEL: labels[0]})
+            kubeconfig = write_kubeconfig(sub / "kubeconfig", api.fake, token=api.fake.token)
+            env = {"CONFIG_FILE_SRCDIR": str(configs_dir), "NODE_NAME": NODE_NAME, "KUBECONFIG": str(kubeconfig),
+                   "METRICS_ADDRESS": "127.0.0.1:0"}
 
-    if not fake.exists() or not any("label" in o.dest for o in OPTIONS):
-        reason = "node-label reload not wired yet (needs tests/fake_apiserver.py and a node-label option)"
-    else:
-        reason = "node-label reload exists but bench/scenarios.py:reload_node_label does not drive it yet"
-    return {k: Unavailable(reason) for k in keys}
+            def relabel(i: int, names: tuple[str, str] = labels) -> None:
+                api.call(api.fake.patch_node_labels, NODE_NAME, {NODE_LABEL: names[i % 2]})
+
+            with Nvdp(sub, node_writer(sub / "node.yaml"), env=env) as n:
+                assert n.kubelet is not None
+                state_a = _settled(n, FEATURE_TIMEOUT_S)
+                relabel(1)
+                n.wait_for(lambda k, a=state_a: _snapshot(k) != a, 5.0)
+                state_b = _settled(n, FEATURE_TIMEOUT_S)
+                changed, unchanged = _changed_and_unchanged(state_a, state_b)
+                if not n.alive() or not changed or not unchanged:
+                    seen = {r: len(v) for r, v in state_b.items()}
+                    reasons.append(f"{name}: {'nvdp exited: ' + n.log_tail(1) if not n.alive() else seen}")
+                    continue
+                samples = _time_switches(n, p.reloads, (state_a, state_b), changed, lambda i: None, relabel,
+                                         f"node-label switch ({name})")
+                return {key: {**latency_stats(samples), "note": name},
+                        broken_key: {"value": float(_broken_streams(n.kubelet, unchanged)),
+                                     "unchanged_resources": float(len(unchanged)),
+                                     "switches": float(p.reloads + 1)}}
+    reason = "a node-label switch did not change one resource while keeping another: " + "; ".join(reasons)
+    return {key: Unavailable(reason), broken_key: Unavailable(reason)}
 
 
 #: (description, node writer, config, extra args, resource, expected devices)
@@ -381,7 +445,7 @@ def scale(p: Params, wd: Path) -> Results:
             out["scale.startup"] = {"registered": 1000 * (n.registered_at([resource]) - n.spawned_at),
                                     "devices": 1000 * (held - n.spawned_at), "device_count": float(len(ids)),
                                     "note": description}
-            time.sleep(SETTLE_S)
+            time.sleep(p.settle_s)
             out["scale.rss_registered"] = {"value": rss_mib(n.pid)}
             # The last replica of the last GPU: a scan from the front would be slowest here.
             out["scale.allocate"] = _allocate_figure(n, p, resource, [ids[-1]], _has_visible_devices)
@@ -393,12 +457,15 @@ def scale(p: Params, wd: Path) -> Results:
 
 
 def _encode_figure(p: Params) -> Stats:
-    """Build and encode the ListAndWatch message of 2 688 devices with nvdp's own code (in this process).
+    """Encode the ListAndWatch message of 2 688 devices with nvdp's own encoder (in this process).
 
     The plan is synthetic (the MIG-replica IDs the scale node would advertise), so the figure does not depend on
-    sharing being wired; it is the function each ListAndWatch update runs on nvdp's asyncio thread.
+    sharing being wired. The statistics are per update (`DeviceListEncoder.encode`, what each health change costs
+    on nvdp's asyncio thread); `encode_build_ms` is the one-time cost of building a server's encoder, and
+    `betterproto2_ms` one encode of the same message through betterproto2 (the path before the encoder), whose
+    bytes the encoder's must equal.
     """
-    from nvdp.kubelet.plugin_server import DeviceListEncoder
+    from nvdp.kubelet.plugin_server import DeviceListEncoder, list_and_watch_response
     from nvdp.plan.model import Device, Resource, Sharing
 
     devices = []
@@ -411,18 +478,26 @@ def _encode_figure(p: Params) -> Stats:
                                       numa_node=g // 4, replica=replica, mig_placement=(7 + slot, 0)))
     resource = Resource(MIG_1G, tuple(devices), Sharing.TIME_SLICING)
     unhealthy = {devices[0].id: "XID 48"}
-    # The server's encoder is built once per server (it encodes every device's healthy entry); each update then
-    # joins cached entries. Both are timed: the first sample includes building it.
-    encoder = None
+    # Built once per server (it encodes every device's Healthy entry): timed apart from the updates.
+    started = time.perf_counter_ns()
+    encoder = DeviceListEncoder(resource)
+    build_ms = (time.perf_counter_ns() - started) / 1e6
+    # The bytes must be the message betterproto2 would send; its own encode is timed once, for comparison.
+    started = time.perf_counter_ns()
+    reference = bytes(list_and_watch_response(resource, unhealthy))
+    betterproto_ms = (time.perf_counter_ns() - started) / 1e6
+    if encoder.encode(unhealthy) != reference:
+        raise FigureError("DeviceListEncoder's bytes differ from betterproto2's ListAndWatchResponse")
+    # Per update: what each health change costs on the asyncio thread (the first update above filled the
+    # Unhealthy entry's cache, as a server's first update after a health change does).
     samples, size = [], 0
-    for _ in range(p.encode_runs + 2):
+    for _ in range(p.encode_runs):
         started = time.perf_counter_ns()
-        encoder = encoder or DeviceListEncoder(resource)
         size = len(encoder.encode(unhealthy))
         samples.append((time.perf_counter_ns() - started) / 1e6)
-    samples = samples[2:]  # the first two warm caches
     stats = latency_stats(samples)
-    return {"p50": stats["p50"], "max": stats["max"], "bytes": float(size), "devices": float(len(devices))}
+    return {"p50": stats["p50"], "max": stats["max"], "encode_build_ms": build_ms,
+            "betterproto2_ms": betterproto_ms, "bytes": float(size), "devices": float(len(devices))}
 
 
 #: In run order. Figures that need a fresh node each get their own process.

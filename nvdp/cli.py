@@ -104,6 +104,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def node_config_for(args: argparse.Namespace, env: Mapping[str, str], settings: Settings) -> NodeConfig | None:
     """Per-node configs (a config directory and/or a ConfigMap, chosen by a node label) and API access."""
+    if settings.config_dir is None and not settings.config_map and not settings.node_name:
+        # Neither is configured: keep the Kubernetes client (httpx) out of the process altogether.
+        return None
     from nvdp.config.selection import check_fallbacks
     from nvdp.daemon import NodeConfig
     from nvdp.k8s.client import KubeConfigError, load_api_config

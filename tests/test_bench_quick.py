@@ -37,8 +37,16 @@ def test_quick_benchmark_runs_and_reports_every_figure(tmp_path: Path) -> None:
             assert figure["summary"] and all({"min", "median", "max"} == set(s) for s in figure["summary"].values())
         else:
             assert figure["reason"], key
-    # The figures that need no feature beyond the foundation are always measured.
+    # The figures whose features are all in the tree are always measured (the fake API server needs the test
+    # extras, which this test runs with).
     for key in ("allocate.whole_gpu", "allocate.four_gpu_volume_mounts", "preferred.nvlink8_size4",
-                "startup.process", "memory.rss_registered", "idle_cpu.default", "scale.list_and_watch_encode"):
+                "startup.process", "memory.rss_registered", "idle_cpu.default", "scale.list_and_watch_encode",
+                "reload.file", "reload.file_broken_unchanged_streams", "reload.node_label",
+                "reload.node_label_broken_unchanged_streams"):
         assert data["figures"][key]["status"] == "ok", key
+    # A reload, by file or by node label, never breaks the stream of a resource it does not change.
+    for key in ("reload.file_broken_unchanged_streams", "reload.node_label_broken_unchanged_streams"):
+        assert data["figures"][key]["summary"]["value"]["max"] == 0, data["figures"][key]
+    # The encode figure is per update; the one-time encoder build is reported apart.
+    assert "encode_build_ms" in data["figures"]["scale.list_and_watch_encode"]["summary"]
     assert "| Figure |" in json_file.with_suffix(".md").read_text()

@@ -169,11 +169,11 @@ class KubeletEmulator:
         return api.Empty()
 
     def _list_and_watch(self, endpoint: Endpoint) -> None:
-        stream = endpoint.channel.unary_stream("/v1beta1.DevicePlugin/ListAndWatch", request_serializer=bytes,
-                                               response_deserializer=api.ListAndWatchResponse.parse)
-        call = stream(api.Empty())
-        endpoint.call = call
         try:
+            stream = endpoint.channel.unary_stream("/v1beta1.DevicePlugin/ListAndWatch", request_serializer=bytes,
+                                                   response_deserializer=api.ListAndWatchResponse.parse)
+            call = stream(api.Empty())
+            endpoint.call = call
             for response in call:  # type: ignore[attr-defined]
                 with self._lock:
                     endpoint.devices = {d.id: d.health for d in response.devices}
@@ -181,7 +181,9 @@ class KubeletEmulator:
                         d.id: tuple(n.id for n in d.topology.nodes) if d.topology else () for d in response.devices}
                     endpoint.updates += 1
                     self._lock.notify_all()
-        except grpc.RpcError:
+        except (grpc.RpcError, ValueError):
+            # ValueError: the channel was closed (the registration was replaced, or the emulator stopped) before
+            # the stream opened; for the kubelet that is a stream that ended.
             pass
         with self._lock:
             endpoint.stream_ended = True

@@ -275,6 +275,9 @@ class _TrackingServer(grpclib.server.Server):
     def __init__(self, handlers: list[Any]) -> None:
         super().__init__(handlers, codec=_Codec())
         self.transports: set[asyncio.BaseTransport] = set()
+        #: Set by stop_server(): a connection the loop accepted before the listener closed, but whose
+        #: connection_made() runs only now, is closed at once instead of serving a stopped server.
+        self.stopping = False
 
     def _protocol_factory(self) -> Any:
         protocol = super()._protocol_factory()
@@ -285,6 +288,8 @@ class _TrackingServer(grpclib.server.Server):
             mine.append(transport)
             self.transports.add(transport)
             made(transport)
+            if self.stopping:
+                transport.close()
 
         def connection_lost(exc: BaseException | None) -> None:
             self.transports.difference_update(mine)
@@ -323,6 +328,7 @@ async def start_server(
 async def stop_server(bound: BoundServer) -> None:
     """End every stream, close connections, stop listening and remove the socket if it is still ours."""
     bound.mirror.close()
+    bound.server.stopping = True
     # Give ListAndWatch handlers a moment to send their trailers before connections are cut.
     await asyncio.sleep(0)
     bound.server.close()
