@@ -118,6 +118,19 @@ def _prefix(resource: Resource) -> str:
     return f'invalid allocation request for "{resource.name}": '
 
 
+#: At most this many IDs are named in an error: a request of thousands of unknown IDs must not make a message of
+#: hundreds of kB (grpcio clients refuse trailers over 16 kB, and encoding them stalls the server).
+MAX_IDS_NAMED = 10
+
+
+def describe_ids(ids: Sequence[str]) -> str:
+    """`a, b, c` for the first MAX_IDS_NAMED distinct IDs, then `and N more`; an empty ID shows as `""`."""
+    unique = list(dict.fromkeys(ids))
+    shown = ", ".join(i if i else '""' for i in unique[:MAX_IDS_NAMED])
+    rest = len(unique) - MAX_IDS_NAMED
+    return f"{shown} and {rest} more" if rest > 0 else shown
+
+
 def _lookup(resource: Resource, device_ids: Sequence[str]) -> list[Device]:
     """The devices for `device_ids`, in request order; names every unknown ID, not just the first."""
     devices: list[Device] = []
@@ -130,7 +143,7 @@ def _lookup(resource: Resource, device_ids: Sequence[str]) -> list[Device]:
             devices.append(device)
     if unknown:
         noun = "unknown device" if len(unknown) == 1 else "unknown devices"
-        raise AllocationError(_prefix(resource) + f"{noun}: {', '.join(unknown)}")
+        raise AllocationError(_prefix(resource) + f"{noun}: {describe_ids(unknown)}")
     return devices
 
 

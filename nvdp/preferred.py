@@ -22,6 +22,7 @@ from collections import Counter, OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from nvdp.allocate import describe_ids
 from nvdp.inventory import Link, NodeInventory
 from nvdp.plan.model import Device, Resource
 
@@ -104,7 +105,7 @@ def _lookup(resource: Resource, device_ids: Sequence[str]) -> list[Device]:
             devices.setdefault(device_id, device)
     if unknown:
         noun = "unknown device" if len(unknown) == 1 else "unknown devices"
-        raise PreferredAllocationError(f"{noun} for {resource.name}: {', '.join(dict.fromkeys(unknown))}")
+        raise PreferredAllocationError(f"{noun} for {resource.name}: {describe_ids(unknown)}")
     return list(devices.values())
 
 

@@ -280,7 +280,7 @@ def test_mps_root_may_come_from_the_environment() -> None:
     [
         pytest.param({}, MPS_ONLY, "c.yaml: $.sharing.mps: using MPS requires --mps-root to be specified",
                      id="MPS without an MPS root"),
-        pytest.param({"mps_root": "run/mps"}, MPS_ONLY, "--mps-root must be an absolute path",
+        pytest.param({"mps_root": "run/mps"}, MPS_ONLY, "the MPS root must be an absolute path",
                      id="a relative MPS root"),
         pytest.param({"mps_root": "/run/nvidia/mps", "mig_strategy": "mixed"}, MPS_ONLY,
                      "using --mig-strategy=mixed is not supported with MPS", id="MPS with the mixed strategy"),

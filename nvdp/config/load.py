@@ -20,6 +20,8 @@ def parse_config(text: str | bytes, source: str) -> Config:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{source}: not valid YAML: {exc}") from None
+    except RecursionError:
+        raise ConfigError(f"{source}: not a config: the document is nested too deeply") from None
     if data is None:
         return Config()
     if not isinstance(data, dict):

@@ -254,18 +254,24 @@ def resolve(
     """Combine the four sources. `cli` maps an option's dest to the text given on the command line, or None."""
     config = config or Config()
     values: dict[str, Any] = {}
+    #: Where each value came from (a flag, an env var, `file: $.key`, or "default"), for error messages.
+    origins: dict[str, str] = {}
     for option in OPTIONS:
         given = cli.get(option.dest)
         env_name = next((name for name in option.envs if name in env), None)
         from_file = _from_file(config, option.config_path) if option.config_path else None
         if given is not None:
-            value = _check(option, _parse_text(option, given, option.flags[0]), option.flags[0])
+            origin = option.flags[0]
+            value = _check(option, _parse_text(option, given, origin), origin)
         elif env_name is not None:
-            value = _check(option, _parse_text(option, env[env_name], env_name), env_name)
+            origin = env_name
+            value = _check(option, _parse_text(option, env[env_name], origin), origin)
         elif from_file is not None:
-            value = _check(option, from_file, f"{config_source}: {option.yaml_path}")
+            origin = f"{config_source}: {option.yaml_path}"
+            value = _check(option, from_file, origin)
         else:
-            value = option.default
+            origin, value = "default", option.default
+        origins[option.dest] = origin
         values[option.dest] = value
 
     if isinstance(values["health_quiet_period"], str):
@@ -281,24 +287,32 @@ def resolve(
     values["dev_root"] = values["dev_root"] or values["driver_root"]
     values["kubelet_socket"] = Path(values["kubelet_socket"]) if values["kubelet_socket"] else None
     settings = Settings(config=config, **values)
-    validate(settings, config_source)
+    validate(settings, config_source, origins)
     return settings
 
 
-def validate(settings: Settings, config_source: str = "config file") -> None:
-    """Cross-field checks and refusals of what nvdp does not implement, each with what to do instead."""
+def validate(
+    settings: Settings, config_source: str = "config file", origins: Mapping[str, str] | None = None
+) -> None:
+    """Cross-field checks and refusals of what nvdp does not implement, each with what to do instead.
+    `origins` says where each value came from (flag, env var, file key path) so the message can point there."""
+    origins = origins or {}
+
+    def where(dest: str) -> str:
+        return origins.get(dest) or next(o.flags[0] for o in OPTIONS if o.dest == dest)
+
     unsupported = [s for s in settings.device_list_strategy if s not in SUPPORTED_DEVICE_LIST_STRATEGIES]
     if unsupported:
         raise ConfigError(
-            f"device list strategy {', '.join(unsupported)}: CDI strategies are not supported by nvdp; "
-            f"use {' or '.join(SUPPORTED_DEVICE_LIST_STRATEGIES)} (see docs/compatibility.md)")
+            f"{where('device_list_strategy')}: device list strategy {', '.join(unsupported)}: CDI strategies are "
+            f"not supported by nvdp; use {' or '.join(SUPPORTED_DEVICE_LIST_STRATEGIES)} (see docs/compatibility.md)")
     if settings.metrics_address.strip():
         from nvdp.observe.http import parse_address
 
         try:
             parse_address(settings.metrics_address)
         except ValueError as exc:
-            raise ConfigError(f"metrics address {settings.metrics_address!r}: {exc}") from None
+            raise ConfigError(f"{where('metrics_address')}: {exc}") from None
     config = settings.config
     if config.version not in (None, "", "v1"):
         raise ConfigError(f"{config_source}: $.version: unknown version {config.version!r}: accepted values are v1")
@@ -314,7 +328,7 @@ def validate(settings: Settings, config_source: str = "config file") -> None:
                 "(flag --mps-root, env MPS_ROOT or flags.mpsRoot; usually /run/nvidia/mps)")
         if not settings.mps_root.startswith("/"):
             # Pipe and shm directories are mounted into client containers by host path: relative means nothing.
-            raise ConfigError(f"--mps-root must be an absolute path, got {settings.mps_root!r}")
+            raise ConfigError(f"{where('mps_root')}: the MPS root must be an absolute path, got {settings.mps_root!r}")
         if settings.mig_strategy == "mixed":
             raise ConfigError(
                 f"{config_source}: $.sharing.mps: using --mig-strategy=mixed is not supported with MPS "

@@ -26,13 +26,15 @@ RESOURCE_DOMAIN = "nvidia.com/"
 MAX_RESOURCE_NAME = 63
 
 _DNS_LABEL = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?"
-_DNS_SUBDOMAIN = re.compile(rf"^{_DNS_LABEL}(\.{_DNS_LABEL})*$")
+_DNS_SUBDOMAIN = re.compile(rf"^{_DNS_LABEL}(\.{_DNS_LABEL})*\Z")
 _UUID = r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
-_GPU_INDEX = re.compile(r"^[0-9]+$")
-_MIG_INDEX = re.compile(r"^[0-9]+:[0-9]+$")
-_GPU_UUID = re.compile(rf"^GPU-{_UUID}$")
+#: The most replicas one resource entry may ask for per device.
+MAX_REPLICAS = 4096
+_GPU_INDEX = re.compile(r"^[0-9]+\Z")
+_MIG_INDEX = re.compile(r"^[0-9]+:[0-9]+\Z")
+_GPU_UUID = re.compile(rf"^GPU-{_UUID}\Z")
 # Current drivers name MIG devices `MIG-<uuid>`; older ones `MIG-GPU-<gpu uuid>/<gi>/<ci>`.
-_MIG_UUID = re.compile(rf"^MIG-({_UUID}|GPU-{_UUID}/[0-9]+/[0-9]+)$")
+_MIG_UUID = re.compile(rf"^MIG-({_UUID}|GPU-{_UUID}/[0-9]+/[0-9]+)\Z")
 
 
 class _Struct(msgspec.Struct, rename="camel", forbid_unknown_fields=True, kw_only=True, omit_defaults=True):
@@ -131,6 +133,10 @@ class ReplicatedResource(_Struct):
             raise ValueError("no replicas specified")
         if self.replicas < 1:
             raise ValueError(f"number of replicas must be >= 1, got {self.replicas}")
+        if self.replicas > MAX_REPLICAS:
+            # The kubelet receives ListAndWatch with gRPC's 4 MiB limit (~79 000 devices): thousands of replicas
+            # per GPU could never be advertised, and building them would stall the daemon.
+            raise ValueError(f"number of replicas must be <= {MAX_REPLICAS}, got {self.replicas}")
         if self.memory_gb is not None and self.memory_gb < 1:
             raise ValueError(f"memoryGB must be >= 1, got {self.memory_gb}")
         if self.compute_percent is not None and not 1 <= self.compute_percent <= 100:

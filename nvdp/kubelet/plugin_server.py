@@ -102,6 +102,15 @@ class _Codec(ProtoCodec):
             return message.data
         return super().encode(message, message_type)
 
+    def decode(self, data: bytes, message_type: Any) -> Any:
+        # A request that is not valid protobuf (a device ID that is not UTF-8, a field of the wrong wire type) is
+        # the client's error: say so, instead of an "Internal Server Error" and a logged traceback.
+        try:
+            return super().decode(data, message_type)
+        except Exception as exc:
+            raise GRPCError(grpclib.const.Status.INVALID_ARGUMENT,
+                            f"cannot decode {message_type.__name__}: {exc}") from None
+
 
 class DeviceListEncoder:
     """Encodes a resource's device list for any health snapshot, reusing each device's encoded entry."""
