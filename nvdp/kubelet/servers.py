@@ -164,8 +164,11 @@ class ResourceServers:
         try:
             with running.scope:
                 try:
-                    running.bound = await self._host.run(
-                        start_server, running.context, self._unhealthy, socket_path, self._observer)
+                    # Shielded (and short): once the loop has bound the socket, the BoundServer must come back here
+                    # to be stopped, or a cancellation during start-up would leave the socket behind.
+                    with trio.CancelScope(shield=True):
+                        running.bound = await self._host.run(
+                            start_server, running.context, self._unhealthy, socket_path, self._observer)
                 except OSError as exc:
                     # Typically the plugin directory is missing because the kubelet is not up yet. The socket
                     # watcher restarts us when kubelet.sock appears.
@@ -173,9 +176,9 @@ class ResourceServers:
                                 exc.strerror or exc)
                     task_status.started()
                     await trio.sleep_forever()
-                log.info("serving %s on %s (%d devices)", resource.name, socket_path, len(resource.devices))
-                task_status.started()
                 try:
+                    log.info("serving %s on %s (%d devices)", resource.name, socket_path, len(resource.devices))
+                    task_status.started()
                     if self.kubelet_socket is None:
                         log.info("skipping registration of %s with the kubelet (no kubelet socket)", resource.name)
                     else:

@@ -38,7 +38,9 @@ async def watch_plugin_dir(kubelet_socket: Path) -> AsyncIterator[SocketEvent]:
         while True:
             await trio.lowlevel.wait_readable(inotify.fileno())
             for event in inotify.read(timeout=0):
-                if event.wd == parent_wd and event.name == directory.name and dir_wd is None:
+                if event.wd == parent_wd and event.name == directory.name:
+                    # Always follow a new directory, even before the old one's DELETE_SELF arrives (a socket still
+                    # bound in the old directory can delay that); events of the old watch no longer match dir_wd.
                     dir_wd = _add_watch(inotify, directory, _DIR_MASK)
                     log.info("plugin directory %s re-created", directory)
                     if await trio.Path(kubelet_socket).exists():

@@ -283,13 +283,19 @@ class _Daemon:
                     self._set_health(True)
                     log.info("MPS daemon for %s answers; its replicas are healthy", self.label)
                     started()
-                    await self._probe_forever()
+                    failure = await self._probe_until_unreachable()
                 outcome = failure or ""
                 nursery.cancel_scope.cancel()
         finally:
             with trio.CancelScope(shield=True):
                 await self._stop(process)
                 self.state.pid = None
+        if not await trio.Path(self.spec.pipe_dir).is_dir():
+            # The next start needs its directories back (they are created once, in run()).
+            try:
+                await trio.to_thread.run_sync(self._make_dirs)
+            except OSError as exc:
+                outcome = f"{outcome}; cannot re-create its directories ({exc})"
         if process.returncode is not None and not outcome:
             outcome = _describe_exit(process.returncode)
         return outcome or "stopped"
@@ -343,7 +349,10 @@ class _Daemon:
             f"set_default_active_thread_percentage {self.spec.active_thread_percentage}",
         ]
 
-    async def _probe_forever(self) -> NoReturn:
+    async def _probe_until_unreachable(self) -> str:
+        """Probe until the daemon cannot be reached any more; returns why. A daemon that is alive but hung stays
+        (restarting it would end its clients): only one whose pipe directory is gone (its control socket with it;
+        it can never answer again) is restarted."""
         while True:
             await trio.sleep(self.timings.probe_interval_s)
             ok, answer = await self._command("get_default_active_thread_percentage")
@@ -351,11 +360,13 @@ class _Daemon:
                 if self.state.healthy is not True:
                     log.info("MPS daemon for %s answers again; its replicas are healthy", self.label)
                 self._set_health(True)
-            else:
-                if self.state.healthy is not False:
-                    log.warning("MPS daemon for %s failed a probe (%s); its replicas are unhealthy until it "
-                                "answers", self.label, answer or "no output")
-                self._set_health(False)
+                continue
+            if self.state.healthy is not False:
+                log.warning("MPS daemon for %s failed a probe (%s); its replicas are unhealthy until it "
+                            "answers", self.label, answer or "no output")
+            self._set_health(False)
+            if not await trio.Path(self.spec.pipe_dir).is_dir():
+                return f"lost its pipe directory {self.spec.pipe_dir}"
 
     async def _command(self, command: str) -> tuple[bool, str]:
         """Runs the control program in client mode with `command` on stdin, bounded by `probe_timeout_s`."""

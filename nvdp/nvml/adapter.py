@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import logging
 import re
 import threading
 from collections.abc import Callable, Iterator
@@ -57,6 +58,8 @@ _MESSAGES = {
     pynvml.NVML_ERROR_LIB_RM_VERSION_MISMATCH: "NVML and kernel driver versions differ",
     pynvml.NVML_ERROR_UNKNOWN: "unknown NVML error",
 }
+
+log = logging.getLogger(__name__)
 
 
 class NvmlError(Exception):
@@ -265,15 +268,23 @@ def read_inventory(host_root: Path = Path("/"), driver_root: Path = Path("/")) -
     handles = []
     gpus = []
     for index in range(count):
-        with _translated(f"GPU {index}"):
-            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
-            major, minor = pynvml.nvmlDeviceGetCudaComputeCapability(handle)
-            pci_bus_id = _text(pynvml.nvmlDeviceGetPciInfo(handle).busId)
-            uuid = _text(pynvml.nvmlDeviceGetUUID(handle))
-            name = _text(pynvml.nvmlDeviceGetName(handle))
-            memory_mib = int(pynvml.nvmlDeviceGetMemoryInfo(handle).total) // (1024 * 1024)
-            minor_number = int(pynvml.nvmlDeviceGetMinorNumber(handle))
-        mig_enabled, mig_devices = _mig_devices(handle)
+        try:
+            with _translated(f"GPU {index}"):
+                handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+                major, minor = pynvml.nvmlDeviceGetCudaComputeCapability(handle)
+                pci_bus_id = _text(pynvml.nvmlDeviceGetPciInfo(handle).busId)
+                uuid = _text(pynvml.nvmlDeviceGetUUID(handle))
+                name = _text(pynvml.nvmlDeviceGetName(handle))
+                memory_mib = int(pynvml.nvmlDeviceGetMemoryInfo(handle).total) // (1024 * 1024)
+                minor_number = int(pynvml.nvmlDeviceGetMinorNumber(handle))
+            mig_enabled, mig_devices = _mig_devices(handle)
+        except NvmlError as exc:
+            if not exc.gpu_lost:
+                raise
+            # A GPU that fell off the bus cannot even tell its UUID: leave it out (nothing can use it until the
+            # node is rebooted) and serve the others, instead of failing the whole node.
+            log.error("GPU %d is lost (%s): it is not advertised; the node needs a reboot to use it", index, exc)
+            continue
         handles.append(handle)
         gpus.append(
             Gpu(
@@ -292,12 +303,13 @@ def read_inventory(host_root: Path = Path("/"), driver_root: Path = Path("/")) -
     index_by_bus = {_bus_key(gpu.pci_bus_id): gpu.index for gpu in gpus}
     nvlinks = [_nvlinks(handle, index_by_bus) for handle in handles]
     links = {}
-    for a in range(count):
-        for b in range(a + 1, count):
+    for i, first in enumerate(gpus):
+        for j in range(i + 1, len(gpus)):
+            second = gpus[j]
             # Both ends report each link; take the larger count in case one side cannot see its remote.
-            links[(a, b)] = Link(
-                nvlinks=max(nvlinks[a].get(b, 0), nvlinks[b].get(a, 0)),
-                pcie_level=_topology_level(handles[a], handles[b]),
+            links[(first.index, second.index)] = Link(
+                nvlinks=max(nvlinks[i].get(second.index, 0), nvlinks[j].get(first.index, 0)),
+                pcie_level=_topology_level(handles[i], handles[j]),
             )
     control_devices = tuple(dev for dev in CONTROL_DEVICE_NODES if (host_root / dev.lstrip("/")).exists())
     return NodeInventory(
