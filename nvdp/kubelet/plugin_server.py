@@ -351,7 +351,12 @@ async def stop_server(bound: BoundServer) -> None:
     for transport in list(bound.server.transports):
         transport.close()
     try:
-        await asyncio.wait_for(bound.server.wait_closed(), CLOSE_GRACE_S)
+        async with asyncio.timeout(CLOSE_GRACE_S):
+            # A closed transport releases its socket in a later loop callback (connection_lost): wait for every
+            # one, or a loop stopped right after this (daemon shutdown) would leave sockets to the collector.
+            while bound.server.transports:  # noqa: ASYNC110 (grpclib offers no event for this)
+                await asyncio.sleep(0.005)
+            await bound.server.wait_closed()
     except TimeoutError:
         log.warning("server for %s did not close within %.1f s", bound.mirror.resource.name, CLOSE_GRACE_S)
     remove_socket_if_ours(bound.socket_path, bound.inode)

@@ -48,9 +48,6 @@ def everything_registered_again(k: KubeletEmulator) -> bool:
 
 
 @plugin_connection_leak
-@pytest.mark.xfail(strict=False, reason="suspected bug, intermittent (about 1 run in 5): after a reload, a kubelet "
-                   "restart's restart_all() in nvdp/daemon.py control() blocks until cancelled (over 5 s) and no "
-                   "resource re-registers; see docs/faults.md finding 7")
 async def test_fifty_kubelet_restarts_with_allocates_and_reloads_in_flight(
     tmp_path: Path, kubelet: KubeletEmulator
 ) -> None:
