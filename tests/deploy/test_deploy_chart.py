@@ -162,7 +162,7 @@ def test_config_map_two_configs_and_a_default(render):
     sa = r.one("ServiceAccount")
     assert r.pod["serviceAccountName"] == sa["metadata"]["name"]
     assert "automountServiceAccountToken" not in r.pod
-    nodes = {"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "list", "watch"]}
+    nodes = {"apiGroups": [""], "resources": ["nodes"], "verbs": ["list", "watch"]}
     assert r.one("ClusterRole")["rules"] == [nodes]
     assert_events_rbac(r, sa["metadata"]["name"], "nvdp")
     assert r.one("ClusterRoleBinding")["subjects"] == [
@@ -172,11 +172,11 @@ def test_config_map_two_configs_and_a_default(render):
 
 
 def assert_events_rbac(r, sa_name: str, sa_namespace: str) -> None:
-    """Events about a Node live in `default`: one Role there, core/v1 events create/patch only, bound to nvdp's SA."""
+    """Events about a Node live in `default`: one Role there, core/v1 events create only, bound to nvdp's SA."""
     roles = [o for o in r.of_kind("Role") if any("events" in rule["resources"] for rule in o["rules"])]
     assert len(roles) == 1, roles
     assert roles[0]["metadata"]["namespace"] == "default"
-    assert roles[0]["rules"] == [{"apiGroups": [""], "resources": ["events"], "verbs": ["create", "patch"]}]
+    assert roles[0]["rules"] == [{"apiGroups": [""], "resources": ["events"], "verbs": ["create"]}]
     bindings = [o for o in r.of_kind("RoleBinding") if o["roleRef"]["name"] == roles[0]["metadata"]["name"]]
     assert len(bindings) == 1, bindings
     assert bindings[0]["metadata"]["namespace"] == "default"
@@ -198,7 +198,7 @@ def test_config_read_through_the_api_is_limited_to_that_configmap(render):
             "apiGroups": [""],
             "resources": ["configmaps"],
             "resourceNames": ["nvdp-configs"],
-            "verbs": ["get", "list", "watch"],
+            "verbs": ["list", "watch"],
         }
     ]
     binding = [o for o in r.of_kind("RoleBinding") if o["metadata"]["namespace"] == "nvdp"]
@@ -378,13 +378,13 @@ def test_bare_metal_rbac_writes_events_in_default():
     (role,) = by_kind["Role"]
     (binding,) = by_kind["RoleBinding"]
     assert role["metadata"]["namespace"] == binding["metadata"]["namespace"] == "default"
-    assert role["rules"] == [{"apiGroups": [""], "resources": ["events"], "verbs": ["create", "patch"]}]
+    assert role["rules"] == [{"apiGroups": [""], "resources": ["events"], "verbs": ["create"]}]
     assert binding["roleRef"]["name"] == role["metadata"]["name"]
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "nvdp-node", "namespace": "kube-system"}]
     (sa,) = by_kind["ServiceAccount"]
     assert sa["metadata"] == {"name": "nvdp-node", "namespace": "kube-system"}
     assert by_kind["ClusterRole"][0]["rules"] == [
-        {"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "list", "watch"]}
+        {"apiGroups": [""], "resources": ["nodes"], "verbs": ["list", "watch"]}
     ]
 
 
