@@ -233,6 +233,8 @@ class Daemon:
         self.generation = 0
         self.mps: MpsDaemons | None = None
         self.mps_down: set[str] = set()
+        #: Processes started per MPS daemon as last seen answering (to count restarts for /metrics).
+        self._mps_starts: dict[str, int] = {}
         self._health_scope: trio.CancelScope | None = None
         self._health_gpus: tuple[str, ...] = ()
 
@@ -362,12 +364,21 @@ class Daemon:
                                     task_status=_started_with(task_status, scope))
 
     def _mps_health(self, gpu_uuid: str, healthy: bool) -> None:
+        running = self.mps.running.get(gpu_uuid) if self.mps is not None else None
         if healthy:
             self.mps_down.discard(gpu_uuid)
+            if running is not None and running.state.starts > self._mps_starts.get(gpu_uuid, 1):
+                # Answering again after a new process started: that was a restart.
+                self.metrics.mps_restart(gpu_uuid)
+            if running is not None:
+                self._mps_starts[gpu_uuid] = running.state.starts
         else:
             self.mps_down.add(gpu_uuid)
-        self.metrics.mps_daemon(gpu_uuid, healthy)
+        self.metrics.mps_daemon(gpu_uuid, healthy, running.state.last_probe_s if running is not None else None)
         self.publish_health()
+
+    def _mps_probe(self, gpu_uuid: str, seconds: float) -> None:
+        self.metrics.mps_daemon(gpu_uuid, gpu_uuid not in self.mps_down, seconds)
 
     def _servers_changed(self) -> None:
         # Against the plan, not the running servers: between stopping old servers and starting new ones nothing
@@ -393,7 +404,7 @@ class Daemon:
             if self.mps is not None:
                 await self.mps.stop_all()
             self.mps = MpsDaemons(self._mps_nursery, control, NvmlComputeMode(), self._mps_health,
-                                  path_env=self.search_path)
+                                  on_probe=self._mps_probe, path_env=self.search_path)
 
     async def apply(self, settings: Settings, inventory: NodeInventory, plan: Plan, started: float) -> None:
         """Make the running servers and MPS daemons match `plan`: stop what is gone or changed, then start what is

@@ -7,10 +7,12 @@ from pathlib import Path
 import grpc
 import pytest
 import trio
+from prometheus_client import generate_latest
 
 from nvdp.config.settings import Settings
 from nvdp.daemon import StartupError, run_daemon
 from nvdp.kubelet.emulator import KubeletEmulator
+from nvdp.observe.metrics import Metrics
 from tests.helpers import gpu, running_daemon, wait_for, write_node
 
 GPU0 = "GPU-00000000-aaaa-bbbb-cccc-000000000000"
@@ -326,9 +328,10 @@ async def test_mps_slices_with_supervised_control_daemons(tmp_path: Path, kubele
     s = resolve({"simulate": str(node), "kubelet_socket": str(kubelet.socket), "mps_root": str(mps_root),
                  "metrics_address": ""}, {}, config)
     state = mps_root / GPU0
+    metrics = Metrics()
     async with trio.open_nursery() as nursery:
         await nursery.start(lambda task_status: run_daemon(
-            s, handle_signals=False, search_path=os.environ["PATH"], task_status=task_status))
+            s, handle_signals=False, search_path=os.environ["PATH"], metrics=metrics, task_status=task_status))
         assert await wait_for(kubelet, lambda k: {r: len(k.devices(r)) for r in k.resources()} == {
             "nvidia.com/gpu": 1, "nvidia.com/gpu-10gb": 2, "nvidia.com/gpu-20gb": 1})
         assert list(kubelet.devices("nvidia.com/gpu")) == [GPU1]
@@ -353,6 +356,9 @@ async def test_mps_slices_with_supervised_control_daemons(tmp_path: Path, kubele
         assert await wait_for(kubelet, lambda k: all(set(k.devices(r).values()) == {"Unhealthy"} for r in sliced), 2.0)
         assert set(kubelet.devices("nvidia.com/gpu").values()) == {"Healthy"}
         assert await wait_for(kubelet, lambda k: all(set(k.devices(r).values()) == {"Healthy"} for r in sliced), 5.0)
+        exposition = generate_latest(metrics.registry).decode()
+        assert f'nvdp_mps_daemon_restarts_total{{uuid="{GPU0}"}} 1.0' in exposition
+        assert f'nvdp_mps_daemon_up{{uuid="{GPU0}"}} 1.0' in exposition
         nursery.cancel_scope.cancel()
     assert (state / "commands.log").read_text().splitlines()[-1] == "quit"
     shutil.rmtree(mps_root)

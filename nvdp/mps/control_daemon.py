@@ -106,6 +106,8 @@ class DaemonState:
     pid: int | None = None
     starts: int = 0
     last_exit: str = ""
+    #: Seconds the last successful probe took (the control program's round trip).
+    last_probe_s: float | None = None
 
 
 def gpu_label(spec: MpsDaemonSpec) -> str:
@@ -135,14 +137,16 @@ async def serve_mps_daemon(
     timings: DaemonTimings = DEFAULT_TIMINGS,
     path_env: str = DEFAULT_PATH,
     state: DaemonState | None = None,
+    on_probe: Callable[[str, float], None] | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> NoReturn:
     """Run and supervise the MPS control daemon of one GPU until cancelled (see the module docstring).
 
-    `on_health(gpu_uuid, healthy)` is called on every change, from this task. Raises `MpsError` before
+    `on_health(gpu_uuid, healthy)` is called on every change, from this task; `on_probe(gpu_uuid, seconds)` after
+    every successful periodic probe. Raises `MpsError` before
     `task_status.started()` when the pipe or log directory cannot be created.
     """
-    daemon = _Daemon(spec, control, compute_mode, on_health, timings, path_env, state or DaemonState())
+    daemon = _Daemon(spec, control, compute_mode, on_health, timings, path_env, state or DaemonState(), on_probe)
     await daemon.run(task_status)
 
 
@@ -156,11 +160,13 @@ class _Daemon:
         timings: DaemonTimings,
         path_env: str,
         state: DaemonState,
+        on_probe: Callable[[str, float], None] | None = None,
     ) -> None:
         self.spec = spec
         self.control = control
         self.compute_mode = compute_mode
         self.on_health = on_health
+        self.on_probe = on_probe
         self.timings = timings
         self.state = state
         self.label = gpu_label(spec)
@@ -355,8 +361,12 @@ class _Daemon:
         it can never answer again) is restarted."""
         while True:
             await trio.sleep(self.timings.probe_interval_s)
+            began = trio.current_time()
             ok, answer = await self._command("get_default_active_thread_percentage")
             if ok and _is_number(answer):
+                self.state.last_probe_s = trio.current_time() - began
+                if self.on_probe is not None:
+                    self.on_probe(self.spec.gpu_uuid, self.state.last_probe_s)
                 if self.state.healthy is not True:
                     log.info("MPS daemon for %s answers again; its replicas are healthy", self.label)
                 self._set_health(True)

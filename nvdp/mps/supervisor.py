@@ -56,6 +56,7 @@ class MpsDaemons:
         compute_mode: ComputeModeControl,
         on_health: Callable[[str, bool], None],
         *,
+        on_probe: Callable[[str, float], None] | None = None,
         timings: DaemonTimings = DEFAULT_TIMINGS,
         path_env: str = DEFAULT_PATH,
     ) -> None:
@@ -63,6 +64,7 @@ class MpsDaemons:
         self.control = control
         self._compute_mode = compute_mode
         self._on_health = on_health
+        self._on_probe = on_probe
         self._timings = timings
         self._path_env = path_env
         self._running: dict[str, RunningDaemon] = {}
@@ -142,6 +144,7 @@ class MpsDaemons:
                     timings=self._timings,
                     path_env=self._path_env,
                     state=running.state,
+                    on_probe=self._on_probe,
                     task_status=task_status,
                 )
         finally:
