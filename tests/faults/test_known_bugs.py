@@ -23,6 +23,7 @@ from nvdp.kubelet.api import v1beta1 as api
 from nvdp.kubelet.emulator import Endpoint, KubeletEmulator
 from nvdp.kubelet.plugin_server import BoundServer, ServingContext, start_server, stop_server
 from nvdp.plan.model import Resource
+from tests.faults.conftest import plugin_connection_leak
 
 
 def test_stop_server_closes_a_connection_accepted_while_stopping() -> None:
@@ -60,6 +61,8 @@ def test_emulator_stream_on_a_closed_channel_just_ends() -> None:
         assert endpoint.stream_ended
 
 
+# A GC-closed plugin connection was seen once in CI's order of the suite (docs/faults.md finding 1, remainder).
+@plugin_connection_leak
 async def test_a_server_cancelled_while_binding_removes_its_socket(
     two_gpu_node: Path, kubelet: KubeletEmulator, monkeypatch: pytest.MonkeyPatch
 ) -> None:
