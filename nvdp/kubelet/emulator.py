@@ -83,6 +83,8 @@ class KubeletEmulator:
         #: Streams that ended while their endpoint was still current (a plugin broke a ListAndWatch).
         self.broken_streams: dict[str, int] = {}
         self.restarts = 0
+        #: Incremented by every start: a Register that began before a restart is refused after it.
+        self.incarnation = 0
         self._endpoints: dict[str, Endpoint] = {}
         self._lock = threading.Condition()
         self._server: grpc.Server | None = None
@@ -104,6 +106,8 @@ class KubeletEmulator:
     # -- lifecycle -------------------------------------------------------------------------------------------------
 
     def start(self) -> None:
+        with self._lock:
+            self.incarnation += 1
         self.plugin_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="kubelet-emulator"))
         handler = grpc.unary_unary_rpc_method_handler(
@@ -145,8 +149,12 @@ class KubeletEmulator:
                           f"Supported version is {SUPPORTED_VERSIONS[0]!r}")
         if not is_extended_resource_name(request.resource_name):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"the ResourceName {request.resource_name!r} is invalid")
+        incarnation = self.incarnation
+        # A connection of its own, as grpc-go's ClientConn has: grpcio otherwise shares one between channels to the
+        # same path, and a new registration could ride on a connection to the server it replaces.
         channel = grpc.insecure_channel(f"unix:{self.plugin_dir / request.endpoint}",
-                                        options=[("grpc.default_authority", "localhost")])
+                                        options=[("grpc.default_authority", "localhost"),
+                                                 ("grpc.use_local_subchannel_pool", 1)])
         try:
             grpc.channel_ready_future(channel).result(timeout=DIAL_TIMEOUT_S)
             options = _method(channel, "GetDevicePluginOptions", api.DevicePluginOptions)(
@@ -156,6 +164,10 @@ class KubeletEmulator:
             context.abort(grpc.StatusCode.UNKNOWN, f"failed to dial device plugin: {exc}")
         endpoint = Endpoint(request.resource_name, request.endpoint, options, channel)  # type: ignore[arg-type]
         with self._lock:
+            if self.incarnation != incarnation:
+                # A real kubelet's restart ends its process, and with it this call; here the call outlived it.
+                channel.close()
+                context.abort(grpc.StatusCode.UNAVAILABLE, "the kubelet restarted during this registration")
             previous = self._endpoints.get(request.resource_name)
             self._endpoints[request.resource_name] = endpoint
             self.registrations.append(Registration(request.resource_name, request.endpoint, options,  # type: ignore[arg-type]

@@ -33,14 +33,8 @@ import trio
 
 from nvdp.config.settings import Settings
 from nvdp.daemon import run_daemon
-from nvdp.kubelet.api import v1beta1 as api
 from nvdp.kubelet.emulator import (
-    DIAL_TIMEOUT_S,
-    SUPPORTED_VERSIONS,
-    Endpoint,
     KubeletEmulator,
-    Registration,
-    is_extended_resource_name,
 )
 from nvdp.kubelet.servers import ResourceServers
 from tests.helpers import wait_for
@@ -305,58 +299,8 @@ def short_dir() -> Iterator[Path]:
         yield Path(tmp)
 
 
-class RobustKubeletEmulator(KubeletEmulator):
-    """The emulator without a race of its own, which a real kubelet cannot have because a restart ends its process
-    (reported): a `Register` call that was in flight when the emulator restarted completes afterwards and replaces
-    the registration made with the new incarnation (closing that one's stream). Here it is refused instead.
-
-    `_register` is the emulator's own, plus the incarnation check under the lock and a connection per channel.
-    """
-
-    incarnation = 0
-
-    def start(self) -> None:
-        with self._lock:
-            self.incarnation += 1
-        super().start()
-
-    def _register(self, request: api.RegisterRequest, context: grpc.ServicerContext) -> api.Empty:
-        incarnation = self.incarnation
-        if request.version not in SUPPORTED_VERSIONS or not is_extended_resource_name(request.resource_name):
-            return super()._register(request, context)  # refused there, with the kubelet's messages
-        # A channel of its own, as grpc-go's ClientConn has: grpcio otherwise shares a connection between channels to
-        # the same path, and a new registration could ride on a connection to the server it replaces.
-        channel = grpc.insecure_channel(f"unix:{self.plugin_dir / request.endpoint}",
-                                        options=[("grpc.default_authority", "localhost"),
-                                                 ("grpc.use_local_subchannel_pool", 1)])
-        try:
-            grpc.channel_ready_future(channel).result(timeout=DIAL_TIMEOUT_S)
-            options = channel.unary_unary("/v1beta1.DevicePlugin/GetDevicePluginOptions", request_serializer=bytes,
-                                          response_deserializer=api.DevicePluginOptions.parse)(
-                api.Empty(), timeout=DIAL_TIMEOUT_S)
-        except (grpc.FutureTimeoutError, grpc.RpcError) as exc:
-            channel.close()
-            context.abort(grpc.StatusCode.UNKNOWN, f"failed to dial device plugin: {exc}")
-        endpoint = Endpoint(request.resource_name, request.endpoint, options, channel)
-        with self._lock:
-            if self.incarnation != incarnation:
-                channel.close()
-                context.abort(grpc.StatusCode.UNAVAILABLE, "the kubelet restarted during this registration")
-            previous = self._endpoints.get(request.resource_name)
-            self._endpoints[request.resource_name] = endpoint
-            self.registrations.append(Registration(request.resource_name, request.endpoint, options,
-                                                   time.monotonic()))
-            self._lock.notify_all()
-        if previous is not None:
-            self._close(previous)
-        endpoint.thread = threading.Thread(target=self._list_and_watch, args=(endpoint,),
-                                           name=f"kubelet-lw-{request.resource_name}", daemon=True)
-        endpoint.thread.start()
-        return api.Empty()
-
-
 @pytest.fixture
 def kubelet() -> Iterator[KubeletEmulator]:
     with tempfile.TemporaryDirectory(prefix="nvdp-t-") as short, \
-            RobustKubeletEmulator(Path(short) / "device-plugins") as emulator:
+            KubeletEmulator(Path(short) / "device-plugins") as emulator:
         yield emulator
