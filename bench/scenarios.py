@@ -328,6 +328,23 @@ def _broken_streams(k: KubeletEmulator, unchanged: list[str]) -> int:
     return broken
 
 
+def _first_switch(
+    n: Nvdp, switch: Callable[[], None], name: str, reasons: list[str]
+) -> tuple[dict[str, frozenset[str]], dict[str, frozenset[str]], list[str], list[str]] | None:
+    """Switch once from config A to B and tell the resources that changed from those that did not; None (with the
+    reason appended) when this candidate cannot measure a reload: nvdp exited, or nothing or everything changed."""
+    state_a = _settled(n, FEATURE_TIMEOUT_S)
+    switch()
+    n.wait_for(lambda k, a=state_a: _snapshot(k) != a, 5.0)
+    state_b = _settled(n, FEATURE_TIMEOUT_S)
+    changed, unchanged = _changed_and_unchanged(state_a, state_b)
+    if not n.alive() or not changed or not unchanged:
+        seen = {r: len(v) for r, v in state_b.items()}
+        reasons.append(f"{name}: {'nvdp exited: ' + n.log_tail(1) if not n.alive() else seen}")
+        return None
+    return state_a, state_b, changed, unchanged
+
+
 def reload_file(p: Params, wd: Path) -> Results:
     """Config file changed + SIGHUP -> the kubelet holds the new device set; unchanged resources' streams kept."""
     key, broken_key = "reload.file", "reload.file_broken_unchanged_streams"
@@ -338,16 +355,15 @@ def reload_file(p: Params, wd: Path) -> Results:
         config = nodes.config(sub / "config.yaml", config_a)
         with Nvdp(sub, node_writer(sub / "node.yaml"), config=config) as n:
             assert n.kubelet is not None
-            state_a = _settled(n, FEATURE_TIMEOUT_S)
-            nodes.config(config, config_b)
-            n.sighup()
-            n.wait_for(lambda k, a=state_a: _snapshot(k) != a, 5.0)
-            state_b = _settled(n, FEATURE_TIMEOUT_S)
-            changed, unchanged = _changed_and_unchanged(state_a, state_b)
-            if not n.alive() or not changed or not unchanged:
-                seen = {r: len(v) for r, v in state_b.items()}
-                reasons.append(f"{name}: {'nvdp exited: ' + n.log_tail(1) if not n.alive() else seen}")
+
+            def switch_to_b(path: Path = config, data: dict[str, Any] = config_b) -> None:
+                nodes.config(path, data)
+                n.sighup()
+
+            probe = _first_switch(n, switch_to_b, name, reasons)
+            if probe is None:
                 continue
+            state_a, state_b, changed, unchanged = probe
 
             def rewrite(i: int, path: Path = config, data: tuple[dict[str, Any], ...] = (config_a, config_b)) -> None:
                 nodes.config(path, data[i % 2])
@@ -398,15 +414,10 @@ def reload_node_label(p: Params, wd: Path) -> Results:
 
             with Nvdp(sub, node_writer(sub / "node.yaml"), env=env) as n:
                 assert n.kubelet is not None
-                state_a = _settled(n, FEATURE_TIMEOUT_S)
-                relabel(1)
-                n.wait_for(lambda k, a=state_a: _snapshot(k) != a, 5.0)
-                state_b = _settled(n, FEATURE_TIMEOUT_S)
-                changed, unchanged = _changed_and_unchanged(state_a, state_b)
-                if not n.alive() or not changed or not unchanged:
-                    seen = {r: len(v) for r, v in state_b.items()}
-                    reasons.append(f"{name}: {'nvdp exited: ' + n.log_tail(1) if not n.alive() else seen}")
+                probe = _first_switch(n, lambda: relabel(1), name, reasons)
+                if probe is None:
                     continue
+                state_a, state_b, changed, unchanged = probe
                 samples = _time_switches(n, p.reloads, (state_a, state_b), changed, lambda i: None, relabel,
                                          f"node-label switch ({name})")
                 return {key: {**latency_stats(samples), "note": name},
