@@ -476,8 +476,8 @@ def _encode_figure(p: Params) -> Stats:
     `betterproto2_ms` one encode of the same message through betterproto2 (the path before the encoder), whose
     bytes the encoder's must equal.
     """
+    from nvdp.core.plan.model import Device, Resource, Sharing
     from nvdp.kubelet.plugin_server import DeviceListEncoder, list_and_watch_response
-    from nvdp.plan.model import Device, Resource, Sharing
 
     devices = []
     for g in range(8):

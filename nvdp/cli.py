@@ -1,6 +1,6 @@
 """Command line: `nvdp [run]`, `nvdp demo`, `nvdp config validate`.
 
-Flags and environment variables are upstream's (see `nvdp.config.settings.OPTIONS`); this module is the only one
+Flags and environment variables are upstream's (see `nvdp.core.config.settings.OPTIONS`); this module is the only one
 that reads `os.environ`.
 """
 
@@ -17,10 +17,10 @@ from typing import TYPE_CHECKING
 import trio
 
 from nvdp import __version__
-from nvdp.config.errors import ConfigError
-from nvdp.config.load import load_config_file
-from nvdp.config.schema import Config
-from nvdp.config.settings import OPTIONS, Settings, cli_values, resolve
+from nvdp.core.config.errors import ConfigError
+from nvdp.core.config.load import load_config_file
+from nvdp.core.config.schema import Config
+from nvdp.core.config.settings import OPTIONS, Settings, cli_values, resolve
 from nvdp.observe.logs import setup_logging
 
 if TYPE_CHECKING:
@@ -107,7 +107,7 @@ def node_config_for(args: argparse.Namespace, env: Mapping[str, str], settings: 
     if settings.config_dir is None and not settings.config_map and not settings.node_name:
         # Neither is configured: keep the Kubernetes client (httpx) out of the process altogether.
         return None
-    from nvdp.config.selection import check_fallbacks
+    from nvdp.core.config.selection import check_fallbacks
     from nvdp.daemon import NodeConfig
     from nvdp.k8s.client import KubeConfigError, load_api_config
     from nvdp.node_config import ConfigSources, parse_config_map_ref

@@ -40,27 +40,28 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from nvdp.allocate import AllocateOptions
-from nvdp.config.errors import ConfigError
-from nvdp.config.load import parse_config
-from nvdp.config.schema import Config
-from nvdp.config.settings import Settings
-from nvdp.health import ALL_GPUS, HealthTracker, XidPolicy
-from nvdp.inventory import NodeInventory
+from nvdp.core.config.errors import ConfigError
+from nvdp.core.config.load import parse_config
+from nvdp.core.config.schema import Config
+from nvdp.core.config.settings import Settings
+from nvdp.core.health import ALL_GPUS, HealthTracker, XidPolicy
+from nvdp.core.inventory import NodeInventory
+from nvdp.core.plan.allocate import AllocateOptions
+from nvdp.core.plan.build import PlanError, build_plan
+from nvdp.core.plan.labels import sharing_labels
+from nvdp.core.plan.model import Device, Plan
 from nvdp.kubelet.aio import open_asyncio_thread
 from nvdp.kubelet.plugin_server import ServingContext
 from nvdp.kubelet.servers import ResourceServers
 from nvdp.kubelet.socket_watch import watch_plugin_dir
-from nvdp.labels import sharing_labels, write_features_file
 from nvdp.mps import MpsDaemons, MpsError, NvmlComputeMode, find_control_binary
 from nvdp.mps.shm import ShmError, ensure_shm
+from nvdp.nfd import write_features_file
 from nvdp.nvml import adapter as nvml
 from nvdp.nvml.adapter import XidEvent
 from nvdp.nvml.health import watch_nvml_health
 from nvdp.observe.http import ProbeState, serve_http
 from nvdp.observe.metrics import Metrics
-from nvdp.plan.build import PlanError, build_plan
-from nvdp.plan.model import Device, Plan
 
 if TYPE_CHECKING:
     # The Kubernetes client (httpx) and the node-config watch are imported only when per-node configs or API

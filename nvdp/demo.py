@@ -15,7 +15,7 @@ from typing import TextIO
 
 import trio
 
-from nvdp.config.settings import Settings
+from nvdp.core.config.settings import Settings
 from nvdp.daemon import run_daemon
 from nvdp.kubelet.emulator import KubeletEmulator
 

@@ -31,8 +31,8 @@ import trio
 from inotify_simple import INotify
 from inotify_simple import flags as F
 
-from nvdp.config.errors import ConfigError
-from nvdp.config.selection import DEFAULT_FALLBACKS, DEFAULT_NODE_LABEL, choose_config, describe
+from nvdp.core.config.errors import ConfigError
+from nvdp.core.config.selection import DEFAULT_FALLBACKS, DEFAULT_NODE_LABEL, choose_config, describe
 
 if TYPE_CHECKING:
     # Imported where used: a node without a label or ConfigMap never loads httpx.

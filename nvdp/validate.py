@@ -6,11 +6,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-from nvdp.config.errors import ConfigError
-from nvdp.config.load import load_config_file
-from nvdp.config.settings import resolve
-from nvdp.plan.build import PlanError, build_plan
-from nvdp.plan.model import Device, Plan, Sharing
+from nvdp.core.config.errors import ConfigError
+from nvdp.core.config.load import load_config_file
+from nvdp.core.config.settings import resolve
+from nvdp.core.plan.build import PlanError, build_plan
+from nvdp.core.plan.model import Device, Plan, Sharing
 
 
 def _device_line(device: Device) -> str:

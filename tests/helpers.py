@@ -10,7 +10,7 @@ from typing import Any
 import trio
 import yaml
 
-from nvdp.config.settings import Settings
+from nvdp.core.config.settings import Settings
 from nvdp.daemon import run_daemon
 from nvdp.kubelet.emulator import KubeletEmulator
 from nvdp.kubelet.servers import ResourceServers

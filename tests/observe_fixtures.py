@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from prometheus_client.exposition import generate_latest
 
-from nvdp.inventory import Gpu, NodeInventory
+from nvdp.core.inventory import Gpu, NodeInventory
+from nvdp.core.plan.model import Device, MpsDaemonSpec, Plan, Resource, Sharing
 from nvdp.observe.metrics import Metrics
 from nvdp.observe.status import Samples
-from nvdp.plan.model import Device, MpsDaemonSpec, Plan, Resource, Sharing
 
 GPU0 = "GPU-00000000-aaaa-bbbb-cccc-000000000000"
 GPU1 = "GPU-00000001-aaaa-bbbb-cccc-000000000000"

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from nvdp.allocate import (
+from nvdp.core.plan.allocate import (
     AllocateOptions,
     AllocationError,
     ContainerAllocation,
@@ -17,7 +17,7 @@ from nvdp.allocate import (
     host_device_path,
     translate_ids,
 )
-from nvdp.plan.model import Device, Resource, Sharing
+from nvdp.core.plan.model import Device, Resource, Sharing
 
 CONTROL = ("/dev/nvidiactl", "/dev/nvidia-uvm", "/dev/nvidia-uvm-tools", "/dev/nvidia-modeset")
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from nvdp.allocate import AllocateOptions, AllocationError, ContainerAllocation, DeviceSpec, Mount, allocate
-from nvdp.config.load import parse_config
-from nvdp.config.settings import resolve
-from nvdp.inventory import Gpu, NodeInventory
-from nvdp.plan.build import build_plan
-from nvdp.plan.model import Device, MpsSlice, Plan, Resource, Sharing
+from nvdp.core.config.load import parse_config
+from nvdp.core.config.settings import resolve
+from nvdp.core.inventory import Gpu, NodeInventory
+from nvdp.core.plan.allocate import AllocateOptions, AllocationError, ContainerAllocation, DeviceSpec, Mount, allocate
+from nvdp.core.plan.build import build_plan
+from nvdp.core.plan.model import Device, MpsSlice, Plan, Resource, Sharing
 
 ROOT = "/run/nvidia/mps"
 GPU0 = "GPU-3a1f6c52-8e0b-4d47-9c1e-0a1b2c3d4e01"

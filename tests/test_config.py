@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from nvdp.cli import build_parser, load_settings
-from nvdp.config.errors import ConfigError
-from nvdp.config.load import load_config_file, parse_config
-from nvdp.config.settings import Settings, resolve
+from nvdp.core.config.errors import ConfigError
+from nvdp.core.config.load import load_config_file, parse_config
+from nvdp.core.config.settings import Settings, resolve
 
 
 def settings_from(argv: list[str], env: dict[str, str] | None = None) -> Settings:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from nvdp.config.errors import ConfigError
-from nvdp.config.selection import choose_config
+from nvdp.core.config.errors import ConfigError
+from nvdp.core.config.selection import choose_config
 
 LABEL = "nvidia.com/device-plugin.config"
 AB = {"a": b"A", "b": b"B"}

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from nvdp.config.errors import ConfigError
+from nvdp.core.config.errors import ConfigError
 from nvdp.k8s.client import open_client
 from nvdp.k8s.watch import WatchOptions
 from nvdp.node_config import (

@@ -9,7 +9,7 @@ import pytest
 import trio
 from prometheus_client import generate_latest
 
-from nvdp.config.settings import Settings
+from nvdp.core.config.settings import Settings
 from nvdp.daemon import StartupError, run_daemon
 from nvdp.kubelet.emulator import KubeletEmulator
 from nvdp.observe.metrics import Metrics
@@ -284,8 +284,8 @@ async def test_mig_device_specs_come_from_the_nodes_mig_minors(tmp_path: Path, k
 
 
 async def test_time_slicing_replicas_all_turn_unhealthy_on_an_xid(tmp_path: Path, kubelet: KubeletEmulator) -> None:
-    from nvdp.config.load import parse_config
-    from nvdp.config.settings import resolve
+    from nvdp.core.config.load import parse_config
+    from nvdp.core.config.settings import resolve
 
     node, events = node_with_events(tmp_path)
     config = parse_config("version: v1\nsharing:\n  timeSlicing:\n    renameByDefault: true\n"
@@ -315,8 +315,8 @@ async def test_mps_slices_with_supervised_control_daemons(tmp_path: Path, kubele
     import signal
     import tempfile
 
-    from nvdp.config.load import parse_config
-    from nvdp.config.settings import resolve
+    from nvdp.core.config.load import parse_config
+    from nvdp.core.config.settings import resolve
 
     node, _ = node_with_events(tmp_path)
     # MPS listens on a Unix socket in the pipe directory: keep the path well under the 107-byte limit.

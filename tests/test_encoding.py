@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from nvdp.core.plan.model import Device, Resource
 from nvdp.kubelet.api import v1beta1 as api
 from nvdp.kubelet.plugin_server import DeviceListEncoder, list_and_watch_response
-from nvdp.plan.model import Device, Resource
 
 
 def device(device_id: str, numa: int | None) -> Device:

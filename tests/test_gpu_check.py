@@ -25,7 +25,7 @@ import yaml
 
 from nvdp import gpucheck as gc
 from nvdp import sim
-from nvdp.inventory import Gpu, NodeInventory
+from nvdp.core.inventory import Gpu, NodeInventory
 from nvdp.kubelet.api import v1beta1 as api
 from nvdp.nvml import adapter
 from tests.helpers import ROOT, gpu, write_node

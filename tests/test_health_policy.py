@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from nvdp.health.xids import DEFAULT_IGNORED, EVENT_DOUBLE_BIT_ECC, EVENT_XID_CRITICAL, XidPolicy, xid_name
+from nvdp.core.health.xids import DEFAULT_IGNORED, EVENT_DOUBLE_BIT_ECC, EVENT_XID_CRITICAL, XidPolicy, xid_name
 from nvdp.nvml import adapter
 
 UPSTREAM_DEFAULTS = {13, 31, 43, 45, 68, 109}

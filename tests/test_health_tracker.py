@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from nvdp.health import ALL_GPUS, Fault, HealthTracker, XidPolicy
-from nvdp.health.xids import EVENT_DOUBLE_BIT_ECC, EVENT_XID_CRITICAL
-from nvdp.nvml.adapter import XidEvent
-from nvdp.plan.model import Device
+from nvdp.core.health import ALL_GPUS, Fault, HealthTracker, XidPolicy
+from nvdp.core.health.xids import EVENT_DOUBLE_BIT_ECC, EVENT_XID_CRITICAL
+from nvdp.core.plan.model import Device
+from nvdp.core.health.events import XidEvent
 
 GPU0 = "GPU-0"
 GPU1 = "GPU-1"

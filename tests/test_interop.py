@@ -18,7 +18,7 @@ import grpc
 import pytest
 import trio
 
-from nvdp.config.settings import Settings
+from nvdp.core.config.settings import Settings
 from tests.helpers import ROOT, running_daemon
 
 

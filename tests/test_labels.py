@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from nvdp.inventory import Gpu, MigDevice, NodeInventory
-from nvdp.labels import render_features, sanitise, sharing_labels, write_features_file
-from nvdp.plan.model import Device, Plan, Resource, Sharing
+from nvdp.core.inventory import Gpu, MigDevice, NodeInventory
+from nvdp.core.plan.labels import render_features, sanitise, sharing_labels
+from nvdp.core.plan.model import Device, Plan, Resource, Sharing
+from nvdp.nfd import write_features_file
 
 MIG_UUID = "MIG-11111111-2222-3333-4444-555555555555"
 

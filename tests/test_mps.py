@@ -20,10 +20,10 @@ import pytest
 import trio
 
 from nvdp import mps, sim
+from nvdp.core.plan.model import MpsDaemonSpec
 from nvdp.mps import shm
 from nvdp.mps.control_daemon import DaemonState, DaemonTimings, serve_mps_daemon
 from nvdp.nvml import adapter
-from nvdp.plan.model import MpsDaemonSpec
 from tests.helpers import gpu, write_node
 
 CONTROL = Path(sim.__file__).parent / "nvidia-cuda-mps-control"

@@ -10,7 +10,7 @@ import trio
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from nvdp.config.settings import resolve
+from nvdp.core.config.settings import resolve
 from nvdp.daemon import NodeConfig, run_daemon
 from nvdp.kubelet.emulator import KubeletEmulator
 from nvdp.node_config import ConfigSources

@@ -12,7 +12,7 @@ import trio
 import yaml
 
 from nvdp import sim
-from nvdp.inventory import Gpu, Link, MigDevice
+from nvdp.core.inventory import Gpu, Link, MigDevice
 from nvdp.nvml import adapter
 from nvdp.sim import SimHandle, SimNode
 

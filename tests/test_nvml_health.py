@@ -15,11 +15,11 @@ import pytest
 import trio
 
 from nvdp import sim
-from nvdp.health import ALL_GPUS, HealthTracker, XidPolicy
+from nvdp.core.health import ALL_GPUS, HealthTracker, XidPolicy
+from nvdp.core.plan.model import Device
 from nvdp.nvml import adapter
 from nvdp.nvml.adapter import NvmlError
 from nvdp.nvml.health import watch_nvml_health
-from nvdp.plan.model import Device
 from tests.helpers import gpu, write_node
 
 GPU0 = gpu(0)["uuid"]

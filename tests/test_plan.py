@@ -6,9 +6,9 @@ import random
 
 import pytest
 
-from nvdp.config.settings import Settings
-from nvdp.inventory import Gpu, MigDevice, NodeInventory
-from nvdp.plan.build import PlanError, build_plan
+from nvdp.core.config.settings import Settings
+from nvdp.core.inventory import Gpu, MigDevice, NodeInventory
+from nvdp.core.plan.build import PlanError, build_plan
 
 A100 = "GPU-a100-0000"
 H100 = "GPU-h100-0001"

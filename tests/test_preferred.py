@@ -9,10 +9,10 @@ from collections import Counter
 
 import pytest
 
-from nvdp import preferred
-from nvdp.inventory import Gpu, Link, NodeInventory
-from nvdp.plan.model import Device, Resource, Sharing
-from nvdp.preferred import PreferredAllocationError, link_score, preferred_allocation
+from nvdp.core.inventory import Gpu, Link, NodeInventory
+from nvdp.core.plan import preferred
+from nvdp.core.plan.model import Device, Resource, Sharing
+from nvdp.core.plan.preferred import PreferredAllocationError, link_score, preferred_allocation
 
 # --- small builders ---------------------------------------------------------------------------------------------
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import msgspec
 import pytest
 
-from nvdp.config.errors import ConfigError
-from nvdp.config.load import parse_config
-from nvdp.config.settings import resolve
-from nvdp.config.sharing import DeviceSelection, Mps, ReplicatedResource, TimeSlicing, device_ref_kind
+from nvdp.core.config.errors import ConfigError
+from nvdp.core.config.load import parse_config
+from nvdp.core.config.settings import resolve
+from nvdp.core.config.sharing import DeviceSelection, Mps, ReplicatedResource, TimeSlicing, device_ref_kind
 
 GPU_UUID = "GPU-4cf8db2d-06c0-7d70-1a51-e59b25b2c16c"
 MIG_UUID = "MIG-3eb87630-93d5-b2b6-b8ff-9b359caf4ee2"

@@ -6,12 +6,12 @@ import random
 
 import pytest
 
-from nvdp.config.load import parse_config
-from nvdp.config.settings import resolve
-from nvdp.inventory import Gpu, MigDevice, NodeInventory
-from nvdp.plan.build import PlanError, build_plan
-from nvdp.plan.model import MpsDaemonSpec, MpsSlice, Plan, Sharing
-from nvdp.plan.sharing import compute_capability, gb, max_mps_clients
+from nvdp.core.config.load import parse_config
+from nvdp.core.config.settings import resolve
+from nvdp.core.inventory import Gpu, MigDevice, NodeInventory
+from nvdp.core.plan.build import PlanError, build_plan
+from nvdp.core.plan.model import MpsDaemonSpec, MpsSlice, Plan, Sharing
+from nvdp.core.plan.sharing import compute_capability, gb, max_mps_clients
 
 ROOT = "/run/nvidia/mps"
 

@@ -30,7 +30,7 @@ import httpx
 import msgspec
 import yaml
 
-from nvdp.config.errors import ConfigError
+from nvdp.core.config.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

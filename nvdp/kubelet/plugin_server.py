@@ -23,11 +23,11 @@ import h2.connection
 from grpclib.encoding.proto import ProtoCodec
 from grpclib.exceptions import GRPCError
 
-from nvdp.allocate import AllocateOptions, AllocationError, ContainerAllocation, allocate
-from nvdp.inventory import NodeInventory
+from nvdp.core.inventory import NodeInventory
+from nvdp.core.plan.allocate import AllocateOptions, AllocationError, ContainerAllocation, allocate
+from nvdp.core.plan.model import Resource
+from nvdp.core.plan.preferred import PreferredAllocationError, preferred_allocation
 from nvdp.kubelet.api import v1beta1 as api
-from nvdp.plan.model import Resource
-from nvdp.preferred import PreferredAllocationError, preferred_allocation
 
 log = logging.getLogger(__name__)
 

@@ -37,7 +37,7 @@ from typing import NoReturn, Protocol
 
 import trio
 
-from nvdp.plan.model import MpsDaemonSpec
+from nvdp.core.plan.model import MpsDaemonSpec
 
 log = logging.getLogger(__name__)
 

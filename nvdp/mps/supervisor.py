@@ -19,6 +19,7 @@ from pathlib import Path
 
 import trio
 
+from nvdp.core.plan.model import MpsDaemonSpec
 from nvdp.mps.control_daemon import (
     DEFAULT_PATH,
     DEFAULT_TIMINGS,
@@ -29,7 +30,6 @@ from nvdp.mps.control_daemon import (
     gpu_label,
     serve_mps_daemon,
 )
-from nvdp.plan.model import MpsDaemonSpec
 
 log = logging.getLogger(__name__)
 

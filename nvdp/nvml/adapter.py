@@ -1,7 +1,7 @@
 """The one place nvdp talks to NVML.
 
 Everything here blocks (NVML calls, sysfs reads): trio code calls it through `trio.to_thread.run_sync`. pynvml's
-errors are translated into `NvmlError` at this edge, and results come out as the plain types of `nvdp.inventory`,
+errors are translated into `NvmlError` at this edge, and results come out as the plain types of `nvdp.core.inventory`,
 so nothing above this module imports pynvml.
 """
 
@@ -13,13 +13,13 @@ import logging
 import re
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import pynvml
 
-from nvdp.inventory import CONTROL_DEVICE_NODES, Gpu, Link, MigDevice, NodeInventory
+from nvdp.core.health.events import XidEvent
+from nvdp.core.inventory import CONTROL_DEVICE_NODES, Gpu, Link, MigDevice, NodeInventory
 
 T = TypeVar("T")
 
@@ -345,18 +345,6 @@ def probe(uuid: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------- events
-
-
-@dataclass(frozen=True, slots=True)
-class XidEvent:
-    """A health event. For MIG-attributable errors NVML reports the parent GPU plus the instance ids."""
-
-    gpu_uuid: str
-    event_type: int
-    #: NVML's eventData: the XID for XID events, 0 for ECC events.
-    xid: int
-    gi: int | None = None
-    ci: int | None = None
 
 
 class EventSet:

@@ -24,8 +24,8 @@ from collections.abc import Callable, Sequence
 
 import trio
 
-from nvdp.health.tracker import ALL_GPUS, HealthTracker
-from nvdp.health.xids import EVENT_DOUBLE_BIT_ECC, xid_name
+from nvdp.core.health.tracker import ALL_GPUS, HealthTracker
+from nvdp.core.health.xids import EVENT_DOUBLE_BIT_ECC, xid_name
 from nvdp.nvml import adapter
 from nvdp.nvml.adapter import NvmlError, XidEvent
 

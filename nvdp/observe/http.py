@@ -20,6 +20,7 @@ from functools import partial
 import trio
 from prometheus_client.exposition import choose_encoder
 
+from nvdp.core.config.settings import parse_address
 from nvdp.observe.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -66,18 +67,6 @@ class ProbeState:
         if not self.registered:
             return False, self.reason or "not every resource is registered with the kubelet"
         return True, "ok"
-
-
-def parse_address(address: str) -> tuple[str | None, int]:
-    """`host:port` -> (host, port). `:9400` means every interface (host None); IPv6 hosts go in brackets."""
-    host, sep, port_text = address.strip().rpartition(":")
-    if not sep or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
-        raise ValueError(f"invalid address {address!r}: expected host:port, e.g. :9400 or 127.0.0.1:9400")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    elif ":" in host:
-        raise ValueError(f"invalid address {address!r}: put an IPv6 address in brackets, e.g. [::1]:9400")
-    return host or None, int(port_text)
 
 
 async def serve_http(

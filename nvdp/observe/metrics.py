@@ -26,8 +26,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 
 from nvdp import __version__
-from nvdp.inventory import NodeInventory
-from nvdp.plan.model import Plan
+from nvdp.core.inventory import NodeInventory
+from nvdp.core.plan.model import Plan
 
 HEALTHY = "Healthy"
 UNHEALTHY = "Unhealthy"

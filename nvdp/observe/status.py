@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from nvdp.observe.http import parse_address
+from nvdp.core.config.settings import parse_address
 
 DEFAULT_ADDRESS = "127.0.0.1:9400"
 TIMEOUT_S = 3.0

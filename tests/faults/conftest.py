@@ -31,7 +31,7 @@ import grpc
 import pytest
 import trio
 
-from nvdp.config.settings import Settings
+from nvdp.core.config.settings import Settings
 from nvdp.daemon import run_daemon
 from nvdp.kubelet.emulator import (
     KubeletEmulator,

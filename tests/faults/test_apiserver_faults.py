@@ -13,7 +13,7 @@ import trio
 
 import nvdp.k8s.watch
 import tests.fake_apiserver
-from nvdp.config.settings import Settings, resolve
+from nvdp.core.config.settings import Settings, resolve
 from nvdp.daemon import NodeConfig
 from nvdp.kubelet.emulator import KubeletEmulator
 from nvdp.node_config import ConfigSources

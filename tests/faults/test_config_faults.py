@@ -8,7 +8,7 @@ from pathlib import Path
 
 import trio
 
-from nvdp.config.settings import Settings, resolve
+from nvdp.core.config.settings import Settings, resolve
 from nvdp.daemon import NodeConfig
 from nvdp.kubelet.emulator import KubeletEmulator
 from nvdp.node_config import ConfigSources

@@ -15,14 +15,14 @@ import pytest
 import trio
 
 import nvdp.kubelet.servers
-from nvdp.allocate import AllocateOptions
-from nvdp.config.settings import Settings
+from nvdp.core.config.settings import Settings
+from nvdp.core.inventory import NodeInventory
+from nvdp.core.plan.allocate import AllocateOptions
+from nvdp.core.plan.model import Resource
 from nvdp.daemon import run_daemon
-from nvdp.inventory import NodeInventory
 from nvdp.kubelet.api import v1beta1 as api
 from nvdp.kubelet.emulator import Endpoint, KubeletEmulator
 from nvdp.kubelet.plugin_server import BoundServer, ServingContext, start_server, stop_server
-from nvdp.plan.model import Resource
 from tests.faults.conftest import plugin_connection_leak
 
 

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 import nvdp.daemon
-from nvdp.config.load import parse_config
-from nvdp.config.settings import resolve
+from nvdp.core.config.load import parse_config
+from nvdp.core.config.settings import resolve
 from nvdp.kubelet.emulator import KubeletEmulator
 from nvdp.mps import MpsDaemons
 from nvdp.mps.control_daemon import DaemonTimings

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from nvdp.config.settings import Settings
+from nvdp.core.config.settings import Settings
 from nvdp.daemon import StartupError, run_daemon
 from nvdp.kubelet.emulator import KubeletEmulator
 from nvdp.nvml import adapter

@@ -22,12 +22,12 @@ import yaml
 from hypothesis import given
 from hypothesis import strategies as st
 
-from nvdp.config.errors import ConfigError
-from nvdp.config.load import parse_config
-from nvdp.config.settings import resolve
-from nvdp.inventory import Gpu, MigDevice, NodeInventory
-from nvdp.plan.build import PlanError, build_plan
-from nvdp.plan.model import Plan
+from nvdp.core.config.errors import ConfigError
+from nvdp.core.config.load import parse_config
+from nvdp.core.config.settings import resolve
+from nvdp.core.inventory import Gpu, MigDevice, NodeInventory
+from nvdp.core.plan.build import PlanError, build_plan
+from nvdp.core.plan.model import Plan
 from tests.fuzz._settings import fuzz_settings
 
 SOURCE = "fuzz.yaml"

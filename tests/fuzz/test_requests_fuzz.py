@@ -21,16 +21,16 @@ import trio
 from hypothesis import given
 from hypothesis import strategies as st
 
-from nvdp.allocate import AllocateOptions, AllocationError, allocate
-from nvdp.config.load import parse_config
-from nvdp.config.settings import Settings, resolve
-from nvdp.inventory import Gpu, Link, NodeInventory
+from nvdp.core.config.load import parse_config
+from nvdp.core.config.settings import Settings, resolve
+from nvdp.core.inventory import Gpu, Link, NodeInventory
+from nvdp.core.plan.allocate import AllocateOptions, AllocationError, allocate
+from nvdp.core.plan.build import build_plan
+from nvdp.core.plan.model import Resource
+from nvdp.core.plan.preferred import PreferredAllocationError, preferred_allocation
 from nvdp.kubelet.api import v1beta1 as api
 from nvdp.kubelet.emulator import KubeletEmulator
 from nvdp.kubelet.plugin_server import ServingContext
-from nvdp.plan.build import build_plan
-from nvdp.plan.model import Resource
-from nvdp.preferred import PreferredAllocationError, preferred_allocation
 from tests.fuzz._settings import fuzz_settings
 from tests.helpers import gpu, running_daemon, wait_for, write_node
 

@@ -16,7 +16,7 @@ import posixpath
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from nvdp.plan.model import Device, MpsSlice, Resource
+from nvdp.core.plan.model import Device, MpsSlice, Resource
 
 #: The device-list strategies this module knows, in the order their steps run. The order matters: volume-mounts
 #: overwrites the env var that envvar set, whichever order the config lists them in (as upstream does).

@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from nvdp.config.errors import ConfigError
+from nvdp.core.config.errors import ConfigError
 
 DEFAULT_NODE_LABEL = "nvidia.com/device-plugin.config"
 FALLBACK_STRATEGIES = ("named", "single", "empty")

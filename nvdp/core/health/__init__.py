@@ -4,7 +4,7 @@ The shell that listens to NVML and feeds these is `nvdp.nvml.health`; docs/healt
 Nothing here imports trio or pynvml.
 """
 
-from nvdp.health.tracker import ALL_GPUS, Fault, HealthTracker
-from nvdp.health.xids import DEFAULT_IGNORED, NEVER_RECOVER, XidPolicy, xid_name
+from nvdp.core.health.tracker import ALL_GPUS, Fault, HealthTracker
+from nvdp.core.health.xids import DEFAULT_IGNORED, NEVER_RECOVER, XidPolicy, xid_name
 
 __all__ = ["ALL_GPUS", "DEFAULT_IGNORED", "NEVER_RECOVER", "Fault", "HealthTracker", "XidPolicy", "xid_name"]

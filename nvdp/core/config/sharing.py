@@ -8,9 +8,9 @@ One schema serves both dialects users bring:
   resource with `memoryGB` is a fixed-size slice, and several such resources may slice one GPU.
 
 Checks that need only the file live here (the `__post_init__` hooks, which msgspec reports with the key path);
-checks that need the node (does GPU 0 exist, do the slices fit its memory) live in `nvdp.plan.sharing`.
+checks that need the node (does GPU 0 exist, do the slices fit its memory) live in `nvdp.core.plan.sharing`.
 
-The structs follow `nvdp.config.schema`'s conventions (camelCase keys, unknown keys refused, every leaf optional).
+The structs follow `nvdp.core.config.schema`'s conventions (camelCase keys, unknown keys refused, every leaf optional).
 They cannot import its `_Struct` base: `schema` imports this module for its `sharing` field.
 """
 

@@ -1,4 +1,4 @@
-"""Reading a config file into `nvdp.config.schema.Config`."""
+"""Reading a config file into `nvdp.core.config.schema.Config`."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from pathlib import Path
 import msgspec
 import yaml
 
-from nvdp.config.errors import ConfigError
-from nvdp.config.schema import Config
+from nvdp.core.config.errors import ConfigError
+from nvdp.core.config.schema import Config
 
 # msgspec reports e.g. "Expected `str`, got `bool` - at `$.flags.migStrategy`".
 _BOOL_HINT = " (YAML reads yes/no/on/off/y/n as booleans: quote the value)"

@@ -13,9 +13,9 @@ from __future__ import annotations
 import logging
 from collections import defaultdict
 
-from nvdp.config.settings import Settings
-from nvdp.inventory import Gpu, MigDevice, NodeInventory
-from nvdp.plan.model import RESOURCE_PREFIX, Device, Plan
+from nvdp.core.config.settings import Settings
+from nvdp.core.inventory import Gpu, MigDevice, NodeInventory
+from nvdp.core.plan.model import RESOURCE_PREFIX, Device, Plan
 
 log = logging.getLogger(__name__)
 
@@ -115,8 +115,8 @@ def build_plan(inventory: NodeInventory, settings: Settings) -> Plan:
     """
     if settings.mig_strategy not in ("none", "single", "mixed"):
         raise PlanError(f"unknown MIG strategy: {settings.mig_strategy}")
-    # Imported here: nvdp.plan.sharing raises this module's PlanError, so a top-level import would be circular.
-    from nvdp.plan.sharing import apply_sharing
+    # Imported here: nvdp.core.plan.sharing raises this module's PlanError, so a top-level import would be circular.
+    from nvdp.core.plan.sharing import apply_sharing
 
     resources, mps_daemons = apply_sharing(whole_and_mig_devices(inventory, settings), inventory, settings)
     return Plan(tuple(sorted(resources, key=lambda r: r.name)), mps_daemons)

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nvdp.config.errors import ConfigError
-from nvdp.config.schema import Config, yaml_key
+from nvdp.core.config.errors import ConfigError
+from nvdp.core.config.schema import Config, yaml_key
 
 DEFAULT_KUBELET_SOCKET = "/var/lib/kubelet/device-plugins/kubelet.sock"
 DEVICE_LIST_STRATEGIES = ("envvar", "volume-mounts", "cdi-annotations", "cdi-cri")
@@ -307,8 +307,6 @@ def validate(
             f"{where('device_list_strategy')}: device list strategy {', '.join(unsupported)}: CDI strategies are "
             f"not supported by nvdp; use {' or '.join(SUPPORTED_DEVICE_LIST_STRATEGIES)} (see docs/compatibility.md)")
     if settings.metrics_address.strip():
-        from nvdp.observe.http import parse_address
-
         try:
             parse_address(settings.metrics_address)
         except ValueError as exc:
@@ -321,7 +319,7 @@ def validate(
             f"{config_source}: $.imex: IMEX channels are not supported by nvdp; remove the imex section")
     mps = config.sharing.mps if config.sharing is not None else None
     if mps is not None:
-        # Checks that need no node; those that do (GPU exists, slices fit its memory) are in nvdp.plan.sharing.
+        # Checks that need no node; those that do (GPU exists, slices fit its memory) are in nvdp.core.plan.sharing.
         if not settings.mps_root:
             raise ConfigError(
                 f"{config_source}: $.sharing.mps: using MPS requires --mps-root to be specified "
@@ -339,3 +337,14 @@ def cli_values(namespace: Any, options: Sequence[Option] = OPTIONS) -> dict[str,
     """The raw text of each option given on the command line (argparse defaults are None)."""
     return {o.dest: getattr(namespace, o.dest, None) for o in options}
 
+
+def parse_address(address: str) -> tuple[str | None, int]:
+    """`host:port` -> (host, port). `:9400` means every interface (host None); IPv6 hosts go in brackets."""
+    host, sep, port_text = address.strip().rpartition(":")
+    if not sep or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ValueError(f"invalid address {address!r}: expected host:port, e.g. :9400 or 127.0.0.1:9400")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise ValueError(f"invalid address {address!r}: put an IPv6 address in brackets, e.g. [::1]:9400")
+    return host or None, int(port_text)

@@ -11,22 +11,17 @@ plan, so it writes them itself and node-feature-discovery's worker publishes the
   upstream);
 - `nvidia.com/mps.capable`: `true` when a resource is shared through MPS, else `false`.
 
-`sharing_labels()` is pure; `write_features_file()` replaces the file atomically so the NFD worker never reads half
-of it.
+`sharing_labels()` and `render_features()` are pure; `nvdp.nfd.write_features_file()` puts them on disk.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
 import re
-import tempfile
 from collections import Counter
-from pathlib import Path
 
-from nvdp.inventory import NodeInventory
-from nvdp.plan.build import mig_resource_name
-from nvdp.plan.model import RESOURCE_PREFIX, Device, Plan, Resource, Sharing
+from nvdp.core.inventory import NodeInventory
+from nvdp.core.plan.build import mig_resource_name
+from nvdp.core.plan.model import RESOURCE_PREFIX, Device, Plan, Resource, Sharing
 
 MPS_CAPABLE = "nvidia.com/mps.capable"
 
@@ -97,34 +92,3 @@ def sharing_labels(plan: Plan, inventory: NodeInventory) -> dict[str, str]:
 def render_features(labels: dict[str, str]) -> str:
     """NFD's local feature file format: one `key=value` per line."""
     return "".join(f"{key}={value}\n" for key, value in sorted(labels.items()))
-
-
-def write_features_file(path: Path, labels: dict[str, str]) -> bool:
-    """Replace `path` with `labels`, atomically: a temporary file in the same directory, fsync'ed, renamed over.
-    Returns False (and writes nothing) when the file already holds exactly these labels, so the NFD worker sees no
-    churn from a reload that changed nothing it publishes. Creates the directory if needed.
-
-    The temporary name starts with a dot: NFD's local source skips hidden files, so it never reads a partial one.
-    Blocking I/O: call it through `trio.to_thread.run_sync`.
-    """
-    content = render_features(labels)
-    try:
-        if path.read_text() == content:
-            return False
-    except (FileNotFoundError, UnicodeDecodeError):
-        pass
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as file:
-            file.write(content)
-            file.flush()
-            os.fsync(file.fileno())
-        # NFD runs as another user on some hosts; mkstemp's 0600 would hide the labels from it.
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    return True

@@ -12,7 +12,7 @@ from typing import Any
 
 import msgspec
 
-from nvdp.config.sharing import Sharing
+from nvdp.core.config.sharing import Sharing
 
 # Upstream spells a few keys with an upper-case acronym.
 _ACRONYMS = {

@@ -1,6 +1,6 @@
 """Apply the `sharing` config to the whole-GPU and MIG devices of a node (pure).
 
-Input: resource name -> devices as `nvdp.plan.build.whole_and_mig_devices` makes them. Output: the resources to
+Input: resource name -> devices as `nvdp.core.plan.build.whole_and_mig_devices` makes them. Output: the resources to
 advertise (unshared remainders, time-sliced replicas, MPS slices) and one MPS control daemon per MPS-shared GPU.
 
 Every refusal is a `PlanError` that names the config entry, the GPU and the numbers, because a plugin that silently
@@ -14,11 +14,11 @@ import posixpath
 from collections import defaultdict
 from dataclasses import dataclass
 
-from nvdp.config.settings import Settings
-from nvdp.config.sharing import Mps, ReplicatedResource, TimeSlicing, device_ref_kind
-from nvdp.inventory import Gpu, NodeInventory
-from nvdp.plan.build import PlanError
-from nvdp.plan.model import Device, MpsDaemonSpec, MpsSlice, Resource, Sharing
+from nvdp.core.config.settings import Settings
+from nvdp.core.config.sharing import Mps, ReplicatedResource, TimeSlicing, device_ref_kind
+from nvdp.core.inventory import Gpu, NodeInventory
+from nvdp.core.plan.build import PlanError
+from nvdp.core.plan.model import Device, MpsDaemonSpec, MpsSlice, Resource, Sharing
 
 log = logging.getLogger(__name__)
 

@@ -22,9 +22,9 @@ from collections import Counter, OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from nvdp.allocate import describe_ids
-from nvdp.inventory import Link, NodeInventory
-from nvdp.plan.model import Device, Resource
+from nvdp.core.inventory import Link, NodeInventory
+from nvdp.core.plan.allocate import describe_ids
+from nvdp.core.plan.model import Device, Resource
 
 POLICIES = ("distributed", "packed")
 

@@ -23,13 +23,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
 
-from nvdp.health.xids import EVENT_DOUBLE_BIT_ECC, EVENT_XID_CRITICAL, NEVER_RECOVER, XidPolicy, xid_name
-from nvdp.plan.model import Device
-
-if TYPE_CHECKING:  # the adapter imports pynvml; this module only needs the event's shape
-    from nvdp.nvml.adapter import XidEvent
+from nvdp.core.health.events import XidEvent
+from nvdp.core.health.xids import EVENT_DOUBLE_BIT_ECC, EVENT_XID_CRITICAL, NEVER_RECOVER, XidPolicy, xid_name
+from nvdp.core.plan.model import Device
 
 #: The scope of a node-wide fault (`on_error(None, ...)`): it marks every device and is probed as one unit.
 ALL_GPUS = "*"
