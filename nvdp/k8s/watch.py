@@ -143,7 +143,7 @@ async def watch_object(
         if version is None:
             try:
                 body = await client.get_json(path, {"fieldSelector": selector})
-                listing = msgspec.json.decode(body, type=ObjectList[kind])  # type: ignore[valid-type]
+                listing: ObjectList[T] = msgspec.json.decode(body, type=ObjectList[kind])  # type: ignore[valid-type]
             except (httpx.HTTPError, ApiError, msgspec.DecodeError, msgspec.ValidationError) as exc:
                 delay = backoff.next_delay()
                 log.warning("cannot list %s: %s; retrying in %.1f s", what, _describe(exc), delay)
