@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from nvdp.kubelet.api import v1beta1 as api
-from nvdp.kubelet.emulator import KubeletEmulator
+from nvdp.testing.kubelet_emulator import KubeletEmulator
 
 ROOT = Path(__file__).resolve().parent.parent
 #: The fake `nvidia-cuda-mps-control` lives here; MPS scenarios put this directory first on PATH.

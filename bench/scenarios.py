@@ -32,7 +32,7 @@ from bench.harness import (
     time_calls,
 )
 from nvdp.kubelet.api import v1beta1 as api
-from nvdp.kubelet.emulator import KubeletEmulator
+from nvdp.testing.kubelet_emulator import KubeletEmulator
 
 GPU = "nvidia.com/gpu"
 MIG_1G = "nvidia.com/mig-1g.5gb"

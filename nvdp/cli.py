@@ -29,6 +29,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("nvdp")
 
 SUBCOMMANDS = ("run", "demo", "config", "status")
+#: What `nvdp demo` says when grpcio (the `emulator` extra) is not installed.
+DEMO_NEEDS = "the kubelet emulator needs grpcio, which is not installed: pip install 'nvdp[emulator]'"
 
 
 def _add_options(parser: argparse.ArgumentParser) -> None:
@@ -84,7 +86,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     env = dict(os.environ)
     try:
         if args.command == "demo":
-            from nvdp.demo import run_demo
+            try:
+                from nvdp.demo import run_demo
+            except ModuleNotFoundError as exc:
+                # The kubelet emulator speaks gRPC through grpcio, an optional extra (a node never needs it).
+                if (exc.name or "").partition(".")[0] != "grpc":
+                    raise
+                print(f"nvdp demo: {DEMO_NEEDS}", file=sys.stderr)
+                return 1
 
             setup_logging("warning", "text")
             return trio.run(run_demo, args.simulate)

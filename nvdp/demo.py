@@ -17,7 +17,7 @@ import trio
 
 from nvdp.core.config.settings import Settings
 from nvdp.daemon import run_daemon
-from nvdp.kubelet.emulator import KubeletEmulator
+from nvdp.testing.kubelet_emulator import KubeletEmulator
 
 RESOURCE = "nvidia.com/gpu"
 

@@ -262,11 +262,11 @@ def parse_client_output(label: str, stdout: str, stderr: str = "", returncode: i
 
 def overlap_fraction(a: ClientReport, b: ClientReport) -> float:
     """How much of the shorter matmul window both clients ran at once (0 when either has no window)."""
-    if None in (a.matmul_start, a.matmul_end, b.matmul_start, b.matmul_end):
+    if a.matmul_start is None or a.matmul_end is None or b.matmul_start is None or b.matmul_end is None:
         return 0.0
-    start = max(a.matmul_start, b.matmul_start)  # type: ignore[type-var]
-    end = min(a.matmul_end, b.matmul_end)  # type: ignore[type-var]
-    shorter = min(a.matmul_end - a.matmul_start, b.matmul_end - b.matmul_start)  # type: ignore[operator]
+    start = max(a.matmul_start, b.matmul_start)
+    end = min(a.matmul_end, b.matmul_end)
+    shorter = min(a.matmul_end - a.matmul_start, b.matmul_end - b.matmul_start)
     return max(0.0, end - start) / shorter if shorter > 0 else 0.0
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from nvdp.kubelet.emulator import KubeletEmulator
+from nvdp.testing.kubelet_emulator import KubeletEmulator
 from tests.helpers import gpu, write_node
 
 

@@ -12,8 +12,8 @@ import yaml
 
 from nvdp.core.config.settings import Settings
 from nvdp.daemon import run_daemon
-from nvdp.kubelet.emulator import KubeletEmulator
 from nvdp.kubelet.servers import ResourceServers
+from nvdp.testing.kubelet_emulator import KubeletEmulator
 
 ROOT = Path(__file__).resolve().parent.parent
 def gpu(index: int, **overrides: Any) -> dict[str, Any]:

@@ -11,8 +11,8 @@ from prometheus_client import generate_latest
 
 from nvdp.core.config.settings import Settings
 from nvdp.daemon import StartupError, run_daemon
-from nvdp.kubelet.emulator import KubeletEmulator
 from nvdp.observe.metrics import Metrics
+from nvdp.testing.kubelet_emulator import KubeletEmulator
 from tests.helpers import gpu, running_daemon, wait_for, write_node
 
 GPU0 = "GPU-00000000-aaaa-bbbb-cccc-000000000000"

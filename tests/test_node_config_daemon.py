@@ -12,9 +12,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from nvdp.core.config.settings import resolve
 from nvdp.daemon import NodeConfig, run_daemon
-from nvdp.kubelet.emulator import KubeletEmulator
 from nvdp.node_config import ConfigSources
 from nvdp.observe.metrics import Metrics
+from nvdp.testing.kubelet_emulator import KubeletEmulator
 from tests.fake_apiserver import open_fake_apiserver
 from tests.helpers import gpu, wait_for, write_node
 

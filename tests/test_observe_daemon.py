@@ -16,7 +16,7 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from nvdp.kubelet.emulator import KubeletEmulator
+from nvdp.testing.kubelet_emulator import KubeletEmulator
 from tests.helpers import gpu, write_node
 
 GPU0 = "GPU-00000000-aaaa-bbbb-cccc-000000000000"

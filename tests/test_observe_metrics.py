@@ -94,8 +94,8 @@ def test_registrations_kubelet_xids_k8s_and_label_counters() -> None:
     metrics.xid(GPU0, 79)
     metrics.xid(GPU0, 79)
     metrics.xid(GPU0, 13)
-    metrics.k8s_reconnect()
-    metrics.k8s_relist()
+    metrics.watch_reconnected("/api/v1/nodes/n1")
+    metrics.watch_relisted("/api/v1/nodes/n1")
     metrics.config_label_unknown("nope")
     samples = scrape(metrics)
     assert samples.value("nvdp_registrations_total", resource="nvidia.com/gpu") == 2

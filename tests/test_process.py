@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from nvdp.kubelet.emulator import KubeletEmulator
+from nvdp.testing.kubelet_emulator import KubeletEmulator
 
 GPU0 = "GPU-00000000-aaaa-bbbb-cccc-000000000000"
 GPU1 = "GPU-00000001-aaaa-bbbb-cccc-000000000000"

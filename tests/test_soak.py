@@ -32,7 +32,7 @@ from pathlib import Path
 import grpc
 import yaml
 
-from nvdp.kubelet.emulator import KubeletEmulator
+from nvdp.testing.kubelet_emulator import KubeletEmulator
 
 GPUS = 4
 SHARED_GPU = 3

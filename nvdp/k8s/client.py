@@ -111,7 +111,7 @@ def kubeconfig_config(paths: Sequence[Path], context: str | None = None) -> ApiC
     read_any = False
     for path in paths:
         try:
-            data = yaml.safe_load(path.read_text())
+            document = yaml.safe_load(path.read_text())
         except FileNotFoundError:
             continue
         except OSError as exc:
@@ -119,18 +119,18 @@ def kubeconfig_config(paths: Sequence[Path], context: str | None = None) -> ApiC
         except yaml.YAMLError as exc:
             raise KubeConfigError(f"{path}: not valid YAML: {exc}") from None
         read_any = True
-        if data is None:
+        if document is None:
             continue
-        if not isinstance(data, dict):
+        if not isinstance(document, dict):
             raise KubeConfigError(f"{path}: expected a kubeconfig mapping")
         base = path.parent
-        for entry in data.get("clusters") or ():
+        for entry in document.get("clusters") or ():
             clusters.setdefault(str(entry.get("name", "")), (entry.get("cluster") or {}, base))
-        for entry in data.get("users") or ():
+        for entry in document.get("users") or ():
             users.setdefault(str(entry.get("name", "")), (entry.get("user") or {}, base))
-        for entry in data.get("contexts") or ():
+        for entry in document.get("contexts") or ():
             contexts.setdefault(str(entry.get("name", "")), entry.get("context") or {})
-        current = current or str(data.get("current-context") or "")
+        current = current or str(document.get("current-context") or "")
     where = ":".join(str(p) for p in paths)
     if not read_any:
         raise KubeConfigError(f"{where}: kubeconfig not found")

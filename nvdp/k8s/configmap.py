@@ -11,7 +11,7 @@ from collections.abc import AsyncGenerator
 import trio
 
 from nvdp.k8s.client import ApiClient
-from nvdp.k8s.watch import KubeObject, WatchOptions, watch_object
+from nvdp.k8s.watch import KubeObject, WatchObserver, WatchOptions, watch_object
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,8 @@ def configmap_contents(cm: ConfigMap) -> dict[str, bytes]:
 
 @trio.as_safe_channel
 async def watch_configmap(
-    client: ApiClient, namespace: str, name: str, options: WatchOptions | None = None
+    client: ApiClient, namespace: str, name: str, options: WatchOptions | None = None, *,
+    observer: WatchObserver | None = None,
 ) -> AsyncGenerator[dict[str, bytes] | None, None]:
     """Yield the ConfigMap's keys and contents now, then each time they change; None while it does not exist.
 
@@ -48,7 +49,8 @@ async def watch_configmap(
     """
     first = True
     last: dict[str, bytes] | None = None
-    async with watch_object(client, configmap_path(namespace), name, ConfigMap, options) as states:
+    async with watch_object(client, configmap_path(namespace), name, ConfigMap, options,
+                            observer=observer) as states:
         async for cm in states:
             contents = None if cm is None else configmap_contents(cm)
             if first or contents != last:

@@ -13,6 +13,9 @@ it. The protocol, as client-go's reflector runs it:
 - a watch that receives nothing for `timeoutSeconds` + a grace period has stalled (a half-open connection the kernel
   does not notice): httpx's per-read timeout ends it and we reconnect.
 
+Each watch opened again, and each list again, is told to a `WatchObserver` (the metrics implement it; this package
+does not import them).
+
 Reading the stream happens in a child task. httpx's `aiter_lines()` is a stack of async generators: leaving it
 early with `break` (or by raising from the loop body) leaves them unfinalised, which trio reports. The child task
 always ends by reading to the end of the stream, by an error raised inside the read, or by cancellation, which
@@ -27,7 +30,7 @@ import math
 import random
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 import httpx
 import msgspec
@@ -67,6 +70,18 @@ class _Event(msgspec.Struct):
     type: str
     #: Decoded once the type is known: an object, a bookmark's bare metadata, or a Status.
     object: msgspec.Raw
+
+
+class WatchObserver(Protocol):
+    """Told what the watches go through (`nvdp.observe.metrics.Metrics` counts it). Called on trio; never blocks.
+
+    `watched` names the object, as `/api/v1/nodes/node-1`."""
+
+    def watch_reconnected(self, watched: str) -> None:
+        """A watch is opened again after the previous one on the same object ended or failed."""
+
+    def watch_relisted(self, watched: str) -> None:
+        """The object is listed again, because a watch could not resume (410 Gone, an undecodable event)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,9 +139,12 @@ async def watch_object(
     name: str,
     kind: type[T],
     options: WatchOptions | None = None,
+    *,
+    observer: WatchObserver | None = None,
 ) -> AsyncGenerator[T | None, None]:
     """Yield the object `name` in the collection at `path` (e.g. `/api/v1/nodes`) as it is now, then every time
-    it changes; None while it does not exist. Runs until the caller leaves the `async with`.
+    it changes; None while it does not exist. Runs until the caller leaves the `async with`. `observer` is told of
+    every reconnect and relist.
 
     Use as ``async with watch_object(...) as states: async for state in states: ...``.
     """
@@ -138,12 +156,13 @@ async def watch_object(
     have_yielded = False
     version: str | None = None  # None: list first
     just_listed = False
+    watched_before = False
 
     while True:
         if version is None:
             try:
                 body = await client.get_json(path, {"fieldSelector": selector})
-                listing = msgspec.json.decode(body, type=ObjectList[kind])  # type: ignore[valid-type]
+                listing: ObjectList[T] = msgspec.json.decode(body, type=ObjectList[kind])  # type: ignore[valid-type]
             except (httpx.HTTPError, ApiError, msgspec.DecodeError, msgspec.ValidationError) as exc:
                 delay = backoff.next_delay()
                 log.warning("cannot list %s: %s; retrying in %.1f s", what, _describe(exc), delay)
@@ -165,6 +184,9 @@ async def watch_object(
             "allowWatchBookmarks": "true",
             "timeoutSeconds": str(max(1, int(timeout))),
         }
+        if watched_before and observer is not None:
+            observer.watch_reconnected(what)
+        watched_before = True
         started = trio.current_time()
         progressed = gone = False
         failure: Exception | None = None
@@ -196,6 +218,8 @@ async def watch_object(
                         # Not something a retry from the same version would fix: start over from a list.
                         log.warning("undecodable watch event for %s: %s; listing again", what, exc)
                         version = None
+                        if observer is not None:
+                            observer.watch_relisted(what)
                         break
                     version = obj.metadata.resource_version or version
                     progressed = True
@@ -217,6 +241,8 @@ async def watch_object(
         if gone:
             log.info("watch of %s expired (410 Gone at resourceVersion %s): listing again", what, version)
             version = None
+            if observer is not None:
+                observer.watch_relisted(what)
             if just_listed and not progressed:
                 # Listed, then immediately told the version is too old: do not spin between the two.
                 await trio.sleep(backoff.next_delay())

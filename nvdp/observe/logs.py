@@ -75,7 +75,7 @@ def _text_value(value: Any) -> str:
     return json.dumps(text) if (not text or any(c.isspace() or c in '"=' for c in text)) else text
 
 
-class _NvdpHandler(logging.StreamHandler):  # type: ignore[type-arg]
+class _NvdpHandler(logging.StreamHandler):
     """Marks the handler we installed, so that calling setup_logging() again replaces it and nothing else."""
 
 

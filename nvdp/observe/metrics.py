@@ -230,10 +230,12 @@ class Metrics:
     def mps_restart(self, gpu_uuid: str) -> None:
         self._mps_restarts.labels(gpu_uuid).inc()
 
-    def k8s_reconnect(self) -> None:
+    # -- nvdp.k8s.watch.WatchObserver -------------------------------------------------------------------------------
+
+    def watch_reconnected(self, watched: str) -> None:
         self._k8s_reconnects.inc()
 
-    def k8s_relist(self) -> None:
+    def watch_relisted(self, watched: str) -> None:
         self._k8s_relists.inc()
 
     def config_label_unknown(self, value: str) -> None:

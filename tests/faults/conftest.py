@@ -33,10 +33,10 @@ import trio
 
 from nvdp.core.config.settings import Settings
 from nvdp.daemon import run_daemon
-from nvdp.kubelet.emulator import (
+from nvdp.kubelet.servers import ResourceServers
+from nvdp.testing.kubelet_emulator import (
     KubeletEmulator,
 )
-from nvdp.kubelet.servers import ResourceServers
 from tests.helpers import wait_for
 
 GPU0 = "GPU-00000000-aaaa-bbbb-cccc-000000000000"

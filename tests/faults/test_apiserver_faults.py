@@ -15,8 +15,8 @@ import nvdp.k8s.watch
 import tests.fake_apiserver
 from nvdp.core.config.settings import Settings, resolve
 from nvdp.daemon import NodeConfig
-from nvdp.kubelet.emulator import KubeletEmulator
 from nvdp.node_config import ConfigSources
+from nvdp.testing.kubelet_emulator import KubeletEmulator
 from tests.fake_apiserver import FakeApiServer, open_fake_apiserver
 from tests.faults.conftest import GPU0, answers, daemon, until
 

@@ -10,8 +10,8 @@ import trio
 
 from nvdp.core.config.settings import Settings, resolve
 from nvdp.daemon import NodeConfig
-from nvdp.kubelet.emulator import KubeletEmulator
 from nvdp.node_config import ConfigSources
+from nvdp.testing.kubelet_emulator import KubeletEmulator
 from tests.faults.conftest import GPU0, answers, daemon, until
 
 #: Long enough for the directory watch (50 ms settle) and a reload to have acted on a fault, before checking that

@@ -21,8 +21,8 @@ from nvdp.core.plan.allocate import AllocateOptions
 from nvdp.core.plan.model import Resource
 from nvdp.daemon import run_daemon
 from nvdp.kubelet.api import v1beta1 as api
-from nvdp.kubelet.emulator import Endpoint, KubeletEmulator
 from nvdp.kubelet.plugin_server import BoundServer, ServingContext, start_server, stop_server
+from nvdp.testing.kubelet_emulator import Endpoint, KubeletEmulator
 from tests.faults.conftest import plugin_connection_leak
 
 

@@ -19,8 +19,8 @@ import trio
 
 from nvdp.core.config.settings import Settings, resolve
 from nvdp.daemon import NodeConfig
-from nvdp.kubelet.emulator import KubeletEmulator
 from nvdp.node_config import ConfigSources
+from nvdp.testing.kubelet_emulator import KubeletEmulator
 from tests.faults.conftest import GPU0, GPU1, answers, daemon, plugin_connection_leak, until, visible
 from tests.helpers import gpu, write_node
 

@@ -18,9 +18,9 @@ import pytest
 import nvdp.daemon
 from nvdp.core.config.load import parse_config
 from nvdp.core.config.settings import resolve
-from nvdp.kubelet.emulator import KubeletEmulator
 from nvdp.mps import MpsDaemons
 from nvdp.mps.control_daemon import DaemonTimings
+from nvdp.testing.kubelet_emulator import KubeletEmulator
 from tests.faults.conftest import GPU0, GPU1, answers, daemon, process_gone, until
 
 # The supervision's periods, shortened so each fault is noticed in a fraction of a second (defaults: 1 s probes,

@@ -15,9 +15,9 @@ import trio
 
 from nvdp.core.config.settings import Settings
 from nvdp.daemon import StartupError, run_daemon
-from nvdp.kubelet.emulator import KubeletEmulator
 from nvdp.nvml import adapter
 from nvdp.nvml.adapter import NvmlError
+from nvdp.testing.kubelet_emulator import KubeletEmulator
 from tests.faults.conftest import GPU0, GPU1, answers, daemon, until, visible
 from tests.helpers import gpu, write_node
 

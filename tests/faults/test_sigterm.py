@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from nvdp.kubelet.emulator import KubeletEmulator
+from nvdp.testing.kubelet_emulator import KubeletEmulator
 from tests.faults.conftest import GPU0, process_gone
 
 WRAPPER = """

@@ -29,8 +29,8 @@ from nvdp.core.plan.build import build_plan
 from nvdp.core.plan.model import Resource
 from nvdp.core.plan.preferred import PreferredAllocationError, preferred_allocation
 from nvdp.kubelet.api import v1beta1 as api
-from nvdp.kubelet.emulator import KubeletEmulator
 from nvdp.kubelet.plugin_server import ServingContext
+from nvdp.testing.kubelet_emulator import KubeletEmulator
 from tests.fuzz._settings import fuzz_settings
 from tests.helpers import gpu, running_daemon, wait_for, write_node
 

@@ -24,6 +24,7 @@ from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import betterproto2
 import grpc
 
 from nvdp.kubelet.api import v1beta1 as api
@@ -35,7 +36,7 @@ _QUALIFIED_NAME = re.compile(r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0
                              r"[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")
 
 
-def _method(channel: grpc.Channel, name: str, response: type) -> Callable[..., object]:
+def _method(channel: grpc.Channel, name: str, response: type[betterproto2.Message]) -> Callable[..., object]:
     return channel.unary_unary(f"/v1beta1.DevicePlugin/{name}", request_serializer=bytes,
                                response_deserializer=response.parse)
 
@@ -186,7 +187,7 @@ class KubeletEmulator:
                                                    response_deserializer=api.ListAndWatchResponse.parse)
             call = stream(api.Empty())
             endpoint.call = call
-            for response in call:  # type: ignore[attr-defined]
+            for response in call:
                 with self._lock:
                     endpoint.devices = {d.id: d.health for d in response.devices}
                     endpoint.topology = {
