@@ -51,6 +51,8 @@ class SupervisionReporter(Protocol):
 
     def child_restarting(self, child: str, reason: str, delay_s: float, flapping: bool) -> None: ...
 
+    def child_stopped(self, child: str) -> None: ...
+
 
 class _Unreported:
     def child_up(self, child: str) -> None:
@@ -62,8 +64,25 @@ class _Unreported:
     def child_restarting(self, child: str, reason: str, delay_s: float, flapping: bool) -> None:
         pass
 
+    def child_stopped(self, child: str) -> None:
+        pass
+
 
 ChildRun = Callable[..., Awaitable[object]]
+
+
+@dataclass(frozen=True, slots=True)
+class Task:
+    """A child that is one coroutine function and its arguments (a loop, a watch, an endpoint). Equal tasks are the
+    same child, so a reconcile keeps it running; new arguments restart it."""
+
+    fn: Callable[..., Awaitable[object]]
+    args: tuple[object, ...] = ()
+
+
+async def run_task(key: str, task: Task, *, task_status: trio.TaskStatus[None]) -> None:
+    """The `run` of a `Supervisor[str, Task]`."""
+    await task.fn(*task.args, task_status=task_status)
 
 
 @dataclass(eq=False)
@@ -155,14 +174,19 @@ class Supervisor(Generic[K, S]):
         await self.stop_many(actions.stop)
         await self.start_many([(key, wanted[key]) for key in actions.start])
 
-    async def start(self, key: K, spec: S) -> Child[K, S]:
-        """Start one child; returns once it is up or its first attempt failed."""
+    async def start(self, key: K, spec: S, *, first_failure_raises: bool = False) -> Child[K, S]:
+        """Start one child; returns once it is up or its first attempt failed.
+
+        With `first_failure_raises`, a first attempt that fails before `task_status.started()` raises its exception
+        here instead and the child is not restarted: for children whose failure at start-up is a start-up error of
+        the whole process (the metrics port is taken, the config cannot be read).
+        """
         if key in self._children:
             raise ValueError(f"{self._name(key)} is already running")
         child: Child[K, S] = Child(key, spec, self._name(key))
         self._children[key] = child
         try:
-            await self._nursery.start(self._supervise, child)
+            await self._nursery.start(self._supervise, child, first_failure_raises)
         except BaseException:
             self._children.pop(key, None)
             raise
@@ -183,6 +207,7 @@ class Supervisor(Generic[K, S]):
             return
         child.scope.cancel()
         await child.stopped.wait()
+        self._reporter.child_stopped(child.name)
 
     async def stop_many(self, keys: Sequence[K]) -> None:
         # Concurrently: each stop may take its full bound (a hung MPS daemon), and they are independent.
@@ -212,30 +237,38 @@ class Supervisor(Generic[K, S]):
 
     # ------------------------------------------------------------------------------------------------ the loop
 
-    async def _supervise(self, child: Child[K, S], *, task_status: trio.TaskStatus[None]) -> None:
-        first_attempt = True
+    async def _supervise(
+        self, child: Child[K, S], first_failure_raises: bool, *, task_status: trio.TaskStatus[None]
+    ) -> None:
+        announced = False  # whether start() was let go on
         window = self._new_window()
         failures = 0
 
         def started() -> None:
+            nonlocal announced
             child._set_up(True)
             self._reporter.child_up(child.name)
-            nonlocal first_attempt
-            if first_attempt:
-                first_attempt = False
+            if not announced:
+                announced = True
                 task_status.started()
 
         try:
             with child.scope:
                 while True:
                     began = trio.current_time()
-                    reason = await self._run_once(child, _ChildStatus(started))
+                    try:
+                        await self._run(child.key, child.spec, task_status=_ChildStatus(started))
+                        reason = "ended"
+                    except BaseException as exc:
+                        if first_failure_raises and not announced:
+                            raise  # a start-up error: start()'s caller decides
+                        reason = self._failure(child, exc)
                     child.last_error = reason
                     child._set_up(False)
                     self._reporter.child_down(child.name, reason)
-                    if first_attempt:
+                    if not announced:
                         # Let the caller go on: this child retries in the background, reported down meanwhile.
-                        first_attempt = False
+                        announced = True
                         task_status.started()
                     failures = self.backoff.failures_after(failures, trio.current_time() - began)
                     delay = self.backoff.delay(failures, self._rand())
@@ -248,26 +281,24 @@ class Supervisor(Generic[K, S]):
             child._set_up(False)
             child.stopped.set()
 
-    async def _run_once(self, child: Child[K, S], status: _ChildStatus) -> str:
-        """One run of the child, until it ends; returns why it ended. Cancellation passes through untouched."""
-        try:
-            await self._run(child.key, child.spec, task_status=status)
-        except ChildFailed as exc:
-            reason = str(exc) or "failed"
+    @staticmethod
+    def _failure(child: Child[K, S], exc: BaseException) -> str:
+        """Why a run ended, logged once; cancellation (and the process exiting) passes through untouched."""
+        leaf = _single(exc)
+        if isinstance(leaf, ChildFailed):
+            reason = str(leaf) or "failed"
             log.warning("%s failed: %s", child.name, reason)
             return reason
-        except BaseException as exc:
-            failure, rest = _split(exc)
-            if rest is not None:
-                # Being cancelled (or the process exiting): the failure, if any, happened on the way out.
-                if failure is not None:
-                    log.error("%s failed while stopping", child.name, exc_info=failure)
-                raise rest from None
-            assert failure is not None
-            reason = _describe(failure)
-            log.error("%s failed unexpectedly: %s", child.name, reason, exc_info=failure)
-            return reason
-        return "ended"
+        failure, rest = _split(exc)
+        if rest is not None:
+            # Being cancelled: the failure, if any, happened on the way out.
+            if failure is not None:
+                log.error("%s failed while stopping", child.name, exc_info=failure)
+            raise rest from None
+        assert failure is not None
+        reason = _describe(failure)
+        log.error("%s failed unexpectedly: %s", child.name, reason, exc_info=failure)
+        return reason
 
 
 def _split(exc: BaseException) -> tuple[Exception | None, BaseException | None]:
@@ -280,9 +311,15 @@ def _split(exc: BaseException) -> tuple[Exception | None, BaseException | None]:
     return None, exc
 
 
-def _describe(exc: BaseException) -> str:
+def _single(exc: BaseException) -> BaseException:
+    """The one exception inside nested single-member groups (what a child's nursery wraps a lone error in)."""
     while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
         exc = exc.exceptions[0]
+    return exc
+
+
+def _describe(exc: BaseException) -> str:
+    exc = _single(exc)
     text = str(exc)
     # Foreign errors often say little on their own (`KeyError: 'x'`): the type is part of the reason.
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

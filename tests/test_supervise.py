@@ -201,3 +201,34 @@ async def test_cancellation_is_never_taken_for_a_failure(autojump_clock: trio.te
             await sup.start("a", 1)
     assert script.cancelled == ["a"]
     assert [e[0] for e in reporter.events] == ["up"]
+
+
+async def test_a_start_up_failure_can_be_the_callers_error(autojump_clock: trio.testing.MockClock) -> None:
+    """first_failure_raises: what fails before started() on the first attempt is the caller's start-up error; the
+    same child failing later is restarted like any other."""
+    attempts = 0
+
+    async def port_taken(key: str, spec: int, *, task_status: trio.TaskStatus[None]) -> None:
+        raise OSError(98, "Address already in use")
+
+    async def fails_later(key: str, spec: int, *, task_status: trio.TaskStatus[None]) -> None:
+        nonlocal attempts
+        attempts += 1
+        task_status.started()
+        if attempts == 1:
+            async with trio.open_nursery():
+                raise ChildFailed("lost its socket")
+        await trio.sleep_forever()
+
+    async with trio.open_nursery() as nursery:
+        sup: Supervisor[str, int] = Supervisor(nursery, port_taken)
+        with pytest.raises(OSError, match="already in use"):
+            await sup.start("http", 1, first_failure_raises=True)
+        assert sup.children == {}
+        later: Supervisor[str, int] = Supervisor(nursery, fails_later, rand=no_jitter)
+        await later.start("watch", 1, first_failure_raises=True)
+        await later.children["watch"].wait_down()
+        await later.children["watch"].wait_up()
+        assert attempts == 2
+        assert later.children["watch"].last_error == "lost its socket"
+        nursery.cancel_scope.cancel()

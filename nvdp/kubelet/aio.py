@@ -32,6 +32,11 @@ T = TypeVar("T")
 CANCEL_GRACE_S = 2.0
 
 
+class AsyncioCallError(Exception):
+    """A coroutine run on the asyncio loop raised something its caller did not declare (see `AsyncioThread.run`):
+    a foreign error (grpclib, h2, asyncio) never reaches trio as itself."""
+
+
 class AsyncioThread:
     """Handle on the asyncio loop thread; valid inside `open_asyncio_thread()`."""
 
@@ -46,8 +51,13 @@ class AsyncioThread:
         """Schedule a plain function on the loop (fire and forget; used to publish snapshots)."""
         self.loop.call_soon_threadsafe(fn, *args)
 
-    async def run(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+    async def run(
+        self, fn: Callable[..., Awaitable[T]], *args: Any, passthrough: tuple[type[Exception], ...] = ()
+    ) -> T:
         """Run `fn(*args)` on the loop and return its result to trio.
+
+        Exceptions of the `passthrough` types reach the caller as they are; any other exception becomes an
+        `AsyncioCallError` (the original chained), so a caller's handlers see nvdp's types only.
 
         If the trio caller is cancelled, the coroutine is cancelled too and given `CANCEL_GRACE_S` to finish, so
         nothing it started outlives the caller.
@@ -69,7 +79,13 @@ class AsyncioThread:
                 scope.shield = True
                 await done.wait()
             raise
-        return future.result()
+        try:
+            return future.result()
+        except passthrough:
+            raise
+        except (Exception, asyncio.CancelledError) as exc:
+            name = getattr(fn, "__qualname__", repr(fn))
+            raise AsyncioCallError(f"{name} failed on the asyncio loop: {type(exc).__name__}: {exc}") from exc
 
 
 async def _as_coroutine(fn: Callable[..., Awaitable[T]], *args: Any) -> T:

@@ -311,8 +311,8 @@ class _TrackingServer(grpclib.server.Server):
             self.transports.difference_update(mine)
             lost(exc)
 
-        protocol.connection_made = connection_made
-        protocol.connection_lost = connection_lost
+        protocol.connection_made = connection_made  # type: ignore[method-assign]
+        protocol.connection_lost = connection_lost  # type: ignore[method-assign]
         return protocol
 
 

@@ -34,5 +34,11 @@ async def register(kubelet_socket: Path, endpoint: str, resource_name: str) -> N
     except (OSError, StreamTerminatedError, TimeoutError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else (str(exc) or type(exc).__name__)
         raise RegistrationError(f"cannot reach the kubelet at {kubelet_socket}: {reason}") from None
+    except Exception as exc:
+        # Anything else is grpclib or h2 tripping over a peer that misbehaved (a socket that accepts and closes at
+        # once, a restart mid-call: grpclib then raises AttributeError from a closed connection). The kubelet is
+        # in an unknown state, which is exactly what a retry is for.
+        raise RegistrationError(
+            f"registration with the kubelet at {kubelet_socket} broke off ({type(exc).__name__}: {exc})") from exc
     finally:
         channel.close()

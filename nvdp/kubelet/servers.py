@@ -1,8 +1,13 @@
-"""The per-resource servers, as trio sees them: start, register, reconcile by diff, restart, stop.
+"""The per-resource servers, as trio sees them: each resource one supervised child (`nvdp.supervise`).
 
-Each resource runs in its own task with its own cancel scope inside the servers nursery. `ResourceServers.apply()`
-compares the wanted serving contexts with the running ones: removed or changed resources are stopped first, new ones
-started second, and unchanged ones are left alone, so their `ListAndWatch` streams never break.
+A resource's child binds its grpclib server on the asyncio thread, registers it with the kubelet (retrying with
+backoff while the kubelet refuses or cannot be reached), then serves until cancelled; on the way out the server is
+stopped and its socket removed. An unexpected exception anywhere in that life restarts *that* resource only, after
+the supervisor's backoff: its socket disappears meanwhile, so the kubelet marks its devices Unhealthy, and
+`/readyz` names it. The other resources, their sockets and their `ListAndWatch` streams are never touched.
+
+`ResourceServers.stop_unwanted()` and `start_missing()` are the two halves of a reconcile by diff: removed or
+changed resources are stopped first, new ones started second, unchanged ones are left alone.
 """
 
 from __future__ import annotations
@@ -15,9 +20,11 @@ from typing import Protocol
 
 import trio
 
+from nvdp.core.supervision import Backoff
 from nvdp.kubelet.aio import AsyncioThread
 from nvdp.kubelet.plugin_server import BoundServer, CallObserver, ServingContext, start_server, stop_server
 from nvdp.kubelet.registration import RegistrationError, register
+from nvdp.supervise import DEFAULT_BACKOFF, SupervisionReporter, Supervisor
 
 log = logging.getLogger(__name__)
 
@@ -29,23 +36,27 @@ class ServerObserver(CallObserver, Protocol):
 
 
 #: Registration retry delays: first retry after 0.5 s, doubling, capped at 30 s (upstream retries every 30 s).
-RETRY_FIRST_S = 0.5
-RETRY_MAX_S = 30.0
+REGISTER_BACKOFF = Backoff(first_s=0.5, max_s=30.0, jitter=0.0)
 STOP_TIMEOUT_S = 3.0
+
+
+def child_name(resource: str) -> str:
+    """How a resource's child is named in logs, metrics (`child` label) and /readyz."""
+    return f"server {resource}"
 
 
 @dataclass(eq=False)
 class RunningResource:
+    """One run of a resource's server (a restart makes a new one)."""
+
     context: ServingContext
-    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     registered: trio.Event = field(default_factory=trio.Event)
-    stopped: trio.Event = field(default_factory=trio.Event)
     bound: BoundServer | None = None
     registrations: int = 0
 
     def __repr__(self) -> str:
         return (f"<RunningResource {self.context.resource.name} devices={len(self.context.resource.devices)} "
-                f"registered={self.registered.is_set()} stopped={self.stopped.is_set()}>")
+                f"registered={self.registered.is_set()}>")
 
 
 class ResourceServers:
@@ -60,29 +71,41 @@ class ResourceServers:
         *,
         observer: ServerObserver | None = None,
         on_change: Callable[[], None] | None = None,
+        reporter: SupervisionReporter | None = None,
+        backoff: Backoff = DEFAULT_BACKOFF,
     ) -> None:
-        self._nursery = nursery
         self._observer = observer
         #: Called (on trio) whenever a resource is started, stopped or registered: readiness follows it.
         self._on_change = on_change
         self._host = host
         self.plugin_dir = plugin_dir
         self.kubelet_socket = kubelet_socket
-        self._running: dict[str, RunningResource] = {}
+        self._supervisor: Supervisor[str, ServingContext] = Supervisor(
+            nursery, self._serve, name=child_name, reporter=reporter, backoff=backoff)
+        self._runs: dict[str, RunningResource] = {}
         self._unhealthy: Mapping[str, str] = {}
         #: Set whenever a resource becomes registered or the set of resources changes.
         self._changed = trio.Event()
 
     def __repr__(self) -> str:
-        return f"<ResourceServers {sorted(self._running)} registered={self.all_registered}>"
+        return f"<ResourceServers {sorted(self._supervisor.children)} registered={self.all_registered}>"
+
+    @property
+    def supervisor(self) -> Supervisor[str, ServingContext]:
+        return self._supervisor
 
     @property
     def running(self) -> Mapping[str, RunningResource]:
-        return self._running
+        """The current run of each wanted resource (a resource between two runs has none)."""
+        return {name: self._runs[name] for name in self._supervisor.children if name in self._runs}
+
+    def is_registered(self, name: str) -> bool:
+        run = self._runs.get(name)
+        return name in self._supervisor.children and run is not None and run.registered.is_set()
 
     @property
     def all_registered(self) -> bool:
-        return all(r.registered.is_set() for r in self._running.values())
+        return all(self.is_registered(name) for name in self._supervisor.children)
 
     async def wait_all_registered(self) -> None:
         while not self.all_registered:
@@ -102,112 +125,99 @@ class ResourceServers:
     async def stop_unwanted(self, contexts: Sequence[ServingContext]) -> None:
         """Stop the servers whose resource is gone or changed (first half of a reconcile)."""
         wanted = {c.resource.name: c for c in contexts}
-        for name, running in list(self._running.items()):
-            if wanted.get(name) != running.context:
-                await self._stop(name)
+        await self._supervisor.stop_many(
+            [name for name, spec in self._supervisor.specs.items() if wanted.get(name) != spec])
         self._notify()
 
     async def start_missing(self, contexts: Sequence[ServingContext]) -> None:
         """Start servers for wanted resources that are not running (second half of a reconcile)."""
+        running = self._supervisor.children
         for context in contexts:
-            if context.resource.name not in self._running:
-                await self._start(context)
+            if context.resource.name not in running:
+                await self._supervisor.start(context.resource.name, context)
         self._notify()
 
     async def restart_all(self) -> None:
-        contexts = [r.context for r in self._running.values()]
-        for name in list(self._running):
-            await self._stop(name)
-        for context in contexts:
-            await self._start(context)
+        await self._supervisor.restart_all()
         self._notify()
 
     async def restart(self, name: str) -> None:
-        running = self._running.get(name)
-        if running is None:
-            return
-        await self._stop(name)
-        await self._start(running.context)
+        await self._supervisor.restart(name)
         self._notify()
 
     async def stop_all(self) -> None:
-        for name in list(self._running):
-            await self._stop(name)
+        await self._supervisor.stop_all()
         self._notify()
 
     def publish_health(self, unhealthy: Mapping[str, str]) -> None:
         """Send a new health snapshot (unhealthy device ID -> reason) to every running server."""
         self._unhealthy = unhealthy
-        for running in self._running.values():
-            if running.bound is not None:
-                self._host.call_soon(running.bound.mirror.publish, unhealthy)
+        for run in self._runs.values():
+            if run.bound is not None:
+                self._host.call_soon(run.bound.mirror.publish, unhealthy)
 
     def resource_for_socket(self, socket_name: str) -> str | None:
-        for name, running in self._running.items():
-            if running.context.resource.socket_name == socket_name:
+        for name, context in self._supervisor.specs.items():
+            if context.resource.socket_name == socket_name:
                 return name
         return None
 
-    async def _start(self, context: ServingContext) -> None:
-        running = RunningResource(context)
-        self._running[context.resource.name] = running
-        await self._nursery.start(self._serve, running)
+    # ------------------------------------------------------------------------------------------- one resource
 
-    async def _stop(self, name: str) -> None:
-        running = self._running.pop(name)
-        running.scope.cancel()
-        await running.stopped.wait()
-
-    async def _serve(self, running: RunningResource, *, task_status: trio.TaskStatus[None]) -> None:
-        resource = running.context.resource
-        socket_path = self.plugin_dir / resource.socket_name
+    async def _serve(self, name: str, context: ServingContext, *, task_status: trio.TaskStatus[None]) -> None:
+        """One life of a resource's server: bind, register, serve until cancelled; always stopped on the way out."""
+        run = RunningResource(context)
+        self._runs[name] = run
+        socket_path = self.plugin_dir / context.resource.socket_name
         try:
-            with running.scope:
-                try:
-                    # Shielded (and short): once the loop has bound the socket, the BoundServer must come back here
-                    # to be stopped, or a cancellation during start-up would leave the socket behind.
-                    with trio.CancelScope(shield=True):
-                        running.bound = await self._host.run(
-                            start_server, running.context, self._unhealthy, socket_path, self._observer)
-                except OSError as exc:
-                    # Typically the plugin directory is missing because the kubelet is not up yet. The socket
-                    # watcher restarts us when kubelet.sock appears.
-                    log.warning("cannot serve %s on %s: %s; waiting for the kubelet", resource.name, socket_path,
-                                exc.strerror or exc)
-                    task_status.started()
-                    await trio.sleep_forever()
-                try:
-                    log.info("serving %s on %s (%d devices)", resource.name, socket_path, len(resource.devices))
-                    task_status.started()
-                    if self.kubelet_socket is None:
-                        log.info("skipping registration of %s with the kubelet (no kubelet socket)", resource.name)
-                    else:
-                        await self._register(running)
-                    await trio.sleep_forever()
-                finally:
-                    with trio.CancelScope(shield=True), trio.move_on_after(STOP_TIMEOUT_S):
-                        await self._host.run(stop_server, running.bound)
-                    log.info("stopped serving %s", resource.name)
+            try:
+                # Shielded (and short): once the loop has bound the socket, the BoundServer must come back here to
+                # be stopped, or a cancellation during start-up would leave the socket behind.
+                with trio.CancelScope(shield=True):
+                    run.bound = await self._host.run(
+                        start_server, context, self._unhealthy, socket_path, self._observer, passthrough=(OSError,))
+            except OSError as exc:
+                # Typically the plugin directory is missing because the kubelet is not up yet. The socket
+                # watcher restarts us when kubelet.sock appears.
+                log.warning("cannot serve %s on %s: %s; waiting for the kubelet", name, socket_path,
+                            exc.strerror or exc)
+                task_status.started()
+                await trio.sleep_forever()
+            try:
+                log.info("serving %s on %s (%d devices)", name, socket_path, len(context.resource.devices))
+                task_status.started()
+                if self.kubelet_socket is None:
+                    log.info("skipping registration of %s with the kubelet (no kubelet socket)", name)
+                else:
+                    await self._register(run)
+                await trio.sleep_forever()
+            finally:
+                with trio.CancelScope(shield=True), trio.move_on_after(STOP_TIMEOUT_S):
+                    await self._host.run(stop_server, run.bound)
+                log.info("stopped serving %s", name)
         finally:
-            running.stopped.set()
+            if self._runs.get(name) is run:
+                del self._runs[name]
+            self._notify()
 
-    async def _register(self, running: RunningResource) -> None:
+    async def _register(self, run: RunningResource) -> None:
         assert self.kubelet_socket is not None
-        resource = running.context.resource
-        delay = RETRY_FIRST_S
+        resource = run.context.resource
+        failures = 0
         while True:
             try:
-                await self._host.run(register, self.kubelet_socket, resource.socket_name, resource.name)
+                await self._host.run(register, self.kubelet_socket, resource.socket_name, resource.name,
+                                     passthrough=(RegistrationError,))
             except RegistrationError as exc:
+                failures += 1
+                delay = REGISTER_BACKOFF.delay(failures, 0.5)
                 log.warning("registering %s failed: %s; retrying in %.1f s", resource.name, exc, delay)
                 await trio.sleep(delay)
-                delay = min(delay * 2, RETRY_MAX_S)
                 continue
-            running.registrations += 1
-            running.registered.set()
+            run.registrations += 1
+            run.registered.set()
             if self._observer is not None:
                 self._observer.registered(resource.name)
             self._notify()
             log.info("registered %s with the kubelet", resource.name)
             return
-

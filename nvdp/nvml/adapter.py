@@ -33,6 +33,7 @@ ERROR_TIMEOUT: int = pynvml.NVML_ERROR_TIMEOUT
 ERROR_LIBRARY_NOT_FOUND: int = pynvml.NVML_ERROR_LIBRARY_NOT_FOUND
 ERROR_FUNCTION_NOT_FOUND: int = pynvml.NVML_ERROR_FUNCTION_NOT_FOUND
 ERROR_GPU_IS_LOST: int = pynvml.NVML_ERROR_GPU_IS_LOST
+ERROR_UNKNOWN: int = pynvml.NVML_ERROR_UNKNOWN
 
 EVENT_DOUBLE_BIT_ECC: int = pynvml.nvmlEventTypeDoubleBitEccError
 EVENT_XID_CRITICAL: int = pynvml.nvmlEventTypeXidCriticalError
@@ -98,6 +99,13 @@ def _translated(operation: str) -> Iterator[None]:
     except pynvml.NVMLError as exc:
         # pynvml's errors are unhashable and compare badly; only the code crosses this edge.
         raise NvmlError(int(exc.value), _message(int(exc.value)), operation) from None
+    except NvmlError:
+        raise
+    except Exception as exc:
+        # Not an NVML return code: ctypes or pynvml itself failed (a struct or symbol a driver lays out differently,
+        # a library that went away). Callers handle NVML failures, never these types: translate them here.
+        detail = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        raise NvmlError(ERROR_UNKNOWN, f"unexpected failure in the NVML binding ({detail})", operation) from exc
 
 
 def _call(operation: str, fn: Callable[..., T], *args: Any) -> T:
@@ -375,6 +383,9 @@ class EventSet:
             if exc.value == ERROR_TIMEOUT:
                 return None
             raise NvmlError(exc.value, _message(exc.value), "nvmlEventSetWait") from None
+        except Exception as exc:
+            raise NvmlError(ERROR_UNKNOWN, f"unexpected failure in the NVML binding ({type(exc).__name__}: {exc})",
+                            "nvmlEventSetWait") from exc
         key = ctypes.cast(data.device, ctypes.c_void_p).value
         uuid = self._uuids.get(key)
         if uuid is None:

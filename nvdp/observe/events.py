@@ -37,6 +37,7 @@ DEVICE_RECOVERED = "DeviceRecovered"
 CONFIG_APPLIED = "ConfigApplied"
 CONFIG_REJECTED = "ConfigRejected"
 CONFIG_LABEL_UNKNOWN = "ConfigLabelUnknown"
+CHILD_RESTARTING = "ChildRestarting"
 #: Reason -> Event type.
 REASONS: Mapping[str, str] = {
     DEVICE_UNHEALTHY: "Warning",
@@ -44,6 +45,7 @@ REASONS: Mapping[str, str] = {
     CONFIG_APPLIED: "Normal",
     CONFIG_REJECTED: "Warning",
     CONFIG_LABEL_UNKNOWN: "Warning",
+    CHILD_RESTARTING: "Warning",
 }
 
 COMPONENT = "nvidia-device-plugin"
@@ -143,6 +145,11 @@ class EventRecorder:
         using = f"; using {fallback!r}" if fallback else ""
         return self.record(CONFIG_LABEL_UNKNOWN, f"the node's config label names {value!r}, which no config "
                            f"defines{using}", value)
+
+    def child_restarting(self, child: str, restarts: int, reason: str) -> bool:
+        return self.record(CHILD_RESTARTING, f"{child} keeps failing ({restarts} restarts in the last window; last "
+                           f"error: {reason}); nvdp restarts it with backoff, the rest of the node is unaffected",
+                           child)
 
     # -- the posting task ---------------------------------------------------------------------------------------
 

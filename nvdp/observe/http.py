@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 
 import trio
@@ -39,19 +39,37 @@ class ProbeState:
     """What the probes report; the daemon sets the fields, the HTTP server only reads them (both on trio).
 
     - `/healthz` is OK while `alive` (the daemon's nursery runs) and `nvml_ok` (NVML answered its last check);
-    - `/readyz` is OK when, in addition, `registered` (every resource of the active plan is registered);
+    - `/readyz` is OK when, in addition, `registered` (every resource of the active plan is registered) and no
+      supervised child is down (waiting to be restarted after a failure; it names them);
     - `reason` says why not, in one line, when the daemon knows better than the generic message.
+
+    A child that is down never fails `/healthz`: the supervisor restarts it, and a liveness failure would restart
+    the whole pod (every MPS client with it) for what one child's restart mends.
     """
 
     alive: bool = True
     nvml_ok: bool = True
     registered: bool = False
     reason: str = ""
+    #: Supervised child -> why it is down (only those down now).
+    down: dict[str, str] = field(default_factory=dict)
+    #: Supervised child -> restarts since start (for Events and `nvdp status`).
+    restarts: dict[str, int] = field(default_factory=dict)
 
     def set_pending(self, pending: Collection[str]) -> None:
         """Readiness from the resources that are not registered yet (empty: ready)."""
         self.registered = not pending
         self.reason = "" if not pending else "not registered with the kubelet: " + ", ".join(sorted(pending))
+
+    def child_down(self, child: str, reason: str) -> None:
+        self.down[child] = reason
+        self.restarts[child] = self.restarts.get(child, 0) + 1
+
+    def child_up(self, child: str) -> None:
+        self.down.pop(child, None)
+
+    def restarts_of(self, child: str) -> int:
+        return self.restarts.get(child, 0)
 
     def health(self) -> tuple[bool, str]:
         if not self.alive:
@@ -64,6 +82,10 @@ class ProbeState:
         ok, why = self.health()
         if not ok:
             return ok, why
+        if self.down:
+            # Bounded: a reason is one exception's text, cut short; children are a node's resources and GPUs.
+            parts = [f"{child} ({reason[:200]})" for child, reason in sorted(self.down.items())]
+            return False, "restarting after a failure: " + "; ".join(parts)
         if not self.registered:
             return False, self.reason or "not every resource is registered with the kubelet"
         return True, "ok"

@@ -112,6 +112,12 @@ class Metrics:
         self._k8s_relists = Counter(
             "nvdp_k8s_watch_relists", "Full lists after a watch could not resume (resource version too old).",
             registry=r)
+        self._child_restarts = Counter(
+            "nvdp_child_restarts", "Supervised children (servers, MPS daemons, loops, watches) restarted after they "
+            "failed.", ["child"], registry=r)
+        self._child_up = Gauge(
+            "nvdp_child_up", "1 while a supervised child runs, 0 while it waits to be restarted.", ["child"],
+            registry=r)
         self._events = Counter(
             "nvdp_events", "Kubernetes Events by reason and result (posted, failed, dropped, suppressed).",
             ["reason", "result"], registry=r)
@@ -229,6 +235,16 @@ class Metrics:
 
     def mps_restart(self, gpu_uuid: str) -> None:
         self._mps_restarts.labels(gpu_uuid).inc()
+
+    def child_up(self, child: str, up: bool) -> None:
+        self._child_up.labels(child).set(1 if up else 0)
+
+    def child_restarted(self, child: str) -> None:
+        self._child_restarts.labels(child).inc()
+
+    def child_gone(self, child: str) -> None:
+        """A child stopped for good (its resource or GPU left the plan): no stale series."""
+        _remove(self._child_up, child)
 
     # -- nvdp.k8s.watch.WatchObserver -------------------------------------------------------------------------------
 

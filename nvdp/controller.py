@@ -1,0 +1,477 @@
+"""The controller: the only code that changes the plan, the resource servers, the MPS daemons and the health watch.
+
+It takes typed commands (`Reload`, `KubeletStarted`, `SocketDeleted`, `ConfigChosen`) from one channel and applies
+them one at a time, so restarts and reloads never interleave. Every change goes the same way: build the new plan
+and check it *before* anything stops (a bad config never costs the running one), then let each supervisor
+reconcile its children with it. A command that fails unexpectedly is logged and reported; the controller goes on
+with the next one and the running plan keeps serving.
+
+`HealthPublisher` recomputes which advertised devices are Unhealthy (XIDs and NVML errors from the tracker, MPS
+daemons that do not answer) and sends one snapshot to the servers and the observer.
+
+Everything the controller reports goes through `DaemonObserver` (implemented by `nvdp.observe.reporter.Observer`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+import trio
+
+from nvdp.core.config.errors import ConfigError
+from nvdp.core.config.load import parse_config
+from nvdp.core.config.schema import Config
+from nvdp.core.config.settings import Settings
+from nvdp.core.health import ALL_GPUS, HealthTracker, XidPolicy
+from nvdp.core.health.events import XidEvent
+from nvdp.core.inventory import NodeInventory
+from nvdp.core.plan.allocate import AllocateOptions
+from nvdp.core.plan.build import PlanError, build_plan
+from nvdp.core.plan.labels import sharing_labels
+from nvdp.core.plan.model import Plan
+from nvdp.kubelet.plugin_server import ServingContext
+from nvdp.kubelet.servers import ResourceServers
+from nvdp.mps import MpsDaemons, MpsError, NvmlComputeMode, find_control_binary
+from nvdp.mps.shm import ShmError, ensure_shm
+from nvdp.nfd import write_features_file
+from nvdp.nvml import adapter as nvml
+from nvdp.nvml.health import watch_nvml_health
+from nvdp.supervise import Supervisor, Task
+
+if TYPE_CHECKING:
+    from nvdp.k8s.client import ApiConfig
+    from nvdp.node_config import ConfigSources, ConfigUpdate
+
+log = logging.getLogger(__name__)
+
+#: How long a deleted socket waits for a kubelet.sock creation that would explain it (see `Controller.run`).
+SETTLE_S = 0.1
+
+
+# -- commands ----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Reload:
+    """SIGHUP: read the config again and apply it."""
+
+
+@dataclass(frozen=True, slots=True)
+class KubeletStarted:
+    """kubelet.sock was created: the kubelet (re)started and forgot every registration."""
+
+
+@dataclass(frozen=True, slots=True)
+class SocketDeleted:
+    """A socket in the plugin directory was deleted (ours, perhaps)."""
+
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigChosen:
+    """The node-config watch chose a config (node label, config directory, ConfigMap)."""
+
+    update: ConfigUpdate
+
+
+Command = Reload | KubeletStarted | SocketDeleted | ConfigChosen
+
+
+# -- what the controller reports -----------------------------------------------------------------------------------
+
+
+class DaemonObserver(Protocol):
+    """Everything the controller tells the outside world besides the kubelet (`nvdp.observe.reporter.Observer`)."""
+
+    def plan_applied(
+        self, plan: Plan, inventory: NodeInventory, config_name: str, generation: int, seconds: float, summary: str
+    ) -> None: ...
+
+    def plan_rejected(self, config_name: str, error: str) -> None: ...
+
+    def label_unknown(self, value: str, fallback: str) -> None: ...
+
+    def registration_pending(self, pending: Sequence[str]) -> None: ...
+
+    def kubelet_restarted(self) -> None: ...
+
+    def xid(self, gpu_uuid: str, xid: int) -> None: ...
+
+    def health_changed(self, plan: Plan, unhealthy: Mapping[str, str], nvml_ok: bool) -> None: ...
+
+    def mps_daemon(self, gpu_uuid: str, up: bool, probe_seconds: float | None) -> None: ...
+
+    def mps_restarted(self, gpu_uuid: str) -> None: ...
+
+
+# -- small pure helpers --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class NodeConfig:
+    """Per-node config selection (docs/node-config.md): where named configs come from and how to choose one, the
+    API access for the node label, ConfigMap and Events, and how a chosen config becomes settings."""
+
+    sources: ConfigSources | None
+    api: ApiConfig | None
+    #: (parsed config or None for built-in defaults, source for messages) -> settings, with flags and env on top.
+    make_settings: Callable[[Config | None, str], Settings]
+
+    def settings_for(self, update: ConfigUpdate) -> Settings:
+        config = parse_config(update.text, update.source) if update.text.strip() else None
+        return self.make_settings(config, update.source)
+
+
+def serving_contexts(plan: Plan, inventory: NodeInventory, settings: Settings) -> list[ServingContext]:
+    options = AllocateOptions(
+        device_list_strategy=settings.device_list_strategy,
+        device_id_strategy=settings.device_id_strategy,
+        pass_device_specs=settings.pass_device_specs,
+        dev_root=str(settings.dev_root),
+        control_devices=inventory.control_devices,
+        gdrcopy_enabled=settings.gdrcopy_enabled,
+        gds_enabled=settings.gds_enabled,
+        mofed_enabled=settings.mofed_enabled,
+    )
+    return [ServingContext(r, options, inventory, settings.shared_devices_allocation_policy) for r in plan.resources]
+
+
+def describe_plan(plan: Plan) -> str:
+    if not plan.resources:
+        return "no devices found"
+    return ", ".join(f"{r.name}: {len(r.devices)}" for r in plan.resources)
+
+
+def report_config(update: ConfigUpdate, observer: DaemonObserver) -> None:
+    """The one place a config decision is logged and reported (the node-config watch only says what its sources
+    saw)."""
+    log.info("config: %s (%s)", update.name or "built-in defaults", update.reason)
+    if update.problem:
+        log.warning("config: %s", update.problem)
+    if update.unknown_label is not None:
+        observer.label_unknown(update.unknown_label, update.name or "built-in defaults")
+
+
+class CountingTracker(HealthTracker):
+    """The health tracker, also reporting every XID per GPU and code."""
+
+    observer: DaemonObserver
+
+    @classmethod
+    def for_settings(cls, settings: Settings, observer: DaemonObserver) -> CountingTracker:
+        policy = XidPolicy.from_env(settings.disable_healthchecks, settings.enable_healthchecks)
+        for warning in policy.warnings:
+            log.warning("%s", warning)
+        log.info("health checks: %s; Unhealthy GPUs are probed again after %.0f s of quiet", policy.describe(),
+                 settings.health_quiet_period)
+        tracker = cls(policy, quiet_period_s=settings.health_quiet_period)
+        tracker.observer = observer
+        return tracker
+
+    def on_xid(self, event: XidEvent, now: float) -> bool:
+        self.observer.xid(event.gpu_uuid, event.xid)
+        return super().on_xid(event, now)
+
+
+# -- health --------------------------------------------------------------------------------------------------------
+
+
+class HealthPublisher:
+    """Which advertised devices are Unhealthy now, sent to the servers and the observer on every change."""
+
+    def __init__(self, tracker: HealthTracker, observer: DaemonObserver) -> None:
+        self.tracker = tracker
+        self.observer = observer
+        #: GPUs whose MPS control daemon does not answer.
+        self.mps_down: set[str] = set()
+        self.plan = Plan(resources=())
+        self.servers: ResourceServers | None = None
+
+    def publish(self) -> None:
+        devices = [d for r in self.plan.resources for d in r.devices]
+        unhealthy = self.tracker.unhealthy(devices)
+        if self.mps_down:
+            for device in devices:
+                if device.mps is not None and device.gpu_uuid in self.mps_down:
+                    unhealthy.setdefault(device.id, "MPS control daemon not answering")
+        if self.servers is not None:
+            self.servers.publish_health(unhealthy)
+        self.observer.health_changed(self.plan, unhealthy, self.tracker.fault(ALL_GPUS) is None)
+
+
+# -- the controller ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class NvmlSession:
+    host_root: Path
+    driver_root: Path
+
+
+async def discover(session: NvmlSession) -> NodeInventory:
+    inventory = await trio.to_thread.run_sync(nvml.read_inventory, session.host_root, session.driver_root)
+    log.info("driver %s, CUDA %s, %d GPU(s)", inventory.driver_version, inventory.cuda_driver_version,
+             len(inventory.gpus))
+    for gpu in inventory.gpus:
+        log.debug("GPU %d: %s %s, %d MiB, minor %d, NUMA %s%s", gpu.index, gpu.name, gpu.uuid, gpu.memory_mib,
+                  gpu.minor, gpu.numa_node, ", MIG enabled" if gpu.mig_enabled else "")
+    return inventory
+
+
+class Controller:
+    """Owns the plan and applies commands to the supervisors (see the module docstring)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        session: NvmlSession,
+        observer: DaemonObserver,
+        health: HealthPublisher,
+        tasks: Supervisor[str, Task],
+        mps_nursery: trio.Nursery,
+        search_path: str,
+        reload_settings: Callable[[], Settings] | None,
+        node_config: NodeConfig | None,
+        update: ConfigUpdate | None,
+    ) -> None:
+        self.settings = settings
+        self.session = session
+        self.observer = observer
+        self.health = health
+        self.tasks = tasks
+        self._mps_nursery = mps_nursery
+        self.search_path = search_path
+        self._reload_settings = reload_settings
+        self.node_config = node_config
+        #: The last config chosen by the node-config sources (None without them).
+        self.update = update
+        self.generation = 0
+        self.inventory = NodeInventory(driver_version="", cuda_driver_version=0, gpus=())
+        self.plan = Plan(resources=())
+        self.servers: ResourceServers | None = None
+        self.mps: MpsDaemons | None = None
+        #: Processes started per MPS daemon as last seen answering (to count restarts for /metrics).
+        self._mps_starts: dict[str, int] = {}
+
+    def __repr__(self) -> str:
+        return f"<Controller generation={self.generation} {describe_plan(self.plan)} {self.mps!r}>"
+
+    @property
+    def config_name(self) -> str:
+        if self.update is not None:
+            return self.update.name or "built-in defaults"
+        return str(self.settings.config_file) if self.settings.config_file else "built-in defaults"
+
+    # -- start-up --------------------------------------------------------------------------------------------------
+
+    async def first_plan(self) -> tuple[NodeInventory, Plan]:
+        """The node and the plan nvdp starts with; their errors are start-up errors (the caller decides)."""
+        inventory = await discover(self.session)
+        plan = build_plan(inventory, self.settings)
+        await self.prepare_mps(self.settings, plan)
+        return inventory, plan
+
+    def attach(self, servers: ResourceServers) -> None:
+        self.servers = servers
+        self.health.servers = servers
+
+    # -- applying plans ----------------------------------------------------------------------------------------------
+
+    async def prepare_mps(self, settings: Settings, plan: Plan) -> None:
+        """What MPS needs before any server changes: the control program and the clients' shm tmpfs."""
+        if not plan.mps_daemons:
+            return
+        control = find_control_binary(settings.driver_root, self.search_path)
+        shm = Path(settings.mps_root) / "shm"
+        if settings.simulate is not None:
+            # A simulated node has no clients to share memory with: a plain directory stands in for the tmpfs.
+            await trio.Path(shm).mkdir(parents=True, exist_ok=True)
+        else:
+            await trio.to_thread.run_sync(ensure_shm, shm, settings.mps_shm_size)
+        if self.mps is None or self.mps.control != control:
+            if self.mps is not None:
+                await self.mps.stop_all()
+            self.mps = MpsDaemons(self._mps_nursery, control, NvmlComputeMode(), self._mps_health,
+                                  on_probe=self._mps_probe, path_env=self.search_path)
+
+    async def apply(self, settings: Settings, inventory: NodeInventory, plan: Plan, started: float) -> None:
+        """Make the running servers, MPS daemons and health watch match `plan`: stop what is gone or changed, then
+        start what is new. Servers of MPS resources start only after their daemons answer."""
+        assert self.servers is not None
+        if settings.config.resources:
+            # Upstream parses this section (renaming patterns) and ignores it with a warning; so do we.
+            log.warning("the config's `resources` section is ignored (as upstream does); rename shared "
+                        "resources with sharing.*.resources[].rename instead")
+        contexts = serving_contexts(plan, inventory, settings)
+        self.settings, self.inventory, self.plan = settings, inventory, plan
+        await self.servers.stop_unwanted(contexts)
+        if self.mps is not None:
+            try:
+                await self.mps.apply(plan.mps_daemons)
+            except MpsError as exc:
+                log.error("MPS: %s; the affected slices stay Unhealthy until their daemon answers", exc)
+        # Servers start with the current health snapshot, so a new server never advertises a faulty GPU as Healthy.
+        # The health watch follows the node's physical GPUs (unchanged GPUs leave it running), and is listening
+        # before a new server advertises anything.
+        gpus = tuple(g.uuid for g in sorted(inventory.gpus, key=lambda g: g.index))
+        await self.tasks.apply({**self.tasks.specs, "nvml-health": Task(self.watch_health, (gpus,))})
+        self.health.plan = plan
+        self.health.publish()
+        await self.servers.start_missing(contexts)
+        self.generation += 1
+        summary = describe_plan(plan)
+        self.observer.plan_applied(plan, inventory, self.config_name, self.generation,
+                                   trio.current_time() - started, summary)
+        log.info("serving (generation %d): %s", self.generation, summary)
+        await self.write_labels(settings, inventory, plan)
+        if not plan.resources:
+            log.warning("No devices found. Waiting indefinitely.")
+
+    async def write_labels(self, settings: Settings, inventory: NodeInventory, plan: Plan) -> None:
+        """The sharing labels upstream's GFD would write, as an NFD local feature file (when NFD's directory is
+        there: nvdp does not create it on hosts without node-feature-discovery)."""
+        path = settings.nfd_features_file
+        if path is None:
+            return
+        if not await trio.Path(path.parent).is_dir():
+            log.debug("no node-feature-discovery directory %s: sharing labels not written", path.parent)
+            return
+        try:
+            await trio.to_thread.run_sync(write_features_file, path, sharing_labels(plan, inventory))
+        except OSError as exc:
+            log.warning("cannot write the sharing labels to %s: %s", path, exc.strerror or exc)
+
+    async def reload(self, settings: Settings) -> bool:
+        """Re-read the node and build the new plan *before* anything stops; on error keep serving as before."""
+        started = trio.current_time()
+        try:
+            inventory = await discover(self.session)
+            plan = build_plan(inventory, settings)
+            await self.prepare_mps(settings, plan)
+        except (ConfigError, PlanError, MpsError, ShmError, nvml.NvmlError) as exc:
+            self.reject(exc)
+            return False
+        await self.apply(settings, inventory, plan, started)
+        return True
+
+    def reject(self, exc: Exception) -> None:
+        log.error("config rejected: %s; keeping the running config", exc)
+        self.observer.plan_rejected(self.config_name, str(exc))
+
+    # -- MPS daemons' health ----------------------------------------------------------------------------------------
+
+    def _mps_health(self, gpu_uuid: str, healthy: bool) -> None:
+        running = self.mps.running.get(gpu_uuid) if self.mps is not None else None
+        if healthy:
+            self.health.mps_down.discard(gpu_uuid)
+            if running is not None and running.state.starts > self._mps_starts.get(gpu_uuid, 1):
+                # Answering again after a new process started: that was a restart.
+                self.observer.mps_restarted(gpu_uuid)
+            if running is not None:
+                self._mps_starts[gpu_uuid] = running.state.starts
+        else:
+            self.health.mps_down.add(gpu_uuid)
+        self.observer.mps_daemon(gpu_uuid, healthy, running.state.last_probe_s if running is not None else None)
+        self.health.publish()
+
+    def _mps_probe(self, gpu_uuid: str, seconds: float) -> None:
+        self.observer.mps_daemon(gpu_uuid, gpu_uuid not in self.health.mps_down, seconds)
+
+    def servers_changed(self) -> None:
+        """Readiness follows the plan, not the running servers: between stopping old servers and starting new
+        ones nothing runs, and that must not read as "everything registered"."""
+        if self.servers is None:
+            return
+        self.observer.registration_pending(
+            [r.name for r in self.plan.resources if not self.servers.is_registered(r.name)])
+
+    # -- per-node config ---------------------------------------------------------------------------------------------
+
+    async def apply_update(self, update: ConfigUpdate) -> None:
+        report_config(update, self.observer)
+        previous = self.update
+        if not update.changed or (previous is not None and (previous.name, previous.text) == (update.name,
+                                                                                               update.text)):
+            # Also what a restarted config watch sends first: the config being served.
+            self.update = update if previous is None else previous
+            return
+        assert self.node_config is not None
+        self.update = update
+        try:
+            settings = self.node_config.settings_for(update)
+        except ConfigError as exc:
+            self.update = previous
+            self.reject(exc)
+            return
+        if not await self.reload(settings):
+            self.update = previous
+
+    # -- the command loop ------------------------------------------------------------------------------------------
+
+    async def run(self, receive: trio.MemoryReceiveChannel[Command]) -> None:
+        """Apply commands one at a time. A command that fails unexpectedly is logged with its traceback and
+        reported as a rejected change; the running plan keeps serving and the next command is applied."""
+        async for command in receive:
+            batch: list[Command] = [command]
+            if isinstance(command, SocketDeleted):
+                # A restarting kubelet deletes our sockets just before it creates kubelet.sock again: wait a
+                # moment so that one restart of everything answers both, instead of restarting a server twice.
+                with trio.move_on_after(SETTLE_S):
+                    async for more in receive:
+                        batch.append(more)
+                        if isinstance(more, KubeletStarted):
+                            break
+            try:
+                await self.handle(batch)
+            except Exception as exc:
+                log.error("applying %s failed unexpectedly; the running plan keeps serving", batch, exc_info=True)
+                self.observer.plan_rejected(self.config_name, f"internal error: {type(exc).__name__}: {exc}")
+
+    async def handle(self, batch: Sequence[Command]) -> None:
+        servers = self.servers
+        assert servers is not None
+        if any(isinstance(c, KubeletStarted) for c in batch):
+            log.info("kubelet socket created: restarting every server and registering again")
+            self.observer.kubelet_restarted()
+            await servers.restart_all()
+        else:
+            for deleted in (c.name for c in batch if isinstance(c, SocketDeleted)):
+                name = servers.resource_for_socket(deleted)
+                if name is not None and not await trio.Path(servers.plugin_dir / deleted).exists():
+                    log.warning("socket %s of %s was removed: restarting that server", deleted, name)
+                    await servers.restart(name)
+        for chosen in (c for c in batch if isinstance(c, ConfigChosen)):
+            await self.apply_update(chosen.update)
+        if any(isinstance(c, Reload) for c in batch):
+            await self._reload_requested()
+
+    async def _reload_requested(self) -> None:
+        if self.update is not None:
+            # SIGHUP with per-node configs: apply the chosen config again (its content is re-parsed).
+            assert self.node_config is not None
+            try:
+                settings = self.node_config.settings_for(self.update)
+            except ConfigError as exc:
+                self.reject(exc)
+                return
+        elif self._reload_settings is None:
+            log.info("reload requested; nothing to reload (no config file)")
+            return
+        else:
+            try:
+                settings = self._reload_settings()
+            except ConfigError as exc:
+                self.reject(exc)
+                return
+        await self.reload(settings)
+
+    # -- the health watch (a child of the tasks supervisor) -------------------------------------------------------
+
+    async def watch_health(self, gpus: tuple[str, ...], *, task_status: trio.TaskStatus[None]) -> None:
+        await watch_nvml_health(gpus, self.health.tracker, self.health.publish, task_status=task_status)
