@@ -474,4 +474,12 @@ class Controller:
     # -- the health watch (a child of the tasks supervisor) -------------------------------------------------------
 
     async def watch_health(self, gpus: tuple[str, ...], *, task_status: trio.TaskStatus[None]) -> None:
-        await watch_nvml_health(gpus, self.health.tracker, self.health.publish, task_status=task_status)
+        """While the watch is down nothing checks the GPUs: they count as Unhealthy (a node-wide fault, which the
+        restarted watch clears like any other, after a quiet period and a good probe)."""
+        try:
+            await watch_nvml_health(gpus, self.health.tracker, self.health.publish, task_status=task_status)
+        except Exception as exc:
+            reason = f"the NVML health watch failed ({type(exc).__name__}) and is being restarted"
+            if self.health.tracker.on_error(None, reason, trio.current_time()):
+                self.health.publish()
+            raise

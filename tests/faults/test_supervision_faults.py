@@ -8,8 +8,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import trio
 from prometheus_client.parser import text_string_to_metric_families
 
+from nvdp import controller as controller_module
 from nvdp.core.config.settings import resolve
 from nvdp.kubelet import servers as servers_module
 from nvdp.observe.http import ProbeState
@@ -124,3 +126,36 @@ async def test_an_unexpected_error_in_one_server_restarts_only_that_server(
         await answers(kubelet, MIG_RESOURCE, MIG[1])
         assert probes.readiness() == (True, "ok")
         assert MIG_RESOURCE not in " ".join(probes.down)
+
+
+async def test_an_unexpected_error_in_the_health_watch_restarts_it_and_nothing_else(
+    tmp_path: Path, kubelet: KubeletEmulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While the health watch is down nothing checks the GPUs: they are Unhealthy, then recover once the restarted
+    watch has seen a quiet period; the servers are never restarted."""
+    real_watch = controller_module.watch_nvml_health
+    fail = trio.Event()
+    calls = 0
+
+    async def watch(gpus: Any, tracker: Any, on_change: Any, *, task_status: Any) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            task_status.started()
+            await fail.wait()
+            raise Injected("health loop bug")
+        await real_watch(gpus, tracker, on_change, task_status=task_status)
+
+    monkeypatch.setattr(controller_module, "watch_nvml_health", watch)
+    metrics = Metrics()
+    settings = resolve({"simulate": str(mig_node(tmp_path / "node.yaml")), "kubelet_socket": str(kubelet.socket),
+                        "metrics_address": "", "mig_strategy": "mixed", "health_quiet_period": "0.5"}, {}, None)
+    async with daemon(settings, metrics=metrics):
+        await until(kubelet, lambda k: all(k.devices(r) == d for r, d in EXPECTED.items()), what="first serve")
+        endpoints = {r: kubelet.endpoint(r) for r in EXPECTED}
+        fail.set()
+        await until(kubelet, lambda k: set(k.devices(GPU).values()) == {"Unhealthy"}, what="Unhealthy meanwhile")
+        await until(kubelet, lambda k: all(k.devices(r) == d for r, d in EXPECTED.items()), what="recovered")
+        assert calls == 2
+        assert restarts(metrics, "nvml-health") == 1
+        assert all(kubelet.endpoint(r) is e and e is not None and not e.stream_ended for r, e in endpoints.items())
