@@ -147,7 +147,7 @@ class EventRecorder:
                            f"defines{using}", value)
 
     def child_restarting(self, child: str, restarts: int, reason: str) -> bool:
-        return self.record(CHILD_RESTARTING, f"{child} keeps failing ({restarts} restarts in the last window; last "
+        return self.record(CHILD_RESTARTING, f"{child} keeps failing ({restarts} restarts since nvdp started; last "
                            f"error: {reason}); nvdp restarts it with backoff, the rest of the node is unaffected",
                            child)
 
