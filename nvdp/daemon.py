@@ -55,6 +55,7 @@ from nvdp.kubelet.plugin_server import ServingContext
 from nvdp.kubelet.servers import ResourceServers
 from nvdp.kubelet.socket_watch import watch_plugin_dir
 from nvdp.mps import MpsDaemons, MpsError, NvmlComputeMode, find_control_binary
+from nvdp.mps.host import HostLauncher
 from nvdp.mps.shm import ShmError, ensure_shm
 from nvdp.nfd import write_features_file
 from nvdp.nvml import adapter as nvml
@@ -401,11 +402,13 @@ class Daemon:
             await trio.Path(shm).mkdir(parents=True, exist_ok=True)
         else:
             await trio.to_thread.run_sync(ensure_shm, shm, settings.mps_shm_size)
-        if self.mps is None or self.mps.control != control:
+        host = settings.mps_host_socket  # h2-mps: the daemons are nvdp mps-host's, else nvdp's own (local)
+        if self.mps is None or self.mps.control != control or getattr(self.mps.launcher, "socket_path", None) != host:
             if self.mps is not None:
                 await self.mps.stop_all()
             self.mps = MpsDaemons(self._mps_nursery, control, NvmlComputeMode(), self._mps_health,
-                                  on_probe=self._mps_probe, path_env=self.search_path)
+                                  on_probe=self._mps_probe, path_env=self.search_path,
+                                  launcher=HostLauncher(host) if host is not None else None)
 
     async def apply(self, settings: Settings, inventory: NodeInventory, plan: Plan, started: float) -> None:
         """Make the running servers and MPS daemons match `plan`: stop what is gone or changed, then start what is

@@ -169,7 +169,9 @@ def is_daemon_process(pid: int, paths: DaemonPaths, proc: Path = Path("/proc")) 
         argv = (proc / str(pid) / "cmdline").read_bytes().split(b"\0")
     except OSError:
         return False
-    names = [os.path.basename(arg.decode(errors="replace")) for arg in argv[:2]]
+    # argv[0] for the real program; a script's path follows its interpreter (`python3 <path> -f`, and for a moment
+    # after the exec, `/usr/bin/env python3 <path> -f`).
+    names = [os.path.basename(arg.decode(errors="replace")) for arg in argv[:3]]
     if CONTROL_BINARY not in names or not ({b"-f", b"-d"} & set(argv)):
         return False
     try:
@@ -234,6 +236,11 @@ def output_tail(paths: DaemonPaths, lines: int = 5, max_bytes: int = 4096) -> li
 
 # ------------------------------------------------------------------------------------------------ local launcher
 
+#: Every daemon this process started and has not reaped, by pid, shared by all local launchers: a daemon outlives the
+#: launcher (and the task) that started it, and its `trio.Process` must too, or its exit status is lost (and Python
+#: warns about a child dropped while it runs).
+_CHILDREN: dict[int, trio.Process] = {}
+
 
 class LocalLauncher:
     """Starts daemons as children of this process, each in its own session, output to its log directory.
@@ -248,7 +255,7 @@ class LocalLauncher:
         self.control = control
         self.path_env = path_env
         self._nursery = nursery
-        self._children: dict[int, trio.Process] = {}
+        self._children = _CHILDREN
 
     def __repr__(self) -> str:
         return f"<LocalLauncher {self.control} children={sorted(self._children)}>"
@@ -306,6 +313,8 @@ class LocalLauncher:
                 if child.returncode is not None:
                     self._children.pop(pid, None)
             return describe_exit(returncode)
+        if not await trio.to_thread.run_sync(is_daemon_process, pid, paths):
+            return "exited"  # already; and the pid may be someone else's by now
         await wait_pid_exit(pid)
         return "exited"
 
