@@ -575,3 +575,70 @@ def test_limits_as_mps_prints_them() -> None:
     from nvdp.mps.control_daemon import _parse_mib
 
     assert [_parse_mib(t) for t in ("10240M", "10G", "0", "512MB", "2048", "x")] == [10240, 10240, 0, 512, 2048, None]
+
+
+async def test_a_daemon_that_does_not_answer_a_new_life_is_restarted(
+    root: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="nvdp")
+    spec = make_spec(root)
+    launcher = mps.LocalLauncher(CONTROL, PATH)
+    modes = FakeComputeMode({GPU0: 0})
+    async with trio.open_nursery() as nursery:
+        first = DaemonState()
+        scope = trio.CancelScope()
+        _, done = await start_life(nursery, spec, launcher, modes, Health(), first, scope)
+        old = first.pid
+        assert old is not None
+        scope.cancel()
+        await done.wait()
+        set_fake_mode(spec, "hang")  # hung while no nvdp watched it
+
+        async def heal_once_gone() -> None:
+            await until(lambda: gone(old), limit_s=5)
+            set_fake_mode(spec, "normal")  # the fresh daemon answers
+
+        nursery.start_soon(heal_once_gone)
+        second = DaemonState()
+        await start_life(nursery, spec, launcher, modes, Health(), second, trio.CancelScope())
+        assert second.pid not in (None, old) and second.starts == 1 and second.adoptions == 0
+        assert f"(pid {old}) does not answer" in caplog.text
+        assert modes.changes == [(GPU0, 3)]  # still exclusive from the first start: not flipped
+        with trio.fail_after(5):
+            await mps.stop_mps_daemon(spec, control=CONTROL, launcher=launcher, compute_mode=modes, timings=FAST,
+                                      path_env=PATH)
+        assert modes.changes == [(GPU0, 3), (GPU0, 0)]
+        nursery.cancel_scope.cancel()
+
+
+async def test_mps_daemons_through_the_host_leave_on_shutdown_and_quit_on_removal(root: Path) -> None:
+    from nvdp.mps.host import HostLauncher, serve_mps_host
+
+    modes = FakeComputeMode({GPU0: 0})
+    spec = make_spec(root)
+    async with trio.open_nursery() as host_nursery:
+        with trio.fail_after(5):
+            socket_path = await host_nursery.start(partial(serve_mps_host, root, control=CONTROL, compute_mode=None,
+                                                           path_env=PATH, timings=FAST))
+        launcher = HostLauncher(socket_path)
+        async with trio.open_nursery() as nursery:
+            daemons = mps.MpsDaemons(nursery, CONTROL, modes, Health(), timings=FAST, path_env=PATH,
+                                     launcher=launcher)
+            with trio.fail_after(5):
+                await daemons.apply([spec])
+            pid = daemons.running[GPU0].state.pid
+            assert pid is not None
+            # A removal (the plan no longer wants it): quit, compute mode restored, even though the host owns it.
+            with trio.fail_after(5):
+                await daemons.apply([])
+            assert gone(pid) and commands(spec)[-1] == "quit"
+            assert modes.changes == [(GPU0, 3), (GPU0, 0)]
+            with trio.fail_after(5):
+                await daemons.apply([spec])
+            pid = daemons.running[GPU0].state.pid
+            assert pid is not None
+            nursery.cancel_scope.cancel()  # nvdp's shutdown: the host's daemon stays
+        assert not gone(pid) and commands(spec)[-1] != "quit"
+        assert modes.changes == [(GPU0, 3), (GPU0, 0), (GPU0, 3)]
+        host_nursery.cancel_scope.cancel()  # the host's SIGTERM: the removal
+    assert gone(pid) and commands(spec)[-1] == "quit"

@@ -19,6 +19,7 @@ from nvdp.mps.control_daemon import (
     serve_mps_daemon,
     stop_mps_daemon,
 )
+from nvdp.mps.host import HostLauncher
 from nvdp.mps.launcher import CONTROL_BINARY, DaemonPaths, Launcher, LaunchError, LocalLauncher
 from nvdp.mps.shm import ShmError, ensure_shm, is_tmpfs
 from nvdp.mps.supervisor import MpsDaemons, RunningDaemon
@@ -33,6 +34,7 @@ __all__ = [
     "DaemonPaths",
     "DaemonState",
     "DaemonTimings",
+    "HostLauncher",
     "LaunchError",
     "Launcher",
     "LocalLauncher",
