@@ -240,6 +240,18 @@ def output_tail(paths: DaemonPaths, lines: int = 5, max_bytes: int = 4096) -> li
 #: launcher (and the task) that started it, and its `trio.Process` must too, or its exit status is lost (and Python
 #: warns about a child dropped while it runs).
 _CHILDREN: dict[int, trio.Process] = {}
+#: How the last few reaped children exited, by pid (a later `wait` still says how; their process groups may still
+#: hold an MPS server to kill). A pid leaves when it is started again, or when older than the last `_EXITS_KEPT`.
+_EXITS: dict[int, str] = {}
+_EXITS_KEPT = 64
+
+
+def _reaped(pid: int, returncode: int) -> str:
+    _CHILDREN.pop(pid, None)
+    outcome = _EXITS[pid] = describe_exit(returncode)
+    while len(_EXITS) > _EXITS_KEPT:
+        del _EXITS[next(iter(_EXITS))]
+    return outcome
 
 
 class LocalLauncher:
@@ -285,6 +297,7 @@ class LocalLauncher:
             raise LaunchError(f"could not start ({exc})") from None
         finally:
             os.close(out)
+        _EXITS.pop(process.pid, None)
         self._children[process.pid] = process
         try:
             await trio.to_thread.run_sync(write_pid_file, paths, process.pid)
@@ -295,24 +308,22 @@ class LocalLauncher:
         return process.pid
 
     async def _reap(self, process: trio.Process) -> None:
-        await process.wait()
+        _reaped(process.pid, await process.wait())
 
     async def find(self, paths: DaemonPaths) -> int | None:
         pid = read_pid_file(paths)
         child = self._children.get(pid) if pid is not None else None
-        if child is not None and child.poll() is not None:
+        if pid is not None and child is not None and (returncode := child.poll()) is not None:
+            _reaped(pid, returncode)
             return None  # our own child, exited (and now reaped)
         return await trio.to_thread.run_sync(daemon_pid, paths)
 
     async def wait(self, paths: DaemonPaths, pid: int) -> str:
         child = self._children.get(pid)
         if child is not None:
-            try:
-                returncode = await child.wait()
-            finally:
-                if child.returncode is not None:
-                    self._children.pop(pid, None)
-            return describe_exit(returncode)
+            return _reaped(pid, await child.wait())
+        if pid in _EXITS:
+            return _EXITS[pid]
         if not await trio.to_thread.run_sync(is_daemon_process, pid, paths):
             return "exited"  # already; and the pid may be someone else's by now
         await wait_pid_exit(pid)
@@ -321,15 +332,10 @@ class LocalLauncher:
     async def kill(self, paths: DaemonPaths, pid: int, signum: int) -> None:
         # Our own child's process group is ours even after the child exited (its id cannot be reused while any
         # member lives); anyone else's only while the pid still is that daemon.
-        if pid in self._children or await trio.to_thread.run_sync(is_daemon_process, pid, paths):
+        if self.has_child(pid) or await trio.to_thread.run_sync(is_daemon_process, pid, paths):
             signal_group(pid, signum)
 
     def has_child(self, pid: int) -> bool:
-        return pid in self._children
-
-
-def check_pid(pid: object) -> int:
-    if isinstance(pid, bool) or not isinstance(pid, int) or pid <= 1:
-        raise LaunchError(f"not a daemon pid: {pid!r}")
-    return pid
+        """Whether `pid` is (or was, recently) a daemon this process started."""
+        return pid in self._children or pid in _EXITS
 
