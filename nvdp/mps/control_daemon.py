@@ -388,9 +388,14 @@ class _Daemon:
     def _index(self) -> str:
         return str(self.spec.gpu_index) if isinstance(self.spec, MpsDaemonSpec) else self.paths.gpu_uuid
 
+    def _full_spec(self) -> MpsDaemonSpec:
+        # A life needs the limits; only a removal (stop_mps_daemon) works from the paths alone.
+        assert isinstance(self.spec, MpsDaemonSpec), "a daemon's life needs its MpsDaemonSpec"
+        return self.spec
+
     def _wanted_limits(self) -> tuple[float | None, float | None]:
-        assert isinstance(self.spec, MpsDaemonSpec)
-        return float(self.spec.active_thread_percentage), float(self.spec.pinned_mem_limit_mib)
+        spec = self._full_spec()
+        return float(spec.active_thread_percentage), float(spec.pinned_mem_limit_mib)
 
     async def _served_limits(self, percentage: str) -> tuple[float | None, float | None]:
         ok, memory = await self.command("get_default_device_pinned_mem_limit 0")
@@ -476,17 +481,18 @@ class _Daemon:
             ok, answer = await self.command("\n".join(limits))
             if not ok:
                 return f"did not take its limits {limits} ({answer})"
+            spec = self._full_spec()
             log.info("MPS daemon for %s: default pinned memory limit %d MiB, active thread percentage %d",
-                     self.label, self.spec.pinned_mem_limit_mib, self.spec.active_thread_percentage)  # type: ignore[union-attr]
+                     self.label, spec.pinned_mem_limit_mib, spec.active_thread_percentage)
             return None
         return f"did not answer within {self.timings.start_timeout_s:.1f} s (last: {answer or 'no output'})"
 
     def _limit_commands(self) -> list[str]:
-        assert isinstance(self.spec, MpsDaemonSpec)
+        spec = self._full_spec()
         # Device 0: the daemon sees only this GPU (CUDA_VISIBLE_DEVICES=<uuid>), and MPS ignores UUIDs here.
         return [
-            f"set_default_device_pinned_mem_limit 0 {self.spec.pinned_mem_limit_mib}M",
-            f"set_default_active_thread_percentage {self.spec.active_thread_percentage}",
+            f"set_default_device_pinned_mem_limit 0 {spec.pinned_mem_limit_mib}M",
+            f"set_default_active_thread_percentage {spec.active_thread_percentage}",
         ]
 
     async def _probe_until_unreachable(self) -> str:
