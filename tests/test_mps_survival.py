@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from nvdp.kubelet.emulator import KubeletEmulator
-from nvdp.mps.launcher import DaemonPaths, is_daemon_process, read_pid_file
+from nvdp.mps.launcher import DaemonPaths, is_daemon_process, process_state, read_pid_file
 
 GPU0 = "GPU-00000000-aaaa-bbbb-cccc-000000000000"
 GPU1 = "GPU-00000001-aaaa-bbbb-cccc-000000000000"
@@ -128,7 +128,7 @@ def gone(pid: int) -> bool:
     except ProcessLookupError:
         return True
     # A zombie (already dead, waiting for its parent to reap it) is gone too.
-    return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] in ("Z", "X")
+    return process_state(pid) in (None, "Z", "X")
 
 
 @pytest.fixture
