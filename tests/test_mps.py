@@ -27,6 +27,7 @@ from nvdp.mps.control_daemon import DaemonState, DaemonTimings, serve_mps_daemon
 from nvdp.mps.launcher import read_pid_file
 from nvdp.nvml import adapter
 from tests.helpers import gpu, write_node
+from tests.test_mps_survival import kill_left_daemons
 
 CONTROL = Path(sim.__file__).parent / "nvidia-cuda-mps-control"
 # The venv's python3 first: the fake's `#!/usr/bin/env python3` then starts fast (no pyenv shim) and is a 3.11+.
@@ -82,7 +83,11 @@ async def until(predicate: Callable[[], bool], limit_s: float = 2.0) -> None:
 def root() -> Iterator[Path]:
     # Unix socket paths are limited to 107 bytes and pytest's tmp_path can be long.
     with tempfile.TemporaryDirectory(prefix="nvdp-mps-") as directory:
-        yield Path(directory)
+        try:
+            yield Path(directory)
+        finally:
+            # Daemons outlive the tasks that started them: a test that failed half-way leaves its own running.
+            kill_left_daemons(Path(directory))
 
 
 def make_spec(root: Path, index: int = 0, mem_mib: int = 10240, pct: int = 25) -> MpsDaemonSpec:

@@ -22,7 +22,18 @@ from nvdp.kubelet.emulator import KubeletEmulator
 from nvdp.mps.control_daemon import DaemonTimings
 from nvdp.mps.host import MAX_REQUEST, HostLauncher, parse_request, paths_for, serve_mps_host
 from nvdp.mps.launcher import DaemonPaths, LaunchError, is_daemon_process, read_pid_file
-from tests.test_mps_survival import GPU0, LIMIT_S, PATH, Client, Nvdp, answers, gone, registered, until
+from tests.test_mps_survival import (
+    GPU0,
+    LIMIT_S,
+    PATH,
+    Client,
+    Nvdp,
+    answers,
+    gone,
+    kill_left_daemons,
+    registered,
+    until,
+)
 
 CONTROL = Path(sim.__file__).parent / "nvidia-cuda-mps-control"
 FAST = DaemonTimings(probe_interval_s=0.05, probe_timeout_s=0.5, start_timeout_s=2.0, stop_timeout_s=0.5)
@@ -31,7 +42,10 @@ FAST = DaemonTimings(probe_interval_s=0.05, probe_timeout_s=0.5, start_timeout_s
 @pytest.fixture
 def root() -> Iterator[Path]:
     with tempfile.TemporaryDirectory(prefix="nvdp-h-") as directory:
-        yield Path(directory)
+        try:
+            yield Path(directory)
+        finally:
+            kill_left_daemons(Path(directory))
 
 
 # ---------------------------------------------------------------------------------------------- the protocol
@@ -141,10 +155,7 @@ def mps_root() -> Iterator[Path]:
         try:
             yield root
         finally:
-            paths = paths_for(root, GPU0)
-            pid = read_pid_file(paths)
-            if pid is not None and is_daemon_process(pid, paths):
-                os.killpg(pid, signal.SIGKILL)
+            kill_left_daemons(root)
 
 
 def test_nvdp_sigterm_leaves_the_hosts_daemon_and_the_hosts_sigterm_removes_it(

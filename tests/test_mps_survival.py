@@ -131,6 +131,16 @@ def gone(pid: int) -> bool:
     return process_state(pid) in (None, "Z", "X")
 
 
+def kill_left_daemons(root: Path) -> None:
+    """Whatever daemon a failed test left running under `root`: by its pid file, never by name."""
+    for pid_file in root.glob("*/log/control-daemon.pid"):
+        paths = DaemonPaths(pid_file.parent.parent.name, str(pid_file.parent.parent / "pipe"), str(pid_file.parent))
+        pid = read_pid_file(paths)
+        if pid is not None and is_daemon_process(pid, paths):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
+
+
 @pytest.fixture
 def mps_root() -> Iterator[Path]:
     # The daemon listens on a Unix socket in the pipe directory: keep the path short.
@@ -139,14 +149,7 @@ def mps_root() -> Iterator[Path]:
         try:
             yield root
         finally:
-            # Whatever daemon a failed test left running: by its pid file, never by name.
-            for pid_file in root.glob("*/log/control-daemon.pid"):
-                paths = DaemonPaths(pid_file.parent.parent.name, str(pid_file.parent.parent / "pipe"),
-                                    str(pid_file.parent))
-                pid = read_pid_file(paths)
-                if pid is not None and is_daemon_process(pid, paths):
-                    with contextlib.suppress(ProcessLookupError):
-                        os.killpg(pid, signal.SIGKILL)
+            kill_left_daemons(root)
 
 
 @pytest.fixture
