@@ -1,4 +1,4 @@
-"""Command line: `nvdp [run]`, `nvdp demo`, `nvdp config validate`.
+"""Command line: `nvdp [run]`, `nvdp demo`, `nvdp config validate`, `nvdp status`, `nvdp mps-host`.
 
 Flags and environment variables are upstream's (see `nvdp.core.config.settings.OPTIONS`); this module is the only one
 that reads `os.environ`.
@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("nvdp")
 
-SUBCOMMANDS = ("run", "demo", "config", "status")
+SUBCOMMANDS = ("run", "demo", "config", "status", "mps-host")
 #: What `nvdp demo` says when grpcio (the `emulator` extra) is not installed.
 DEMO_NEEDS = "the kubelet emulator needs grpcio, which is not installed: pip install 'nvdp[emulator]'"
 
@@ -61,6 +61,17 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="show what a running nvdp serves (from its metrics endpoint)")
     status.add_argument("--address", default=None,
                         help="the daemon's metrics address [env $METRICS_ADDRESS; default :9400]")
+    host = sub.add_parser("mps-host", help="own the MPS control daemons for nvdp, so that they outlive it "
+                                           "(docs/mps.md)")
+    host.add_argument("--mps-root", default=None, help="the MPS root, as nvdp's [env $MPS_ROOT]")
+    host.add_argument("--socket", default=None,
+                      help="where to listen [env $MPS_HOST_SOCKET; default <mps root>/nvdp-mps-host.sock]")
+    host.add_argument("--driver-root", default=None, type=Path,
+                      help="root of the NVIDIA driver installation [env $NVIDIA_DRIVER_ROOT; default /]")
+    host.add_argument("--simulate", type=Path, default=None,
+                      help="a simulated GPU node (its fake control program and NVML) [env $NVDP_SIMULATE]")
+    host.add_argument("--log-level", default=None, help="log level [env $LOG_LEVEL; default info]")
+    host.add_argument("--log-format", default=None, help="text or json [env $LOG_FORMAT; default text]")
     config = sub.add_parser("config", help="config file tools")
     config_sub = config.add_subparsers(dest="config_command", metavar="ACTION", required=True)
     validate = config_sub.add_parser("validate", help="check a config file and print the resource plan")
@@ -101,6 +112,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from nvdp.observe.status import status_main
 
             return status_main(args.address or env.get("METRICS_ADDRESS") or ":9400")
+        if args.command == "mps-host":
+            return mps_host(args, env)
         if args.command == "config":
             from nvdp.validate import validate_config
 
@@ -109,6 +122,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"nvdp: invalid configuration: {exc}", file=sys.stderr)
         return 1
+
+
+def mps_host(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    from nvdp.mps.host import host_main
+
+    setup_logging(args.log_level or env.get("LOG_LEVEL") or "info", args.log_format or env.get("LOG_FORMAT") or "text")
+    simulate = args.simulate or (Path(env["NVDP_SIMULATE"]) if env.get("NVDP_SIMULATE") else None)
+    return host_main(args.mps_root or env.get("MPS_ROOT", ""), socket_path=args.socket or env.get("MPS_HOST_SOCKET"),
+                     driver_root=args.driver_root or Path(env.get("NVIDIA_DRIVER_ROOT") or "/"), simulate=simulate,
+                     search_path=env.get("PATH", os.defpath))
 
 
 def node_config_for(args: argparse.Namespace, env: Mapping[str, str], settings: Settings) -> NodeConfig | None:

@@ -35,7 +35,7 @@ from nvdp.core.plan.labels import sharing_labels
 from nvdp.core.plan.model import Plan
 from nvdp.kubelet.plugin_server import ServingContext
 from nvdp.kubelet.servers import ResourceServers
-from nvdp.mps import MpsDaemons, MpsError, NvmlComputeMode, find_control_binary
+from nvdp.mps import HostLauncher, MpsDaemons, MpsError, NvmlComputeMode, find_control_binary
 from nvdp.mps.shm import ShmError, ensure_shm
 from nvdp.nfd import write_features_file
 from nvdp.nvml import adapter as nvml
@@ -294,11 +294,14 @@ class Controller:
             await trio.Path(shm).mkdir(parents=True, exist_ok=True)
         else:
             await trio.to_thread.run_sync(ensure_shm, shm, settings.mps_shm_size)
-        if self.mps is None or self.mps.control != control:
+        # Who owns the daemons: `nvdp mps-host` when configured (they outlive nvdp's pod or unit), else nvdp itself.
+        host = settings.mps_host_socket
+        if self.mps is None or self.mps.control != control or getattr(self.mps.launcher, "socket_path", None) != host:
             if self.mps is not None:
                 await self.mps.stop_all()
             self.mps = MpsDaemons(self._mps_nursery, control, NvmlComputeMode(), self._mps_health,
-                                  on_probe=self._mps_probe, path_env=self.search_path)
+                                  on_probe=self._mps_probe, path_env=self.search_path,
+                                  launcher=HostLauncher(host) if host is not None else None)
 
     async def apply(self, settings: Settings, inventory: NodeInventory, plan: Plan, started: float) -> None:
         """Make the running servers, MPS daemons and health watch match `plan`: stop what is gone or changed, then

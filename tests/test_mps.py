@@ -6,6 +6,7 @@ import contextlib
 import ctypes
 import errno
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -23,8 +24,10 @@ from nvdp import mps, sim
 from nvdp.core.plan.model import MpsDaemonSpec
 from nvdp.mps import shm
 from nvdp.mps.control_daemon import DaemonState, DaemonTimings, serve_mps_daemon
+from nvdp.mps.launcher import read_pid_file
 from nvdp.nvml import adapter
 from tests.helpers import gpu, write_node
+from tests.test_mps_survival import kill_left_daemons
 
 CONTROL = Path(sim.__file__).parent / "nvidia-cuda-mps-control"
 # The venv's python3 first: the fake's `#!/usr/bin/env python3` then starts fast (no pyenv shim) and is a 3.11+.
@@ -80,7 +83,11 @@ async def until(predicate: Callable[[], bool], limit_s: float = 2.0) -> None:
 def root() -> Iterator[Path]:
     # Unix socket paths are limited to 107 bytes and pytest's tmp_path can be long.
     with tempfile.TemporaryDirectory(prefix="nvdp-mps-") as directory:
-        yield Path(directory)
+        try:
+            yield Path(directory)
+        finally:
+            # Daemons outlive the tasks that started them: a test that failed half-way leaves its own running.
+            kill_left_daemons(Path(directory))
 
 
 def make_spec(root: Path, index: int = 0, mem_mib: int = 10240, pct: int = 25) -> MpsDaemonSpec:
@@ -431,3 +438,212 @@ def test_ensure_shm_mounts_a_tmpfs(tmp_path: Path) -> None:
     finally:
         assert libc.umount2(str(target).encode(), 0) == 0
     assert not shm.is_tmpfs(target)
+
+
+# ---------------------------------------------------------------------------- one life, adoption and removal
+
+
+async def start_life(nursery: trio.Nursery, spec: MpsDaemonSpec, launcher: mps.Launcher,
+                     compute_mode: mps.ComputeModeControl, health: Health, state: DaemonState,
+                     scope: trio.CancelScope) -> tuple[list[BaseException], trio.Event]:
+    """One life in `scope`; returns the list its ending exception (DaemonFailed) lands in, and an event set when
+    it has ended."""
+    ended: list[BaseException] = []
+    done = trio.Event()
+
+    async def life(task_status: trio.TaskStatus[None]) -> None:
+        with scope:
+            try:
+                await mps.run_mps_daemon(spec, control=CONTROL, launcher=launcher, compute_mode=compute_mode,
+                                         on_health=health, timings=FAST, path_env=PATH, state=state,
+                                         task_status=task_status)
+            except mps.DaemonFailed as exc:
+                ended.append(exc)
+            finally:
+                done.set()
+
+    with trio.fail_after(5):
+        await nursery.start(life)
+    return ended, done
+
+
+async def test_a_cancelled_life_leaves_the_daemon_and_the_next_life_adopts_it(
+    root: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="nvdp")
+    spec = make_spec(root)
+    modes = FakeComputeMode({GPU0: 0})
+    launcher = mps.LocalLauncher(CONTROL, PATH)
+    paths = mps.DaemonPaths.of(spec)
+    async with trio.open_nursery() as nursery:
+        first = DaemonState()
+        scope = trio.CancelScope()
+        _, done = await start_life(nursery, spec, launcher, modes, Health(), first, scope)
+        pid = first.pid
+        assert pid is not None and first.starts == 1 and first.adoptions == 0
+        assert read_pid_file(paths) == pid
+        scope.cancel()  # nvdp stops supervising it: not a removal
+        await done.wait()
+        assert not gone(pid) and "quit" not in commands(spec)
+
+        second, health = DaemonState(), Health()
+        scope = trio.CancelScope()
+        caplog.clear()
+        await start_life(nursery, spec, launcher, modes, health, second, scope)
+        assert second.pid == pid and second.adoptions == 1 and second.starts == 0
+        assert health.events == [(GPU0, True)]
+        assert f"adopted the MPS control daemon for GPU 0 (pid {pid})" in caplog.text
+        assert len(limit_commands(spec)) == 2  # not sent again
+        assert modes.changes == [(GPU0, 3)]  # compute mode untouched by the adoption
+        scope.cancel()
+
+        # The removal: quit, pid file gone, compute mode back.
+        with trio.fail_after(5):
+            await mps.stop_mps_daemon(spec, control=CONTROL, launcher=launcher, compute_mode=modes, timings=FAST,
+                                      path_env=PATH)
+        assert gone(pid) and commands(spec)[-1] == "quit"
+        assert read_pid_file(paths) is None
+        assert modes.changes == [(GPU0, 3), (GPU0, 0)]
+        # Nothing left to remove: a second removal is a no-op.
+        await mps.stop_mps_daemon(spec, control=CONTROL, launcher=launcher, compute_mode=modes, timings=FAST,
+                                  path_env=PATH)
+        assert modes.changes == [(GPU0, 3), (GPU0, 0)]
+
+
+async def test_a_life_ends_with_daemon_failed_when_the_daemon_exits(root: Path) -> None:
+    spec = make_spec(root)
+    launcher = mps.LocalLauncher(CONTROL, PATH)
+    health = Health()
+    async with trio.open_nursery() as nursery:
+        state = DaemonState()
+        ended, _ = await start_life(nursery, spec, launcher, FakeComputeMode({GPU0: 0}), health, state,
+                                    trio.CancelScope())
+        assert state.pid is not None
+        os.kill(state.pid, signal.SIGKILL)
+        await health.wait_for(GPU0, False)
+    assert [str(e) for e in ended] == ["was killed by SIGKILL"]
+
+
+async def test_a_failed_start_raises_before_started(root: Path) -> None:
+    spec = make_spec(root)
+    async with trio.open_nursery() as nursery:
+        with pytest.raises(mps.DaemonFailed, match="exited with 1"):
+            await nursery.start(partial(
+                mps.run_mps_daemon, spec, control=Path("/bin/false"), launcher=mps.LocalLauncher(Path("/bin/false"),
+                                                                                                  PATH),
+                compute_mode=FakeComputeMode({GPU0: 0}), on_health=Health(), timings=FAST, path_env=PATH))
+
+
+async def test_a_reused_pid_is_not_adopted(root: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="nvdp")
+    spec = make_spec(root)
+    paths = mps.DaemonPaths.of(spec)
+    # The pid file names a live process that is not a control daemon (this test's own process).
+    mps.launcher.make_dirs(paths)
+    mps.launcher.write_pid_file(paths, os.getpid())
+    assert not mps.launcher.is_daemon_process(os.getpid(), paths)
+    launcher = mps.LocalLauncher(CONTROL, PATH)
+    async with trio.open_nursery() as nursery:
+        state = DaemonState()
+        await start_life(nursery, spec, launcher, FakeComputeMode({GPU0: 0}), Health(), state, trio.CancelScope())
+        assert state.pid not in (None, os.getpid()) and state.starts == 1
+        assert "adopted" not in caplog.text
+        # Another daemon's pipe directory does not make it ours either.
+        other = mps.DaemonPaths(GPU1, str(root / "other/pipe"), paths.log_dir)
+        assert mps.launcher.is_daemon_process(state.pid, paths)
+        assert not mps.launcher.is_daemon_process(state.pid, other)
+        with trio.fail_after(5):
+            await mps.stop_mps_daemon(spec, control=CONTROL, launcher=launcher, compute_mode=None, timings=FAST,
+                                      path_env=PATH)
+        nursery.cancel_scope.cancel()
+
+
+async def test_serve_without_removal_leaves_the_daemon(root: Path) -> None:
+    spec = make_spec(root)
+    launcher = mps.LocalLauncher(CONTROL, PATH)
+    state = DaemonState()
+    async with trio.open_nursery() as nursery:
+        with trio.fail_after(5):
+            await nursery.start(partial(serve_mps_daemon, spec, control=CONTROL,
+                                        compute_mode=FakeComputeMode({GPU0: 0}), on_health=Health(), timings=FAST,
+                                        path_env=PATH, state=state, launcher=launcher, removal=lambda: False))
+        pid = state.pid
+        nursery.cancel_scope.cancel()
+    assert pid is not None and not gone(pid) and "quit" not in commands(spec)
+    with trio.fail_after(5):
+        await mps.stop_mps_daemon(spec, control=CONTROL, launcher=launcher, compute_mode=None, timings=FAST,
+                                  path_env=PATH)
+    assert gone(pid)
+
+
+def test_limits_as_mps_prints_them() -> None:
+    from nvdp.mps.control_daemon import _parse_mib
+
+    assert [_parse_mib(t) for t in ("10240M", "10G", "0", "512MB", "2048", "x")] == [10240, 10240, 0, 512, 2048, None]
+
+
+async def test_a_daemon_that_does_not_answer_a_new_life_is_restarted(
+    root: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="nvdp")
+    spec = make_spec(root)
+    launcher = mps.LocalLauncher(CONTROL, PATH)
+    modes = FakeComputeMode({GPU0: 0})
+    async with trio.open_nursery() as nursery:
+        first = DaemonState()
+        scope = trio.CancelScope()
+        _, done = await start_life(nursery, spec, launcher, modes, Health(), first, scope)
+        old = first.pid
+        assert old is not None
+        scope.cancel()
+        await done.wait()
+        set_fake_mode(spec, "hang")  # hung while no nvdp watched it
+
+        async def heal_once_gone() -> None:
+            await until(lambda: gone(old), limit_s=5)
+            set_fake_mode(spec, "normal")  # the fresh daemon answers
+
+        nursery.start_soon(heal_once_gone)
+        second = DaemonState()
+        await start_life(nursery, spec, launcher, modes, Health(), second, trio.CancelScope())
+        assert second.pid not in (None, old) and second.starts == 1 and second.adoptions == 0
+        assert f"(pid {old}) does not answer" in caplog.text
+        assert modes.changes == [(GPU0, 3)]  # still exclusive from the first start: not flipped
+        with trio.fail_after(5):
+            await mps.stop_mps_daemon(spec, control=CONTROL, launcher=launcher, compute_mode=modes, timings=FAST,
+                                      path_env=PATH)
+        assert modes.changes == [(GPU0, 3), (GPU0, 0)]
+        nursery.cancel_scope.cancel()
+
+
+async def test_mps_daemons_through_the_host_leave_on_shutdown_and_quit_on_removal(root: Path) -> None:
+    from nvdp.mps.host import HostLauncher, serve_mps_host
+
+    modes = FakeComputeMode({GPU0: 0})
+    spec = make_spec(root)
+    async with trio.open_nursery() as host_nursery:
+        with trio.fail_after(5):
+            socket_path = await host_nursery.start(partial(serve_mps_host, root, control=CONTROL, compute_mode=None,
+                                                           path_env=PATH, timings=FAST))
+        launcher = HostLauncher(socket_path)
+        async with trio.open_nursery() as nursery:
+            daemons = mps.MpsDaemons(nursery, CONTROL, modes, Health(), timings=FAST, path_env=PATH,
+                                     launcher=launcher)
+            with trio.fail_after(5):
+                await daemons.apply([spec])
+            pid = daemons.running[GPU0].state.pid
+            assert pid is not None
+            # A removal (the plan no longer wants it): quit, compute mode restored, even though the host owns it.
+            with trio.fail_after(5):
+                await daemons.apply([])
+            assert gone(pid) and commands(spec)[-1] == "quit"
+            assert modes.changes == [(GPU0, 3), (GPU0, 0)]
+            with trio.fail_after(5):
+                await daemons.apply([spec])
+            pid = daemons.running[GPU0].state.pid
+            assert pid is not None
+            nursery.cancel_scope.cancel()  # nvdp's shutdown: the host's daemon stays
+        assert not gone(pid) and commands(spec)[-1] != "quit"
+        assert modes.changes == [(GPU0, 3), (GPU0, 0), (GPU0, 3)]
+        host_nursery.cancel_scope.cancel()  # the host's SIGTERM: the removal
+    assert gone(pid) and commands(spec)[-1] == "quit"

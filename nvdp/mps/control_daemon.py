@@ -1,22 +1,36 @@
-"""One MPS control daemon, supervised: `nvidia-cuda-mps-control -f` for one GPU, as a child task of a nursery.
+"""One MPS control daemon: one life of it (`run_mps_daemon`), its removal (`stop_mps_daemon`), and a restart loop.
 
-Lifetime of `serve_mps_daemon(spec, ...)`, which never returns until cancelled:
+The daemon does not live and die with nvdp: a `Launcher` (`nvdp.mps.launcher`) starts it detached from nvdp, in
+its own session, its output in its log directory and its pid in a pid file there, either as nvdp's own child
+(`LocalLauncher`) or as a child of `nvdp mps-host` (`HostLauncher`). So ending the task that supervises a daemon
+does not end the daemon; only `stop_mps_daemon` does, and only its owner calls that, for a removal.
 
-1. create the pipe and log directories (0755), remember the GPU's compute mode and set EXCLUSIVE_PROCESS;
-2. start `<control> -f` in the foreground, in its own session, with a minimal environment; its output is read by a
-   task of the same nursery and logged (no `tail` child);
-3. wait until it answers `get_default_active_thread_percentage`, then send the default pinned-memory limit and
-   active thread percentage through the control program's stdin; healthy; `task_status.started()`;
-4. probe every `probe_interval_s`: a probe that fails or times out reports the GPU unhealthy through `on_health`,
-   an answer reports it healthy again. A hung daemon is not restarted: its MPS server may still serve running
-   clients, and a restart would end them;
-5. the daemon exits (or never answers its first probe within `start_timeout_s`): unhealthy, stop what is left of
-   its process group, restart after a capped backoff (0.5 s doubling to 10 s), back to 3;
-6. cancelled: shielded and bounded, send `quit`, wait, SIGTERM, SIGKILL the process group; restore the compute mode.
+One life, `run_mps_daemon(spec, ...)`, never returns:
 
-`task_status.started()` is called after the first answer, or after the first start attempt failed (having reported
-the GPU unhealthy), so that one broken daemon cannot hold up the whole node: its replicas are advertised Unhealthy
-and become Healthy when a later attempt answers.
+1. create the pipe and log directories (0755); `MpsError` if it cannot;
+2. **adopt**: if the pid file names a live control daemon for this pipe directory and it answers
+   `get_default_active_thread_percentage` and `get_default_device_pinned_mem_limit 0` with the limits of `spec`, it
+   is adopted as it runs (logged "adopted the MPS control daemon for GPU n (pid p)"): no restart, compute mode
+   untouched. A daemon that does not answer, or serves other limits, is stopped (quit, SIGTERM, SIGKILL of its
+   group) and a fresh one started; so is whatever answers on the pipe directory without a recorded process;
+3. **start** (nothing adopted): set the GPU's compute mode to EXCLUSIVE_PROCESS (the mode before is kept in the log
+   directory, for the removal), start the daemon through the launcher, wait until it answers, send the limits.
+   A daemon that exits or does not answer within `start_timeout_s` is stopped and `DaemonFailed` raised, before
+   `task_status.started()`;
+4. healthy: `on_health(uuid, True)`, `task_status.started()`;
+5. probe every `probe_interval_s`; a failed probe reports the GPU unhealthy, an answer healthy again. A hung daemon
+   is not restarted (its MPS server may still serve running clients); the life ends when the daemon process exits
+   (seen through the launcher at once) or its pipe directory is gone (it can never answer again: it is stopped);
+6. raise `DaemonFailed(reason)`: the caller restarts it (a new life, which adopts or starts).
+
+Cancelled, a life leaves the daemon as it is: a cancellation is "nvdp stops supervising", not "remove the daemon".
+`stop_mps_daemon(spec, ...)` is the removal: quit, SIGTERM, SIGKILL of the group, pid file removed, compute mode
+restored. The owner calls it, shielded, when the plan no longer wants the daemon (a config change) and, with a
+launcher that `owns_daemons` (local), on nvdp's clean SIGTERM. With the MPS host, nvdp's SIGTERM leaves the daemons
+running; the host's own SIGTERM removes them.
+
+`serve_mps_daemon` is today's restart loop around one life (backoff 0.5 s doubling to 10 s) for `MpsDaemons`; its
+`removal` argument says whether a cancellation is a removal.
 
 No command ever goes through a shell: the daemon and every control command are exec'd with an argument list, and
 control commands travel on stdin.
@@ -24,24 +38,34 @@ control commands travel on stdin.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import os
+import re
 import signal
-import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NoReturn, Protocol
+from typing import NoReturn, Protocol, cast
 
 import trio
 
 from nvdp.core.plan.model import MpsDaemonSpec
+from nvdp.mps.launcher import (
+    CONTROL_BINARY,
+    DaemonPaths,
+    Launcher,
+    LaunchError,
+    LocalLauncher,
+    daemon_env,
+    describe_exit,
+    make_dirs,
+    output_tail,
+    remove_pid_file,
+)
 
 log = logging.getLogger(__name__)
 
-CONTROL_BINARY = "nvidia-cuda-mps-control"
 #: The PATH given to the daemon when the caller has none to pass.
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
@@ -54,6 +78,16 @@ _MODE_NAMES = {0: "DEFAULT", 1: "EXCLUSIVE_THREAD", 2: "PROHIBITED", 3: "EXCLUSI
 
 class MpsError(Exception):
     """An MPS daemon cannot be set up at all (no control program, no pipe directory)."""
+
+
+class DaemonFailed(Exception):
+    """One life of a daemon ended (it exited, never answered, lost its pipe directory): restart it.
+
+    The supervisor's `ChildFailed` once ported onto `nvdp.supervise`."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
 
 
 class ComputeModeControl(Protocol):
@@ -98,19 +132,24 @@ DEFAULT_TIMINGS = DaemonTimings()
 
 @dataclass(eq=False)
 class DaemonState:
-    """What a running `serve_mps_daemon` exposes (for `MpsDaemons`, logs and tests)."""
+    """What a running daemon's supervision exposes (for `MpsDaemons`, logs and tests); shared by its lives."""
 
     #: None until the first probe answers or fails.
     healthy: bool | None = None
-    #: The current daemon process, None between restarts.
+    #: The current daemon process, None between lives.
     pid: int | None = None
+    #: Daemon processes started (not counting adopted ones).
     starts: int = 0
+    #: Running daemons adopted from an earlier nvdp (or life).
+    adoptions: int = 0
     last_exit: str = ""
     #: Seconds the last successful probe took (the control program's round trip).
     last_probe_s: float | None = None
 
 
-def gpu_label(spec: MpsDaemonSpec) -> str:
+def gpu_label(spec: MpsDaemonSpec | DaemonPaths) -> str:
+    if isinstance(spec, DaemonPaths):
+        return f"GPU {spec.gpu_uuid}"
     return f"GPU {spec.gpu_index} ({spec.gpu_uuid})"
 
 
@@ -128,6 +167,67 @@ def find_control_binary(driver_root: Path, path_env: str) -> Path:
         f"{driver_root / 'bin'})")
 
 
+# --------------------------------------------------------------------------------------------- the public API
+
+
+async def run_mps_daemon(
+    spec: MpsDaemonSpec,
+    *,
+    control: Path,
+    launcher: Launcher,
+    compute_mode: ComputeModeControl,
+    on_health: Callable[[str, bool], None],
+    timings: DaemonTimings = DEFAULT_TIMINGS,
+    path_env: str = DEFAULT_PATH,
+    state: DaemonState | None = None,
+    on_probe: Callable[[str, float], None] | None = None,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> NoReturn:
+    """One life of the daemon of one GPU (module docstring): adopt or start, bring up, `task_status.started()` once
+    healthy, probe; raises `DaemonFailed` when the daemon is gone (or never came up: then before `started()`), and
+    `MpsError` (before `started()`) when its directories cannot be created. `on_health(gpu_uuid, healthy)` is called
+    on every change, `on_probe(gpu_uuid, seconds)` after every successful periodic probe. Cancellation leaves the
+    daemon running (see `stop_mps_daemon`)."""
+    daemon = _Daemon(spec, control, launcher, compute_mode, on_health, timings, path_env, state or DaemonState(),
+                     on_probe)
+    await daemon.life(task_status)
+
+
+async def stop_mps_daemon(
+    spec: MpsDaemonSpec | DaemonPaths,
+    *,
+    control: Path,
+    launcher: Launcher,
+    compute_mode: ComputeModeControl | None,
+    timings: DaemonTimings = DEFAULT_TIMINGS,
+    path_env: str = DEFAULT_PATH,
+    state: DaemonState | None = None,
+) -> None:
+    """Remove the GPU's daemon: `quit`, then SIGTERM, then SIGKILL of its process group, each bounded by
+    `stop_timeout_s`; its pid file removed; the GPU's compute mode restored to what it was before nvdp set
+    EXCLUSIVE_PROCESS (kept in the log directory; nothing is restored when nvdp never changed it, or with
+    `compute_mode=None`). Never raises for a daemon that is already gone. Call it shielded: it waits for the
+    daemon."""
+    paths = DaemonPaths.of(spec)
+    daemon = _Daemon(spec, control, launcher, compute_mode, lambda uuid, healthy: None, timings, path_env,
+                     state or DaemonState(), None)
+    try:
+        pid = await launcher.find(paths)
+    except LaunchError as exc:
+        log.warning("MPS daemon for %s: %s", daemon.label, exc)
+        pid = None
+    if pid is not None:
+        log.info("stopping the MPS control daemon for %s (pid %d)", daemon.label, pid)
+        await daemon.terminate(pid)
+    else:
+        ok, _ = await daemon.command("get_default_active_thread_percentage")
+        if ok:
+            # Someone answers on the pipe directory that no pid file names (started by hand?): ask it to go.
+            await daemon.quit_unknown()
+    daemon.state.pid = None
+    await daemon.restore_compute_mode()
+
+
 async def serve_mps_daemon(
     spec: MpsDaemonSpec,
     *,
@@ -138,24 +238,83 @@ async def serve_mps_daemon(
     path_env: str = DEFAULT_PATH,
     state: DaemonState | None = None,
     on_probe: Callable[[str, float], None] | None = None,
+    launcher: Launcher | None = None,
+    removal: Callable[[], bool] | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> NoReturn:
-    """Run and supervise the MPS control daemon of one GPU until cancelled (see the module docstring).
+    """Lives of the daemon, one after the other, until cancelled: a life that ends is restarted after a capped
+    backoff (0.5 s doubling to 10 s, back to 0.5 s after a life of 10 s).
 
-    `on_health(gpu_uuid, healthy)` is called on every change, from this task; `on_probe(gpu_uuid, seconds)` after
-    every successful periodic probe. Raises `MpsError` before
-    `task_status.started()` when the pipe or log directory cannot be created.
-    """
-    daemon = _Daemon(spec, control, compute_mode, on_health, timings, path_env, state or DaemonState(), on_probe)
-    await daemon.run(task_status)
+    `task_status.started()` is called once the first life is healthy, or once it failed (having reported the GPU
+    unhealthy), so that one broken daemon cannot hold up the whole node. Raises `MpsError` before that when the
+    directories cannot be created. `launcher` defaults to a `LocalLauncher`. On cancellation, `removal()` (default:
+    always) says whether this is a removal: then `stop_mps_daemon` runs, shielded."""
+    state = state or DaemonState()
+    launcher = launcher or LocalLauncher(control, path_env)
+    status = _StartedOnce(task_status)
+    label = gpu_label(spec)
+    try:
+        delay = timings.restart_first_s
+        while True:
+            began = trio.current_time()
+            try:
+                await run_mps_daemon(spec, control=control, launcher=launcher, compute_mode=compute_mode,
+                                     on_health=on_health, timings=timings, path_env=path_env, state=state,
+                                     on_probe=on_probe, task_status=cast("trio.TaskStatus[None]", status))
+            except DaemonFailed as exc:
+                outcome = exc.reason
+            except MpsError as exc:
+                if not status.done:
+                    raise  # cannot be set up at all: the caller's start fails
+                outcome = f"cannot be set up again ({exc})"
+            state.last_exit = outcome
+            state.pid = None
+            _health_into(state, on_health)(spec.gpu_uuid, False)
+            # Let apply() go on: this GPU's replicas are advertised Unhealthy until a restart answers.
+            status.started()
+            if trio.current_time() - began >= timings.restart_max_s:
+                delay = timings.restart_first_s  # it ran a good while: not a crash loop
+            log.warning("MPS daemon for %s %s; restarting in %.1f s", label, outcome, delay)
+            await trio.sleep(delay)
+            delay = min(delay * 2, timings.restart_max_s)
+    finally:
+        if removal is None or removal():
+            with trio.CancelScope(shield=True):
+                await stop_mps_daemon(spec, control=control, launcher=launcher, compute_mode=compute_mode,
+                                      timings=timings, path_env=path_env, state=state)
+
+
+class _StartedOnce:
+    def __init__(self, task_status: trio.TaskStatus[None]) -> None:
+        self._task_status = task_status
+        self.done = False
+
+    def started(self, value: None = None) -> None:
+        if not self.done:
+            self.done = True
+            self._task_status.started()
+
+
+def _health_into(state: DaemonState, on_health: Callable[[str, bool], None]) -> Callable[[str, bool], None]:
+    def report(gpu_uuid: str, healthy: bool) -> None:
+        if state.healthy is healthy:
+            return
+        state.healthy = healthy
+        on_health(gpu_uuid, healthy)
+
+    return report
+
+
+# -------------------------------------------------------------------------------------------------- one daemon
 
 
 class _Daemon:
     def __init__(
         self,
-        spec: MpsDaemonSpec,
+        spec: MpsDaemonSpec | DaemonPaths,
         control: Path,
-        compute_mode: ComputeModeControl,
+        launcher: Launcher,
+        compute_mode: ComputeModeControl | None,
         on_health: Callable[[str, bool], None],
         timings: DaemonTimings,
         path_env: str,
@@ -163,168 +322,147 @@ class _Daemon:
         on_probe: Callable[[str, float], None] | None = None,
     ) -> None:
         self.spec = spec
+        self.paths = DaemonPaths.of(spec)
         self.control = control
+        self.launcher = launcher
         self.compute_mode = compute_mode
         self.on_health = on_health
         self.on_probe = on_probe
         self.timings = timings
         self.state = state
         self.label = gpu_label(spec)
-        # Only what the daemon needs: nothing of nvdp's own environment (credentials, flags) leaks into it.
-        self.env = {
-            "PATH": path_env,
-            "CUDA_VISIBLE_DEVICES": spec.gpu_uuid,
-            "CUDA_MPS_PIPE_DIRECTORY": spec.pipe_dir,
-            "CUDA_MPS_LOG_DIRECTORY": spec.log_dir,
-        }
-        #: The compute mode to put back on the way out; None when we never changed it.
-        self.restore_mode: int | None = None
-        self._started = False
-
-    # ------------------------------------------------------------------------------------------------ lifetime
-
-    async def run(self, task_status: trio.TaskStatus[None]) -> NoReturn:
-        try:
-            await trio.to_thread.run_sync(self._make_dirs)
-        except OSError as exc:
-            raise MpsError(f"cannot create the MPS directories of {self.label}: {exc}") from None
-
-        def started() -> None:
-            if not self._started:
-                self._started = True
-                task_status.started()
-
-        try:
-            await self._take_compute_mode()
-            delay = self.timings.restart_first_s
-            while True:
-                began = trio.current_time()
-                outcome = await self._run_once(started)
-                self.state.last_exit = outcome
-                self._set_health(False)
-                # Let apply() go on: this GPU's replicas are advertised Unhealthy until a restart answers.
-                started()
-                if trio.current_time() - began >= self.timings.restart_max_s:
-                    delay = self.timings.restart_first_s  # it ran a good while: not a crash loop
-                log.warning("MPS daemon for %s %s; restarting in %.1f s", self.label, outcome, delay)
-                await trio.sleep(delay)
-                delay = min(delay * 2, self.timings.restart_max_s)
-        finally:
-            with trio.CancelScope(shield=True):
-                await self._restore_compute_mode()
-
-    def _make_dirs(self) -> None:
-        for directory in (Path(self.spec.pipe_dir), Path(self.spec.log_dir)):
-            directory.mkdir(mode=0o755, parents=True, exist_ok=True)
-            # mkdir's mode is filtered by the umask; clients of any UID must reach the pipe directory.
-            directory.chmod(0o755)
-
-    async def _take_compute_mode(self) -> None:
-        uuid = self.spec.gpu_uuid
-        try:
-            before = await trio.to_thread.run_sync(self.compute_mode.get, uuid)
-            if before == COMPUTEMODE_EXCLUSIVE_PROCESS:
-                # Most likely left behind by an nvdp that died without cleaning up: reset it to DEFAULT when this
-                # daemon stops, as upstream does, rather than leave the GPU exclusive forever.
-                log.info("%s is already in compute mode EXCLUSIVE_PROCESS; it is reset to DEFAULT when its MPS "
-                         "daemon stops", self.label)
-                self.restore_mode = COMPUTEMODE_DEFAULT
-                return
-            await trio.to_thread.run_sync(self.compute_mode.set, uuid, COMPUTEMODE_EXCLUSIVE_PROCESS)
-        except Exception as exc:  # an NVML error from whatever backs the protocol
-            # MPS still works in another mode; only non-MPS processes could then share the GPU as well.
-            log.warning("cannot set compute mode EXCLUSIVE_PROCESS on %s: %s; starting its MPS daemon anyway",
-                        self.label, exc)
-            return
-        self.restore_mode = before
-        log.info("set compute mode of %s to EXCLUSIVE_PROCESS (was %s)", self.label, _mode_name(before))
-
-    async def _restore_compute_mode(self) -> None:
-        if self.restore_mode is None:
-            return
-        mode, self.restore_mode = self.restore_mode, None
-        try:
-            await trio.to_thread.run_sync(self.compute_mode.set, self.spec.gpu_uuid, mode)
-        except Exception as exc:
-            log.error("cannot restore compute mode %s on %s: %s", _mode_name(mode), self.label, exc)
-            return
-        log.info("restored compute mode %s on %s", _mode_name(mode), self.label)
+        self.env = daemon_env(self.paths, path_env)
 
     def _set_health(self, healthy: bool) -> None:
         if self.state.healthy is healthy:
             return
         self.state.healthy = healthy
-        self.on_health(self.spec.gpu_uuid, healthy)
+        self.on_health(self.paths.gpu_uuid, healthy)
 
-    # ---------------------------------------------------------------------------------------- one daemon process
+    # ------------------------------------------------------------------------------------------------ one life
 
-    async def _run_once(self, started: Callable[[], None]) -> str:
-        """Start the daemon and supervise it until it exits or fails to come up; says what happened."""
+    async def life(self, task_status: trio.TaskStatus[None]) -> NoReturn:
         try:
-            process = await trio.lowlevel.open_process(
-                [str(self.control), "-f"],
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                env=self.env,
-                # Its own session: a Ctrl-C on nvdp's terminal does not reach it (nvdp stops it in order), and the
-                # MPS server it spawns shares its process group, so one killpg ends both.
-                start_new_session=True,
-            )
+            await trio.to_thread.run_sync(make_dirs, self.paths)
         except OSError as exc:
-            return f"could not start ({exc})"
-        self.state.pid = process.pid
+            raise MpsError(f"cannot create the MPS directories of {self.label}: {exc}") from None
+        pid = await self._adopt()
+        if pid is None:
+            pid = await self._start()
+        self.state.pid = pid
+        self._set_health(True)
+        task_status.started()
+        raise DaemonFailed(await self._supervise(pid))
+
+    async def _adopt(self) -> int | None:
+        """The running daemon, if it is ours to keep (module docstring, step 2); else None, with any daemon that
+        was there stopped."""
+        try:
+            pid = await self.launcher.find(self.paths)
+        except LaunchError as exc:
+            raise DaemonFailed(f"cannot be looked up: {exc}") from None
+        ok, answer = await self.command("get_default_active_thread_percentage")
+        if pid is None:
+            if ok:
+                log.warning("something answers on the pipe directory of %s (%s) but no recorded control daemon "
+                            "runs: asking it to quit and starting a fresh one", self.label, self.paths.pipe_dir)
+                await self.quit_unknown()
+            return None
+        if not ok:
+            log.warning("the MPS control daemon for %s (pid %d) does not answer (%s): restarting it", self.label,
+                        pid, answer or "no output")
+            await self.terminate(pid)
+            return None
+        serves = await self._served_limits(answer)
+        wanted = self._wanted_limits()
+        if serves != wanted:
+            log.warning("the MPS control daemon for %s (pid %d) serves %s, the plan wants %s: restarting it",
+                        self.label, pid, _describe_limits(serves), _describe_limits(wanted))
+            await self.terminate(pid)
+            return None
+        self.state.adoptions += 1
+        log.info("adopted the MPS control daemon for GPU %s (pid %d): it answers with %s; its compute mode and "
+                 "clients are left as they are", self._index(), pid, _describe_limits(wanted))
+        return pid
+
+    def _index(self) -> str:
+        return str(self.spec.gpu_index) if isinstance(self.spec, MpsDaemonSpec) else self.paths.gpu_uuid
+
+    def _full_spec(self) -> MpsDaemonSpec:
+        # A life needs the limits; only a removal (stop_mps_daemon) works from the paths alone.
+        assert isinstance(self.spec, MpsDaemonSpec), "a daemon's life needs its MpsDaemonSpec"
+        return self.spec
+
+    def _wanted_limits(self) -> tuple[float | None, float | None]:
+        spec = self._full_spec()
+        return float(spec.active_thread_percentage), float(spec.pinned_mem_limit_mib)
+
+    async def _served_limits(self, percentage: str) -> tuple[float | None, float | None]:
+        ok, memory = await self.command("get_default_device_pinned_mem_limit 0")
+        return _parse_number(percentage), _parse_mib(memory) if ok else None
+
+    async def _start(self) -> int:
+        """A fresh daemon, answering and with its limits; raises `DaemonFailed` (having stopped it) otherwise."""
+        await self._take_compute_mode()
+        try:
+            pid = await self.launcher.start(self.paths)
+        except LaunchError as exc:
+            raise DaemonFailed(str(exc)) from None
+        self.state.pid = pid
         self.state.starts += 1
-        log.info("started the MPS control daemon for %s: pid %d, pipe directory %s", self.label, process.pid,
-                 self.spec.pipe_dir)
-        outcome = ""
+        log.info("started the MPS control daemon for %s: pid %d (%s), pipe directory %s", self.label, pid,
+                 self.launcher.describe(), self.paths.pipe_dir)
+        failure: str | None = None
         try:
             async with trio.open_nursery() as nursery:
-                output_done = trio.Event()
-                assert process.stdout is not None
-                nursery.start_soon(self._log_output, process.stdout, output_done)
-                nursery.start_soon(self._watch_exit, process, output_done, nursery.cancel_scope)
+                exited: list[str] = []
+                nursery.start_soon(self._watch_exit, pid, exited, nursery.cancel_scope)
                 failure = await self._bring_up()
-                if failure is None:
-                    self._set_health(True)
-                    log.info("MPS daemon for %s answers; its replicas are healthy", self.label)
-                    started()
-                    failure = await self._probe_until_unreachable()
-                outcome = failure or ""
                 nursery.cancel_scope.cancel()
-        finally:
+            if exited:
+                failure = exited[0]
+        except BaseException:
+            # Cancelled while coming up (or a bug): a daemon without its limits is no use to anyone.
             with trio.CancelScope(shield=True):
-                await self._stop(process)
-                self.state.pid = None
-        if not await trio.Path(self.spec.pipe_dir).is_dir():
-            # The next start needs its directories back (they are created once, in run()).
-            try:
-                await trio.to_thread.run_sync(self._make_dirs)
-            except OSError as exc:
-                outcome = f"{outcome}; cannot re-create its directories ({exc})"
-        if process.returncode is not None and not outcome:
-            outcome = _describe_exit(process.returncode)
-        return outcome or "stopped"
+                await self.terminate(pid)
+            raise
+        if failure is not None:
+            self._log_output()
+            with trio.CancelScope(shield=True):
+                await self.terminate(pid)
+            raise DaemonFailed(failure)
+        return pid
 
-    async def _watch_exit(self, process: trio.Process, output_done: trio.Event, scope: trio.CancelScope) -> None:
-        await process.wait()
-        self._set_health(False)  # at once; the restart below takes a while
-        # Keep the last lines (often the reason it died) unless a grandchild still holds the pipe open.
-        with trio.move_on_after(0.2):
-            await output_done.wait()
+    async def _watch_exit(self, pid: int, exited: list[str], scope: trio.CancelScope) -> None:
+        try:
+            outcome = await self.launcher.wait(self.paths, pid)
+        except LaunchError as exc:
+            outcome = f"cannot be watched: {exc}"
+        self._set_health(False)  # at once; the restart takes a while
+        exited.append(outcome)
         scope.cancel()
 
-    async def _log_output(self, stream: trio.abc.ReceiveStream, done: trio.Event) -> None:
-        pending = b""
-        try:
-            while chunk := await stream.receive_some(65536):
-                *lines, pending = (pending + chunk).split(b"\n")
-                for line in lines:
-                    log.info("MPS daemon for GPU %d: %s", self.spec.gpu_index, line.decode(errors="replace"))
-            if pending:
-                log.info("MPS daemon for GPU %d: %s", self.spec.gpu_index, pending.decode(errors="replace"))
-        finally:
-            done.set()
+    async def _supervise(self, pid: int) -> str:
+        """Probe until the daemon is gone; says why."""
+        exited: list[str] = []
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._watch_exit, pid, exited, nursery.cancel_scope)
+            lost = await self._probe_until_unreachable()
+            nursery.cancel_scope.cancel()
+        if exited:
+            self._log_output()
+            with trio.CancelScope(shield=True):
+                # Whatever the daemon left in its group (an MPS server) goes with it.
+                await self._kill_leftovers(pid)
+            return exited[0]
+        # Alive but unreachable for good: stop it, so that the next life starts a fresh one.
+        with trio.CancelScope(shield=True):
+            await self.terminate(pid)
+        return lost
+
+    def _log_output(self) -> None:
+        for line in output_tail(self.paths):
+            log.info("MPS daemon for %s: %s", self.label, line)
 
     async def _bring_up(self) -> str | None:
         """Wait for the first answer, then send the limits; None when done, else why it failed."""
@@ -332,7 +470,7 @@ class _Daemon:
         with trio.move_on_after(self.timings.start_timeout_s):
             poll = 0.02
             while True:
-                ok, answer = await self._command("get_default_active_thread_percentage")
+                ok, answer = await self.command("get_default_active_thread_percentage")
                 if ok:
                     break
                 # The control socket appears a moment after the process starts; poll fast, then back off.
@@ -340,33 +478,35 @@ class _Daemon:
                 poll = min(poll * 2, self.timings.probe_interval_s)
             # Both limits in one run of the control program, which reads commands from stdin line by line.
             limits = self._limit_commands()
-            ok, answer = await self._command("\n".join(limits))
+            ok, answer = await self.command("\n".join(limits))
             if not ok:
                 return f"did not take its limits {limits} ({answer})"
+            spec = self._full_spec()
             log.info("MPS daemon for %s: default pinned memory limit %d MiB, active thread percentage %d",
-                     self.label, self.spec.pinned_mem_limit_mib, self.spec.active_thread_percentage)
+                     self.label, spec.pinned_mem_limit_mib, spec.active_thread_percentage)
             return None
         return f"did not answer within {self.timings.start_timeout_s:.1f} s (last: {answer or 'no output'})"
 
     def _limit_commands(self) -> list[str]:
+        spec = self._full_spec()
         # Device 0: the daemon sees only this GPU (CUDA_VISIBLE_DEVICES=<uuid>), and MPS ignores UUIDs here.
         return [
-            f"set_default_device_pinned_mem_limit 0 {self.spec.pinned_mem_limit_mib}M",
-            f"set_default_active_thread_percentage {self.spec.active_thread_percentage}",
+            f"set_default_device_pinned_mem_limit 0 {spec.pinned_mem_limit_mib}M",
+            f"set_default_active_thread_percentage {spec.active_thread_percentage}",
         ]
 
     async def _probe_until_unreachable(self) -> str:
         """Probe until the daemon cannot be reached any more; returns why. A daemon that is alive but hung stays
         (restarting it would end its clients): only one whose pipe directory is gone (its control socket with it;
-        it can never answer again) is restarted."""
+        it can never answer again) is given up."""
         while True:
             await trio.sleep(self.timings.probe_interval_s)
             began = trio.current_time()
-            ok, answer = await self._command("get_default_active_thread_percentage")
-            if ok and _is_number(answer):
+            ok, answer = await self.command("get_default_active_thread_percentage")
+            if ok and _parse_number(answer) is not None:
                 self.state.last_probe_s = trio.current_time() - began
                 if self.on_probe is not None:
-                    self.on_probe(self.spec.gpu_uuid, self.state.last_probe_s)
+                    self.on_probe(self.paths.gpu_uuid, self.state.last_probe_s)
                 if self.state.healthy is not True:
                     log.info("MPS daemon for %s answers again; its replicas are healthy", self.label)
                 self._set_health(True)
@@ -375,10 +515,111 @@ class _Daemon:
                 log.warning("MPS daemon for %s failed a probe (%s); its replicas are unhealthy until it "
                             "answers", self.label, answer or "no output")
             self._set_health(False)
-            if not await trio.Path(self.spec.pipe_dir).is_dir():
-                return f"lost its pipe directory {self.spec.pipe_dir}"
+            if not await trio.Path(self.paths.pipe_dir).is_dir():
+                return f"lost its pipe directory {self.paths.pipe_dir}"
 
-    async def _command(self, command: str) -> tuple[bool, str]:
+    # ------------------------------------------------------------------------------------------- compute mode
+
+    async def _take_compute_mode(self) -> None:
+        if self.compute_mode is None:
+            return
+        uuid, saved_file = self.paths.gpu_uuid, self.paths.compute_mode_file
+        try:
+            before = await trio.to_thread.run_sync(self.compute_mode.get, uuid)
+        except Exception as exc:  # an NVML error from whatever backs the protocol
+            log.warning("cannot read the compute mode of %s: %s; starting its MPS daemon anyway", self.label, exc)
+            return
+        saved = await trio.to_thread.run_sync(_read_mode, saved_file)
+        if before == COMPUTEMODE_EXCLUSIVE_PROCESS:
+            if saved is None:
+                # Most likely left behind by an nvdp that died without cleaning up: reset it to DEFAULT when this
+                # daemon is removed, as upstream does, rather than leave the GPU exclusive forever.
+                log.info("%s is already in compute mode EXCLUSIVE_PROCESS; it is reset to DEFAULT when its MPS "
+                         "daemon is removed", self.label)
+                await trio.to_thread.run_sync(_write_mode, saved_file, COMPUTEMODE_DEFAULT)
+            return
+        # Written first: an nvdp killed right after the change still knows what to restore.
+        await trio.to_thread.run_sync(_write_mode, saved_file, before)
+        try:
+            await trio.to_thread.run_sync(self.compute_mode.set, uuid, COMPUTEMODE_EXCLUSIVE_PROCESS)
+        except Exception as exc:
+            await trio.to_thread.run_sync(_remove_mode, saved_file)
+            # MPS still works in another mode; only non-MPS processes could then share the GPU as well.
+            log.warning("cannot set compute mode EXCLUSIVE_PROCESS on %s: %s; starting its MPS daemon anyway",
+                        self.label, exc)
+            return
+        log.info("set compute mode of %s to EXCLUSIVE_PROCESS (was %s)", self.label, _mode_name(before))
+
+    async def restore_compute_mode(self) -> None:
+        saved_file = self.paths.compute_mode_file
+        mode = await trio.to_thread.run_sync(_read_mode, saved_file)
+        if mode is None or self.compute_mode is None:
+            return
+        try:
+            await trio.to_thread.run_sync(self.compute_mode.set, self.paths.gpu_uuid, mode)
+        except Exception as exc:
+            log.error("cannot restore compute mode %s on %s: %s", _mode_name(mode), self.label, exc)
+            return
+        await trio.to_thread.run_sync(_remove_mode, saved_file)
+        log.info("restored compute mode %s on %s", _mode_name(mode), self.label)
+
+    # ------------------------------------------------------------------------------------------------ stopping
+
+    async def terminate(self, pid: int) -> None:
+        """Bounded: quit, then SIGTERM, then SIGKILL, for the whole group; the pid file goes."""
+        t = self.timings
+        ok, answer = await self.command("quit")
+        if not ok:
+            log.warning("MPS daemon for %s did not take quit (%s)", self.label, answer)
+        outcome = await self._wait_exit(pid, t.stop_timeout_s)
+        if outcome is None:
+            log.warning("MPS daemon for %s still runs %.1f s after quit; sending SIGTERM", self.label,
+                        t.stop_timeout_s)
+            await self._kill(pid, signal.SIGTERM)
+            outcome = await self._wait_exit(pid, t.stop_timeout_s)
+        if outcome is None:
+            log.warning("MPS daemon for %s ignored SIGTERM; sending SIGKILL", self.label)
+        # Also when the daemon itself is gone: whatever it left in its group (an MPS server) goes with it.
+        await self._kill(pid, signal.SIGKILL)
+        if outcome is None:
+            outcome = await self._wait_exit(pid, t.stop_timeout_s)
+        if outcome is None:
+            log.error("MPS daemon for %s (pid %d) survived SIGKILL", self.label, pid)
+        else:
+            log.info("MPS daemon for %s stopped (%s)", self.label, outcome)
+        await trio.to_thread.run_sync(remove_pid_file, self.paths, pid)
+        if self.state.pid == pid:
+            self.state.pid = None
+
+    async def _kill_leftovers(self, pid: int) -> None:
+        await self._kill(pid, signal.SIGKILL)
+        await trio.to_thread.run_sync(remove_pid_file, self.paths, pid)
+
+    async def quit_unknown(self) -> None:
+        """`quit` to whatever answers on the pipe directory, then wait (bounded) until nothing answers."""
+        await self.command("quit")
+        with trio.move_on_after(self.timings.stop_timeout_s):
+            # Polling: nothing to wait on but the other process's socket.
+            while (await self.command("get_default_active_thread_percentage"))[0]:  # noqa: ASYNC110
+                await trio.sleep(0.05)
+
+    async def _wait_exit(self, pid: int, bound_s: float) -> str | None:
+        with trio.move_on_after(bound_s):
+            try:
+                return await self.launcher.wait(self.paths, pid)
+            except LaunchError as exc:
+                return f"gone ({exc})"
+        return None
+
+    async def _kill(self, pid: int, signum: int) -> None:
+        try:
+            await self.launcher.kill(self.paths, pid, signum)
+        except LaunchError as exc:
+            log.warning("cannot signal the MPS daemon for %s: %s", self.label, exc)
+
+    # ---------------------------------------------------------------------------------------- control program
+
+    async def command(self, command: str) -> tuple[bool, str]:
         """Runs the control program in client mode with `command` on stdin, bounded by `probe_timeout_s`."""
         try:
             with trio.move_on_after(self.timings.probe_timeout_s) as scope:
@@ -398,36 +639,8 @@ class _Daemon:
         out = result.stdout.decode(errors="replace").strip()
         if result.returncode != 0:
             err = result.stderr.decode(errors="replace").strip()
-            return False, f"{_describe_exit(result.returncode)}: {err or out or 'no output'}"
+            return False, f"{describe_exit(result.returncode)}: {err or out or 'no output'}"
         return True, out
-
-    async def _stop(self, process: trio.Process) -> None:
-        """Shielded by the caller and bounded here: quit, then SIGTERM, then SIGKILL, for the whole group."""
-        t = self.timings
-        if process.returncode is None:
-            ok, answer = await self._command("quit")
-            if not ok:
-                log.warning("MPS daemon for %s did not take quit (%s)", self.label, answer)
-            with trio.move_on_after(t.stop_timeout_s):
-                await process.wait()
-        if process.returncode is None:
-            log.warning("MPS daemon for %s still runs %.1f s after quit; sending SIGTERM", self.label,
-                        t.stop_timeout_s)
-            _signal_group(process.pid, signal.SIGTERM)
-            with trio.move_on_after(t.stop_timeout_s):
-                await process.wait()
-        if process.returncode is None:
-            log.warning("MPS daemon for %s ignored SIGTERM; sending SIGKILL", self.label)
-        # Also when the daemon itself is gone: whatever it left in its group (an MPS server) goes with it.
-        _signal_group(process.pid, signal.SIGKILL)
-        with trio.move_on_after(t.stop_timeout_s):
-            await process.wait()
-        if process.stdout is not None:
-            await process.stdout.aclose()
-        if process.returncode is None:
-            log.error("MPS daemon for %s (pid %d) survived SIGKILL", self.label, process.pid)
-        else:
-            log.info("MPS daemon for %s stopped (%s)", self.label, _describe_exit(process.returncode))
 
 
 async def _kill_now(process: trio.Process) -> None:
@@ -435,26 +648,51 @@ async def _kill_now(process: trio.Process) -> None:
     process.kill()
 
 
-def _signal_group(pgid: int, signum: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, signum)
+def _read_mode(path: Path) -> int | None:
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
 
 
-def _describe_exit(returncode: int) -> str:
-    if returncode < 0:
-        try:
-            return f"was killed by {signal.Signals(-returncode).name}"
-        except ValueError:
-            return f"was killed by signal {-returncode}"
-    return f"exited with {returncode}"
+def _write_mode(path: Path, mode: int) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(f"{mode}\n")
+    tmp.replace(path)
+
+
+def _remove_mode(path: Path) -> None:
+    path.unlink(missing_ok=True)
 
 
 def _mode_name(mode: int) -> str:
     return _MODE_NAMES.get(mode, str(mode))
 
 
-def _is_number(text: str) -> bool:
+def _parse_number(text: str) -> float | None:
     try:
-        return math.isfinite(float(text))
+        value = float(text.strip())
     except ValueError:
-        return False
+        return None
+    return value if math.isfinite(value) else None
+
+
+_SIZE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([KMGT]?)(?:i?B)?\s*$", re.IGNORECASE)
+_MIB_PER_UNIT = {"": 1.0, "K": 1 / 1024, "M": 1.0, "G": 1024.0, "T": 1024.0 * 1024}
+
+
+def _parse_mib(text: str) -> float | None:
+    """A pinned-memory limit as MPS prints it (`10240M`, `10G`, `0`), in MiB; a bare number is MiB."""
+    match = _SIZE.match(text)
+    if match is None:
+        return None
+    return float(match.group(1)) * _MIB_PER_UNIT[match.group(2).upper()]
+
+
+def _describe_limits(limits: tuple[float | None, float | None]) -> str:
+    percentage, memory = limits
+    pct = "?" if percentage is None else f"{percentage:g}"
+    mem = "?" if memory is None else f"{memory:g} MiB"
+    return f"active thread percentage {pct} and pinned memory limit {mem}"
+

@@ -30,6 +30,7 @@ from nvdp.mps.control_daemon import (
     gpu_label,
     serve_mps_daemon,
 )
+from nvdp.mps.launcher import Launcher, LocalLauncher
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,8 @@ class RunningDaemon:
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     state: DaemonState = field(default_factory=DaemonState)
     stopped: trio.Event = field(default_factory=trio.Event)
+    # h2-mps: set before a removal (the plan no longer wants it): its daemon is quit, not just left running.
+    removing: bool = False
 
     def __repr__(self) -> str:
         return (f"<RunningDaemon {gpu_label(self.spec)} pid={self.state.pid} healthy={self.state.healthy} "
@@ -59,8 +62,11 @@ class MpsDaemons:
         on_probe: Callable[[str, float], None] | None = None,
         timings: DaemonTimings = DEFAULT_TIMINGS,
         path_env: str = DEFAULT_PATH,
+        launcher: Launcher | None = None,
     ) -> None:
         self._nursery = nursery
+        # h2-mps: who starts the daemons; local (nvdp's own, removed on cancellation) unless the MPS host.
+        self.launcher = launcher or LocalLauncher(control, path_env)
         self.control = control
         self._compute_mode = compute_mode
         self._on_health = on_health
@@ -130,6 +136,7 @@ class MpsDaemons:
     async def _stop(self, uuid: str) -> None:
         running = self._running.pop(uuid)
         log.info("stopping the MPS daemon for %s", gpu_label(running.spec))
+        running.removing = True  # h2-mps
         running.scope.cancel()
         await running.stopped.wait()
 
@@ -145,6 +152,9 @@ class MpsDaemons:
                     path_env=self._path_env,
                     state=running.state,
                     on_probe=self._on_probe,
+                    # h2-mps: cancelled for a removal, or at shutdown with daemons nvdp owns: quit the daemon.
+                    launcher=self.launcher,
+                    removal=lambda: running.removing or self.launcher.owns_daemons,
                     task_status=task_status,
                 )
         finally:

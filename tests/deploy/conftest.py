@@ -36,7 +36,16 @@ class Rendered:
 
     @property
     def daemonset(self) -> dict:
-        return self.one("DaemonSet")
+        """The plugin's DaemonSet (with MPS there is a second one, the MPS host's)."""
+        plugin = [d for d in self.of_kind("DaemonSet") if not d["metadata"]["name"].endswith("-mps-host")]
+        assert len(plugin) == 1, f"expected one plugin DaemonSet, got {len(plugin)}"
+        return plugin[0]
+
+    @property
+    def mps_host(self) -> dict | None:
+        hosts = [d for d in self.of_kind("DaemonSet") if d["metadata"]["name"].endswith("-mps-host")]
+        assert len(hosts) <= 1
+        return hosts[0] if hosts else None
 
     @property
     def pod(self) -> dict:

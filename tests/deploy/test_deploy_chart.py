@@ -91,6 +91,41 @@ def test_mps_enabled(render):
     assert "MPS is enabled" in r.notes
 
 
+def test_mps_daemons_run_in_the_mps_host_daemonset(render):
+    r = render({"mps": {"enabled": True}})
+    assert r.env["MPS_HOST_SOCKET"] == "/run/nvidia/mps/nvdp-mps-host.sock"
+    host = r.mps_host
+    assert host is not None and host["metadata"]["name"] == "nvdp-mps-host"
+    # A chart upgrade never restarts it, so never ends MPS clients.
+    assert host["spec"]["updateStrategy"] == {"type": "OnDelete"}
+    # Its pods are never the plugin's: two DaemonSets selecting the same pods fight over them.
+    plugin_selector = r.daemonset["spec"]["selector"]["matchLabels"]
+    host_labels = host["spec"]["template"]["metadata"]["labels"]
+    assert host["spec"]["selector"]["matchLabels"] == host_labels
+    assert not plugin_selector.items() <= host_labels.items()
+    pod = host["spec"]["template"]["spec"]
+    assert pod["hostPID"] is True and pod["automountServiceAccountToken"] is False
+    assert pod["priorityClassName"] == "system-node-critical"
+    assert pod["tolerations"] == r.pod["tolerations"]
+    (container,) = pod["containers"]
+    assert container["args"] == ["mps-host"] and container["image"] == r.container["image"]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert env["MPS_ROOT"] == "/run/nvidia/mps" and env["NVIDIA_VISIBLE_DEVICES"] == "all"
+    assert container["securityContext"] == {
+        "capabilities": {"drop": ["ALL"], "add": ["SYS_ADMIN", "SETUID", "SETGID", "KILL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    assert mounts["/run/nvidia/mps"]["mountPropagation"] == "HostToContainer"
+    assert mounts["/dev/shm"]["mountPropagation"] == "HostToContainer"
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["mps-shm"]["hostPath"]["path"] == "/run/nvidia/mps/shm"
+    assert "mps-host" in r.notes and "OnDelete" in r.notes
+    rolling = render({"mps": {"enabled": True, "host": {"updateStrategy": {"type": "RollingUpdate"}}}})
+    assert rolling.mps_host["spec"]["updateStrategy"] == {"type": "RollingUpdate"}
+    assert render().mps_host is None
+
+
 def test_mps_with_host_mounted_shm_is_not_privileged(render):
     r = render({"mps": {"enabled": True, "shmFromHost": True, "root": "/var/run/mps/", "enableHostPID": False}})
     sc = r.security_context

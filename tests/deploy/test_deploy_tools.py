@@ -6,7 +6,7 @@ import pathlib
 import subprocess
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-UNITS = ("nvdp.service", "run-nvidia-mps-shm.mount")
+UNITS = ("nvdp.service", "nvdp-mps-host.service", "run-nvidia-mps-shm.mount")
 
 
 def test_containerfile_passes_hadolint(tool):
@@ -61,3 +61,23 @@ def test_service_is_notify_with_restart_and_hardening():
     # Each of these would hide /dev/nvidia* from the daemon.
     for forbidden in ("PrivateDevices", "DevicePolicy", "ProtectClock", "DeviceAllow"):
         assert forbidden not in settings
+
+
+def test_the_mps_host_unit_owns_the_daemons_apart_from_nvdp():
+    def settings(name):
+        out: dict[str, list[str]] = {}
+        for line in (ROOT / "deploy/systemd" / name).read_text().splitlines():
+            if "=" in line and not line.startswith("#"):
+                key, _, value = line.partition("=")
+                out.setdefault(key, []).append(value)
+        return out
+
+    host, nvdp = settings("nvdp-mps-host.service"), settings("nvdp.service")
+    assert host["ExecStart"] == ["/usr/local/bin/nvdp mps-host"]
+    # SIGTERM to the host alone, which removes its daemons before the cgroup is killed.
+    assert host["KillMode"] == ["mixed"]
+    assert host["EnvironmentFile"] == nvdp["EnvironmentFile"], "one settings file: the same MPS_ROOT"
+    # nvdp wants the host and starts after it; nothing in nvdp's unit stops or restarts the host.
+    assert "nvdp-mps-host.service" in nvdp["Wants"] and "nvdp-mps-host.service" in nvdp["After"][0]
+    assert "Requires" not in nvdp and "BindsTo" not in nvdp and "PartOf" not in nvdp
+    assert "MPS_HOST_SOCKET=/run/nvidia/mps/nvdp-mps-host.sock" in nvdp["Environment"]

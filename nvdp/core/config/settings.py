@@ -137,6 +137,9 @@ OPTIONS: tuple[Option, ...] = (
            help="log level"),
     Option("mps_shm_size", ("--mps-shm-size",), ("MPS_SHM_SIZE",), (), None, "bytes",
            help="size of the MPS clients' shm tmpfs at <mps root>/shm (e.g. 8Gi; default half of RAM)"),
+    Option("mps_host_socket", ("--mps-host-socket",), ("MPS_HOST_SOCKET",), (), None, "path",
+           help="socket of `nvdp mps-host`, which then runs the MPS control daemons so that they outlive nvdp "
+                "(default: nvdp starts them itself, detached)"),
     Option("metrics_address", ("--metrics-address",), ("METRICS_ADDRESS",), (), ":9400",
            help="host:port for /metrics, /healthz and /readyz (empty disables)"),
     Option("log_format", ("--log-format",), ("LOG_FORMAT",), (), "text", choices=("text", "json"),
@@ -177,6 +180,8 @@ class Settings:
     enable_healthchecks: str | None = None
     health_quiet_period: float = 300.0
     mps_shm_size: int | None = None
+    #: `nvdp mps-host`'s socket: the daemons are the host's (docs/mps.md); None: nvdp starts them itself.
+    mps_host_socket: Path | None = None
     #: Empty (no HTTP endpoint) unless given: embedded daemons (tests, the demo) must not collide on a port. The
     #: command line's default is ":9400".
     metrics_address: str = ""

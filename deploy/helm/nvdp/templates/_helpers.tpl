@@ -31,6 +31,14 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end -}}
 {{- end -}}
 
+{{/*
+The MPS host's pods: never matched by the plugin's selector (two DaemonSets sharing pods fight over them).
+*/}}
+{{- define "nvdp.mpsHostSelectorLabels" -}}
+app.kubernetes.io/name: {{ printf "%s-mps-host" (include "nvdp.name" .) | trunc 63 | trimSuffix "-" }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
 {{- define "nvdp.labels" -}}
 helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
 {{ include "nvdp.selectorLabels" . }}
