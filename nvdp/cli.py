@@ -125,7 +125,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def mps_host(args: argparse.Namespace, env: Mapping[str, str]) -> int:
-    from nvdp.mps.host import host_main
+    from nvdp.mps_host import host_main
 
     setup_logging(args.log_level or env.get("LOG_LEVEL") or "info", args.log_format or env.get("LOG_FORMAT") or "text")
     simulate = args.simulate or (Path(env["NVDP_SIMULATE"]) if env.get("NVDP_SIMULATE") else None)

@@ -18,10 +18,10 @@ import pytest
 import trio
 
 from nvdp import sim
-from nvdp.kubelet.emulator import KubeletEmulator
 from nvdp.mps.control_daemon import DaemonTimings
 from nvdp.mps.host import MAX_REQUEST, HostLauncher, parse_request, paths_for, serve_mps_host
 from nvdp.mps.launcher import DaemonPaths, LaunchError, is_daemon_process, read_pid_file
+from nvdp.testing.kubelet_emulator import KubeletEmulator
 from tests.test_mps_survival import (
     GPU0,
     LIMIT_S,

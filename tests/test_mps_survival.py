@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from nvdp.kubelet.emulator import KubeletEmulator
 from nvdp.mps.launcher import DaemonPaths, is_daemon_process, process_state, read_pid_file
+from nvdp.testing.kubelet_emulator import KubeletEmulator
 
 GPU0 = "GPU-00000000-aaaa-bbbb-cccc-000000000000"
 GPU1 = "GPU-00000001-aaaa-bbbb-cccc-000000000000"

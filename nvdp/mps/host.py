@@ -33,7 +33,6 @@ import os
 import re
 import signal
 from collections.abc import Mapping
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -380,62 +379,3 @@ def _pid(value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 1:
         raise LaunchError(f"the MPS host answered an invalid pid {value!r}")
     return value
-
-
-# --------------------------------------------------------------------------------------------------- entry point
-
-
-def host_main(
-    mps_root: str, *, socket_path: str | None, driver_root: Path, simulate: Path | None, search_path: str,
-) -> int:
-    """`nvdp mps-host`: serve until SIGTERM or SIGINT (then remove every daemon); exit 0. 1 on a start-up error."""
-    import tempfile
-
-    from nvdp.mps.control_daemon import MpsError, NvmlComputeMode, find_control_binary
-    from nvdp.nvml import adapter
-
-    if not mps_root or not mps_root.startswith("/"):
-        log.error("nvdp mps-host needs an absolute MPS root (--mps-root or MPS_ROOT), got %r", mps_root)
-        return 1
-    with contextlib.ExitStack() as stack:
-        if simulate is not None:
-            from nvdp import sim  # only the simulation needs a C compiler
-
-            # The simulated node brings a fake nvidia-cuda-mps-control beside its fake libnvidia-ml.
-            search_path = f"{Path(sim.__file__).parent}{os.pathsep}{search_path}"
-            workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="nvdp-sim-")))
-            handle = sim.activate(sim.load_node(simulate), workdir)
-            driver_root = handle.host_root
-        try:
-            control = find_control_binary(driver_root, search_path)
-        except MpsError as exc:
-            log.error("%s", exc)
-            return 1
-        compute_mode: ComputeModeControl | None = None
-        try:
-            adapter.init()
-        except adapter.NvmlError as exc:
-            log.warning("NVML is not available (%s): compute modes are not restored when the daemons are removed",
-                        exc)
-        else:
-            stack.callback(adapter.shutdown)
-            compute_mode = NvmlComputeMode()
-
-        async def run() -> None:
-            async with trio.open_nursery() as nursery:
-                with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-                    await nursery.start(partial(serve_mps_host, Path(mps_root), control=control,
-                                                compute_mode=compute_mode,
-                                                socket_path=Path(socket_path) if socket_path else None,
-                                                path_env=search_path))
-                    async for signum in signals:
-                        log.info("MPS host: received %s", signal.Signals(signum).name)
-                        nursery.cancel_scope.cancel()
-                        break
-
-        try:
-            trio.run(run)
-        except LaunchError as exc:
-            log.error("%s", exc)
-            return 1
-    return 0
