@@ -40,7 +40,7 @@ from nvdp.mps.shm import ShmError, ensure_shm
 from nvdp.nfd import write_features_file
 from nvdp.nvml import adapter as nvml
 from nvdp.nvml.health import watch_nvml_health
-from nvdp.supervise import Supervisor, Task
+from nvdp.supervise import SupervisionReporter, Supervisor, Task
 
 if TYPE_CHECKING:
     from nvdp.k8s.client import ApiConfig
@@ -233,6 +233,7 @@ class Controller:
         session: NvmlSession,
         observer: DaemonObserver,
         health: HealthPublisher,
+        reporter: SupervisionReporter | None = None,
         tasks: Supervisor[str, Task],
         mps_nursery: trio.Nursery,
         search_path: str,
@@ -243,6 +244,8 @@ class Controller:
         self.settings = settings
         self.session = session
         self.observer = observer
+        #: Where the MPS daemons' supervisor reports (the same Observer as every supervisor's).
+        self.reporter = reporter
         self.health = health
         self.tasks = tasks
         self._mps_nursery = mps_nursery
@@ -301,7 +304,13 @@ class Controller:
                 await self.mps.stop_all()
             self.mps = MpsDaemons(self._mps_nursery, control, NvmlComputeMode(), self._mps_health,
                                   on_probe=self._mps_probe, path_env=self.search_path,
-                                  launcher=HostLauncher(host) if host is not None else None)
+                                  launcher=HostLauncher(host) if host is not None else None,
+                                  reporter=self.reporter)
+
+    async def release_mps(self) -> None:
+        """nvdp is ending: the MPS daemons it owns are removed, the MPS host's are left running."""
+        if self.mps is not None:
+            await self.mps.release()
 
     async def apply(self, settings: Settings, inventory: NodeInventory, plan: Plan, started: float) -> None:
         """Make the running servers, MPS daemons and health watch match `plan`: stop what is gone or changed, then

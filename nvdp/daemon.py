@@ -57,7 +57,7 @@ from nvdp.controller import (
 from nvdp.core.config.errors import ConfigError
 from nvdp.core.config.settings import Settings
 from nvdp.core.plan.build import PlanError
-from nvdp.kubelet.aio import open_asyncio_thread
+from nvdp.kubelet.aio import AsyncioThread, open_asyncio_thread
 from nvdp.kubelet.servers import ResourceServers
 from nvdp.kubelet.socket_watch import watch_plugin_dir
 from nvdp.mps import MpsError
@@ -158,30 +158,46 @@ class Tree:
                     await trio.sleep_forever()
                 node_tasks: Supervisor[str, Task] = Supervisor(node, run_task, reporter=observer)
                 health = HealthPublisher(CountingTracker.for_settings(settings, observer), observer)
-                async with trio.open_nursery() as mps_nursery, trio.open_nursery() as servers_nursery:
+                async with trio.open_nursery() as mps_nursery:
                     controller = self.controller = Controller(
-                        settings, session=session, observer=observer, health=health, tasks=node_tasks,
+                        settings, session=session, observer=observer, health=health, reporter=observer,
+                        tasks=node_tasks,
                         mps_nursery=mps_nursery, search_path=self.search_path,
                         reload_settings=self.reload_settings, node_config=self.node_config,
                         update=self.first_update)
-                    started = trio.current_time()
                     try:
-                        inventory, plan = await controller.first_plan()
-                    except (PlanError, MpsError, ShmError) as exc:
-                        raise StartupError(str(exc)) from None
-                    servers = ResourceServers(
-                        servers_nursery, host, settings.plugin_dir or Path(tempfile.gettempdir()),
-                        settings.kubelet_socket, observer=observer.metrics, on_change=controller.servers_changed,
-                        reporter=observer)
-                    controller.attach(servers)
-                    if settings.kubelet_socket is not None:
-                        await node_tasks.start("kubelet-watch",
-                                               Task(watch_kubelet, (settings.kubelet_socket, self.commands)))
-                    await controller.apply(settings, inventory, plan, started)
-                    node.start_soon(report_ready, servers, notify_socket, task_status)
-                    await controller.run(self._receive)
+                        async with trio.open_nursery() as servers_nursery:
+                            await self.serve(controller, host, servers_nursery, node, node_tasks, notify_socket,
+                                             task_status)
+                    finally:
+                        # Servers are gone; the MPS daemons go next: removed if nvdp owns them, else left to
+                        # the MPS host (docs/mps.md), before the nursery ends their supervision.
+                        with trio.CancelScope(shield=True):
+                            await controller.release_mps()
             root.cancel_scope.cancel()
         return 0
+
+    async def serve(
+        self, controller: Controller, host: AsyncioThread, servers_nursery: trio.Nursery, node: trio.Nursery,
+        node_tasks: Supervisor[str, Task], notify_socket: str | None,
+        task_status: trio.TaskStatus[ResourceServers | None],
+    ) -> None:
+        """The first plan, the servers, the kubelet watch, then the controller's loop until cancelled."""
+        settings = self.settings
+        started = trio.current_time()
+        try:
+            inventory, plan = await controller.first_plan()
+        except (PlanError, MpsError, ShmError) as exc:
+            raise StartupError(str(exc)) from None
+        servers = ResourceServers(
+            servers_nursery, host, settings.plugin_dir or Path(tempfile.gettempdir()), settings.kubelet_socket,
+            observer=self.observer.metrics, on_change=controller.servers_changed, reporter=self.observer)
+        controller.attach(servers)
+        if settings.kubelet_socket is not None:
+            await node_tasks.start("kubelet-watch", Task(watch_kubelet, (settings.kubelet_socket, self.commands)))
+        await controller.apply(settings, inventory, plan, started)
+        node.start_soon(report_ready, servers, notify_socket, task_status)
+        await controller.run(self._receive)
 
     async def start_http(self, tasks: Supervisor[str, Task]) -> None:
         address = self.settings.metrics_address

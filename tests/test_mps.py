@@ -23,7 +23,7 @@ import trio
 from nvdp import mps, sim
 from nvdp.core.plan.model import MpsDaemonSpec
 from nvdp.mps import shm
-from nvdp.mps.control_daemon import DaemonState, DaemonTimings, serve_mps_daemon
+from nvdp.mps.control_daemon import DaemonState, DaemonTimings
 from nvdp.mps.launcher import read_pid_file
 from nvdp.nvml import adapter
 from tests.helpers import gpu, write_node
@@ -135,12 +135,13 @@ async def running(
     health: Health,
     timings: DaemonTimings = FAST,
 ) -> AsyncIterator[DaemonState]:
-    state = DaemonState()
+    """One GPU's daemon under MpsDaemons (the common supervisor restarts its lives); nvdp owns it (local
+    launcher), so the end of the block removes it."""
     async with trio.open_nursery() as nursery:
+        daemons = mps.MpsDaemons(nursery, CONTROL, compute_mode, health, timings=timings, path_env=PATH)
         with trio.fail_after(5):
-            await nursery.start(partial(serve_mps_daemon, spec, control=CONTROL, compute_mode=compute_mode,
-                                        on_health=health, timings=timings, path_env=PATH, state=state))
-        yield state
+            await daemons.apply([spec])
+        yield daemons.running[spec.gpu_uuid].state
         nursery.cancel_scope.cancel()
 
 
@@ -558,16 +559,22 @@ async def test_a_reused_pid_is_not_adopted(root: Path, caplog: pytest.LogCapture
         nursery.cancel_scope.cancel()
 
 
-async def test_serve_without_removal_leaves_the_daemon(root: Path) -> None:
+class BorrowedLauncher(mps.LocalLauncher):
+    """Starts daemons like nvdp's own launcher but does not own them (as with the MPS host)."""
+
+    owns_daemons = False
+
+
+async def test_supervision_ending_without_removal_leaves_the_daemon(root: Path) -> None:
     spec = make_spec(root)
-    launcher = mps.LocalLauncher(CONTROL, PATH)
-    state = DaemonState()
+    launcher = BorrowedLauncher(CONTROL, PATH)
     async with trio.open_nursery() as nursery:
+        daemons = mps.MpsDaemons(nursery, CONTROL, FakeComputeMode({GPU0: 0}), Health(), timings=FAST,
+                                 path_env=PATH, launcher=launcher)
         with trio.fail_after(5):
-            await nursery.start(partial(serve_mps_daemon, spec, control=CONTROL,
-                                        compute_mode=FakeComputeMode({GPU0: 0}), on_health=Health(), timings=FAST,
-                                        path_env=PATH, state=state, launcher=launcher, removal=lambda: False))
-        pid = state.pid
+            await daemons.apply([spec])
+        pid = daemons.running[GPU0].state.pid
+        await daemons.release()
         nursery.cancel_scope.cancel()
     assert pid is not None and not gone(pid) and "quit" not in commands(spec)
     with trio.fail_after(5):

@@ -16,7 +16,6 @@ from nvdp.mps.control_daemon import (
     NvmlComputeMode,
     find_control_binary,
     run_mps_daemon,
-    serve_mps_daemon,
     stop_mps_daemon,
 )
 from nvdp.mps.host import HostLauncher
@@ -47,6 +46,5 @@ __all__ = [
     "find_control_binary",
     "is_tmpfs",
     "run_mps_daemon",
-    "serve_mps_daemon",
     "stop_mps_daemon",
 ]

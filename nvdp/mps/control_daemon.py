@@ -29,8 +29,8 @@ restored. The owner calls it, shielded, when the plan no longer wants the daemon
 launcher that `owns_daemons` (local), on nvdp's clean SIGTERM. With the MPS host, nvdp's SIGTERM leaves the daemons
 running; the host's own SIGTERM removes them.
 
-`serve_mps_daemon` is today's restart loop around one life (backoff 0.5 s doubling to 10 s) for `MpsDaemons`; its
-`removal` argument says whether a cancellation is a removal.
+Lives follow one another under `nvdp.mps.supervisor.MpsDaemons`, one child of the common supervisor per GPU
+(`nvdp.supervise`: backoff 0.5 s doubling to 10 s, ±20 %).
 
 No command ever goes through a shell: the daemon and every control command are exec'd with an argument list, and
 control commands travel on stdin.
@@ -46,7 +46,7 @@ import signal
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NoReturn, Protocol, cast
+from typing import NoReturn, Protocol
 
 import trio
 
@@ -56,7 +56,6 @@ from nvdp.mps.launcher import (
     DaemonPaths,
     Launcher,
     LaunchError,
-    LocalLauncher,
     daemon_env,
     describe_exit,
     make_dirs,
@@ -81,9 +80,8 @@ class MpsError(Exception):
 
 
 class DaemonFailed(Exception):
-    """One life of a daemon ended (it exited, never answered, lost its pipe directory): restart it.
-
-    The supervisor's `ChildFailed` once ported onto `nvdp.supervise`."""
+    """One life of a daemon ended (it exited, never answered, lost its pipe directory): restart it (`MpsDaemons`
+    turns it into the supervisor's `ChildFailed`)."""
 
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
@@ -226,86 +224,6 @@ async def stop_mps_daemon(
             await daemon.quit_unknown()
     daemon.state.pid = None
     await daemon.restore_compute_mode()
-
-
-async def serve_mps_daemon(
-    spec: MpsDaemonSpec,
-    *,
-    control: Path,
-    compute_mode: ComputeModeControl,
-    on_health: Callable[[str, bool], None],
-    timings: DaemonTimings = DEFAULT_TIMINGS,
-    path_env: str = DEFAULT_PATH,
-    state: DaemonState | None = None,
-    on_probe: Callable[[str, float], None] | None = None,
-    launcher: Launcher | None = None,
-    removal: Callable[[], bool] | None = None,
-    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
-) -> NoReturn:
-    """Lives of the daemon, one after the other, until cancelled: a life that ends is restarted after a capped
-    backoff (0.5 s doubling to 10 s, back to 0.5 s after a life of 10 s).
-
-    `task_status.started()` is called once the first life is healthy, or once it failed (having reported the GPU
-    unhealthy), so that one broken daemon cannot hold up the whole node. Raises `MpsError` before that when the
-    directories cannot be created. `launcher` defaults to a `LocalLauncher`. On cancellation, `removal()` (default:
-    always) says whether this is a removal: then `stop_mps_daemon` runs, shielded."""
-    state = state or DaemonState()
-    launcher = launcher or LocalLauncher(control, path_env)
-    status = _StartedOnce(task_status)
-    label = gpu_label(spec)
-    try:
-        delay = timings.restart_first_s
-        while True:
-            began = trio.current_time()
-            try:
-                await run_mps_daemon(spec, control=control, launcher=launcher, compute_mode=compute_mode,
-                                     on_health=on_health, timings=timings, path_env=path_env, state=state,
-                                     on_probe=on_probe, task_status=cast("trio.TaskStatus[None]", status))
-            except DaemonFailed as exc:
-                outcome = exc.reason
-            except MpsError as exc:
-                if not status.done:
-                    raise  # cannot be set up at all: the caller's start fails
-                outcome = f"cannot be set up again ({exc})"
-            state.last_exit = outcome
-            state.pid = None
-            _health_into(state, on_health)(spec.gpu_uuid, False)
-            # Let apply() go on: this GPU's replicas are advertised Unhealthy until a restart answers.
-            status.started()
-            if trio.current_time() - began >= timings.restart_max_s:
-                delay = timings.restart_first_s  # it ran a good while: not a crash loop
-            log.warning("MPS daemon for %s %s; restarting in %.1f s", label, outcome, delay)
-            await trio.sleep(delay)
-            delay = min(delay * 2, timings.restart_max_s)
-    finally:
-        if removal is None or removal():
-            with trio.CancelScope(shield=True):
-                await stop_mps_daemon(spec, control=control, launcher=launcher, compute_mode=compute_mode,
-                                      timings=timings, path_env=path_env, state=state)
-
-
-class _StartedOnce:
-    def __init__(self, task_status: trio.TaskStatus[None]) -> None:
-        self._task_status = task_status
-        self.done = False
-
-    def started(self, value: None = None) -> None:
-        if not self.done:
-            self.done = True
-            self._task_status.started()
-
-
-def _health_into(state: DaemonState, on_health: Callable[[str, bool], None]) -> Callable[[str, bool], None]:
-    def report(gpu_uuid: str, healthy: bool) -> None:
-        if state.healthy is healthy:
-            return
-        state.healthy = healthy
-        on_health(gpu_uuid, healthy)
-
-    return report
-
-
-# -------------------------------------------------------------------------------------------------- one daemon
 
 
 class _Daemon:

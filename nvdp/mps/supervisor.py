@@ -1,56 +1,69 @@
-"""The node's MPS control daemons, reconciled by diff like the resource servers.
+"""The node's MPS control daemons: one supervised child per MPS-shared GPU (`nvdp.supervise`), like the resource
+servers.
 
-`MpsDaemons.apply(specs)` compares the wanted daemons (one per MPS-shared GPU, keyed by GPU UUID) with the running
-ones: removed or changed daemons are stopped first (quit, compute mode restored), new ones started second, and
-unchanged ones are left alone, so their MPS clients keep running.
+A child is one life of its GPU's daemon (`run_mps_daemon`: adopt the running daemon or start one, probe it); when a
+life ends (`DaemonFailed`: the daemon exited, lost its pipe directory, never answered) the supervisor starts the
+next one after its backoff, and the GPU's slices are Unhealthy meanwhile. Ending a life never ends the daemon: the
+daemon runs detached from nvdp (docs/mps.md), so nvdp's own restart leaves MPS clients alone.
 
-`apply()` returns once every new daemon has either answered (healthy) or failed its first start attempt (reported
-unhealthy through `on_health`, bounded by `DaemonTimings.start_timeout_s`, and still retrying in the background).
-New daemons start concurrently, so a node of 8 GPUs waits for the slowest, not for the sum. It raises `MpsError`
-only when a daemon cannot be set up at all (its directories cannot be created); the others are running by then.
+`MpsDaemons.apply(specs)` reconciles: removed or changed daemons are *removed* first (`stop_mps_daemon`: quit, the
+compute mode restored), new ones started second, unchanged ones left alone. It returns once every new daemon has
+answered or failed its first life (then it is retried in the background); new daemons start concurrently, so a
+node of 8 GPUs waits for the slowest, not for the sum. It raises `MpsError` only when a daemon cannot be set up at
+all (its directories cannot be created); the others are running by then.
+
+`release()` is what nvdp's clean exit does: with a launcher that owns the daemons (nvdp's own, `LocalLauncher`),
+remove them all (SIGTERM means removal); with the MPS host, leave them to the host.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import trio
 
 from nvdp.core.plan.model import MpsDaemonSpec
+from nvdp.core.supervision import Backoff, reconcile
 from nvdp.mps.control_daemon import (
     DEFAULT_PATH,
     DEFAULT_TIMINGS,
     ComputeModeControl,
+    DaemonFailed,
     DaemonState,
     DaemonTimings,
     MpsError,
     gpu_label,
-    serve_mps_daemon,
+    run_mps_daemon,
+    stop_mps_daemon,
 )
-from nvdp.mps.launcher import Launcher, LocalLauncher
+from nvdp.mps.launcher import DaemonPaths, Launcher, LocalLauncher, make_dirs
+from nvdp.supervise import ChildFailed, SupervisionReporter, Supervisor
 
 log = logging.getLogger(__name__)
 
 
+def child_name(gpu_uuid: str) -> str:
+    """How a daemon's child is named in logs, metrics (`child` label) and /readyz."""
+    return f"mps {gpu_uuid}"
+
+
 @dataclass(eq=False)
 class RunningDaemon:
+    """A wanted daemon, as its supervisor sees it (the state lives across lives)."""
+
     spec: MpsDaemonSpec
-    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
-    state: DaemonState = field(default_factory=DaemonState)
-    stopped: trio.Event = field(default_factory=trio.Event)
-    # h2-mps: set before a removal (the plan no longer wants it): its daemon is quit, not just left running.
-    removing: bool = False
+    state: DaemonState
 
     def __repr__(self) -> str:
         return (f"<RunningDaemon {gpu_label(self.spec)} pid={self.state.pid} healthy={self.state.healthy} "
-                f"starts={self.state.starts}>")
+                f"starts={self.state.starts} adoptions={self.state.adoptions}>")
 
 
 class MpsDaemons:
-    """Owns the running MPS control daemons; only one task (the daemon's controller) calls its async methods."""
+    """Owns the MPS control daemons; only one task (the daemon's controller) calls its async methods."""
 
     def __init__(
         self,
@@ -63,9 +76,9 @@ class MpsDaemons:
         timings: DaemonTimings = DEFAULT_TIMINGS,
         path_env: str = DEFAULT_PATH,
         launcher: Launcher | None = None,
+        reporter: SupervisionReporter | None = None,
     ) -> None:
-        self._nursery = nursery
-        # h2-mps: who starts the daemons; local (nvdp's own, removed on cancellation) unless the MPS host.
+        #: Who starts the daemons: nvdp itself (local) unless the MPS host.
         self.launcher = launcher or LocalLauncher(control, path_env)
         self.control = control
         self._compute_mode = compute_mode
@@ -73,22 +86,33 @@ class MpsDaemons:
         self._on_probe = on_probe
         self._timings = timings
         self._path_env = path_env
-        self._running: dict[str, RunningDaemon] = {}
+        self._states: dict[str, DaemonState] = {}
+        #: GPUs whose daemon is being removed: a life cancelled for them quits the daemon.
+        self._removing: set[str] = set()
+        backoff = Backoff(first_s=timings.restart_first_s, max_s=timings.restart_max_s,
+                          reset_after_s=timings.restart_max_s)
+        self._supervisor: Supervisor[str, MpsDaemonSpec] = Supervisor(
+            nursery, self._life, name=child_name, backoff=backoff, reporter=reporter)
 
     def __repr__(self) -> str:
         states = ", ".join(
             f"GPU {r.spec.gpu_index}: pid {r.state.pid} {_health_word(r.state.healthy)}"
-            for r in self._running.values())
+            for r in self.running.values())
         return f"<MpsDaemons {states or 'none'}>"
 
     @property
+    def supervisor(self) -> Supervisor[str, MpsDaemonSpec]:
+        return self._supervisor
+
+    @property
     def running(self) -> Mapping[str, RunningDaemon]:
-        return self._running
+        return {uuid: RunningDaemon(child.spec, self._states[uuid])
+                for uuid, child in self._supervisor.children.items()}
 
     @property
     def healthy(self) -> Mapping[str, bool]:
         """GPU UUID -> whether its daemon answers now."""
-        return {uuid: r.state.healthy is True for uuid, r in self._running.items()}
+        return {uuid: self._states[uuid].healthy is True for uuid in self._supervisor.children}
 
     async def apply(self, specs: Sequence[MpsDaemonSpec]) -> None:
         wanted: dict[str, MpsDaemonSpec] = {}
@@ -96,69 +120,84 @@ class MpsDaemons:
             if spec.gpu_uuid in wanted:
                 raise ValueError(f"two MPS daemons for one GPU: {spec.gpu_uuid}")
             wanted[spec.gpu_uuid] = spec
-        stale = [uuid for uuid, running in self._running.items() if wanted.get(uuid) != running.spec]
-        await self._stop_many(stale)
-        await self._start_many([spec for uuid, spec in wanted.items() if uuid not in self._running])
-
-    async def stop_all(self) -> None:
-        await self._stop_many(list(self._running))
-
-    async def _start_many(self, specs: list[MpsDaemonSpec]) -> None:
+        actions = reconcile(wanted, self._supervisor.specs)
+        await self._remove_many(list(actions.stop))
+        new = [wanted[uuid] for uuid in actions.start]
+        # What cannot be set up at all is an error of this reconcile, not a child to retry forever.
         errors: list[str] = []
-
-        async def start(spec: MpsDaemonSpec) -> None:
+        ready: list[tuple[str, MpsDaemonSpec]] = []
+        for spec in new:
             try:
-                await self._start(spec)
-            except MpsError as exc:
-                errors.append(str(exc))
-
-        async with trio.open_nursery() as starting:
-            for spec in specs:
-                starting.start_soon(start, spec)
+                await trio.to_thread.run_sync(make_dirs, DaemonPaths.of(spec))
+            except OSError as exc:
+                errors.append(f"cannot create the MPS directories of {gpu_label(spec)}: {exc}")
+                continue
+            self._states[spec.gpu_uuid] = DaemonState()
+            ready.append((spec.gpu_uuid, spec))
+        await self._supervisor.start_many(ready)
         if errors:
             raise MpsError("; ".join(errors))
 
-    async def _start(self, spec: MpsDaemonSpec) -> None:
-        running = RunningDaemon(spec)
-        self._running[spec.gpu_uuid] = running
-        try:
-            await self._nursery.start(self._serve, running)
-        except BaseException:
-            self._running.pop(spec.gpu_uuid, None)
-            raise
+    async def stop_all(self) -> None:
+        """Remove every daemon (quit, compute modes restored)."""
+        await self._remove_many(list(self._supervisor.children))
 
-    async def _stop_many(self, uuids: list[str]) -> None:
-        # Concurrently: each stop may wait its full bound (a hung daemon), and they are independent.
-        async with trio.open_nursery() as stopping:
+    async def release(self) -> None:
+        """nvdp is exiting cleanly: remove the daemons it owns; leave the MPS host's to the host."""
+        if self.launcher.owns_daemons:
+            await self.stop_all()
+        else:
+            log.info("leaving the MPS control daemons to %s", self.launcher.describe())
+            await self._supervisor.stop_all()
+
+    async def _remove_many(self, uuids: list[str]) -> None:
+        # Concurrently: each removal may wait its full bound (a hung daemon), and they are independent.
+        async with trio.open_nursery() as removing:
             for uuid in uuids:
-                stopping.start_soon(self._stop, uuid)
+                removing.start_soon(self._remove, uuid)
 
-    async def _stop(self, uuid: str) -> None:
-        running = self._running.pop(uuid)
-        log.info("stopping the MPS daemon for %s", gpu_label(running.spec))
-        running.removing = True  # h2-mps
-        running.scope.cancel()
-        await running.stopped.wait()
-
-    async def _serve(self, running: RunningDaemon, *, task_status: trio.TaskStatus[None]) -> None:
+    async def _remove(self, uuid: str) -> None:
+        spec = self._supervisor.specs[uuid]
+        log.info("removing the MPS daemon for %s", gpu_label(spec))
+        self._removing.add(uuid)
         try:
-            with running.scope:
-                await serve_mps_daemon(
-                    running.spec,
-                    control=self.control,
-                    compute_mode=self._compute_mode,
-                    on_health=self._on_health,
-                    timings=self._timings,
-                    path_env=self._path_env,
-                    state=running.state,
-                    on_probe=self._on_probe,
-                    # h2-mps: cancelled for a removal, or at shutdown with daemons nvdp owns: quit the daemon.
-                    launcher=self.launcher,
-                    removal=lambda: running.removing or self.launcher.owns_daemons,
-                    task_status=task_status,
-                )
+            await self._supervisor.stop(uuid)
+            # Also when the child was between two lives (its life's own removal did not run then); a daemon that
+            # is gone already costs one failed lookup.
+            with trio.CancelScope(shield=True):
+                await self._stop_daemon(spec)
         finally:
-            running.stopped.set()
+            self._removing.discard(uuid)
+            self._states.pop(uuid, None)
+
+    async def _stop_daemon(self, spec: MpsDaemonSpec) -> None:
+        await stop_mps_daemon(spec, control=self.control, launcher=self.launcher, compute_mode=self._compute_mode,
+                              timings=self._timings, path_env=self._path_env, state=self._states.get(spec.gpu_uuid))
+
+    async def _life(self, uuid: str, spec: MpsDaemonSpec, *, task_status: trio.TaskStatus[None]) -> None:
+        """One life (a child run of the supervisor)."""
+        state = self._states.setdefault(uuid, DaemonState())
+        try:
+            await run_mps_daemon(spec, control=self.control, launcher=self.launcher, compute_mode=self._compute_mode,
+                                 on_health=self._on_health, timings=self._timings,
+                                 path_env=self._path_env, state=state, on_probe=self._on_probe,
+                                 task_status=task_status)
+        except (DaemonFailed, MpsError) as exc:
+            state.last_exit = str(exc)
+            state.pid = None
+            if state.healthy is not False:
+                state.healthy = False
+                self._on_health(uuid, False)
+            raise ChildFailed(f"MPS daemon for {gpu_label(spec)}: {exc}") from None
+        except BaseException as exc:
+            # Cancelled (possibly inside the life's own nursery's group): a removal, or nvdp ending.
+            cancelled = isinstance(exc, trio.Cancelled) or (
+                isinstance(exc, BaseExceptionGroup) and exc.subgroup(trio.Cancelled) is not None)
+            if cancelled and (uuid in self._removing or self.launcher.owns_daemons):
+                # Cancelled for a removal, or nvdp ending with daemons it owns: quit it now, while its pid is known.
+                with trio.CancelScope(shield=True):
+                    await self._stop_daemon(spec)
+            raise
 
 
 def _health_word(healthy: bool | None) -> str:
