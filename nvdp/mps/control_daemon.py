@@ -433,22 +433,36 @@ class _Daemon:
             raise DaemonFailed(failure)
         return pid
 
-    async def _watch_exit(self, pid: int, exited: list[str], scope: trio.CancelScope) -> None:
+    async def _watch_exit(self, pid: int, exited: list[str], scope: trio.CancelScope,
+                          unwatched: list[str] | None = None) -> None:
+        """Appends how the daemon exited to `exited`; or, with `unwatched`, why it cannot be watched any more (the
+        MPS host went away: the daemon may well run on) to that list instead."""
         try:
             outcome = await self.launcher.wait(self.paths, pid)
         except LaunchError as exc:
-            outcome = f"cannot be watched: {exc}"
+            if unwatched is None:
+                outcome = f"cannot be watched: {exc}"
+            else:
+                unwatched.append(f"cannot be watched ({exc}); it is left as it is, to be found again")
+                scope.cancel()
+                return
         self._set_health(False)  # at once; the restart takes a while
         exited.append(outcome)
         scope.cancel()
 
     async def _supervise(self, pid: int) -> str:
-        """Probe until the daemon is gone; says why."""
+        """Probe until the daemon is gone (or cannot be watched); says why."""
         exited: list[str] = []
+        unwatched: list[str] = []
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._watch_exit, pid, exited, nursery.cancel_scope)
+            nursery.start_soon(self._watch_exit, pid, exited, nursery.cancel_scope, unwatched)
             lost = await self._probe_until_unreachable()
             nursery.cancel_scope.cancel()
+        if unwatched:
+            # Nothing is known about the daemon but that it ran: no kill, and its pid file stays for the next life
+            # (through the host, once it is back) to find and adopt it.
+            self.state.pid = None
+            return unwatched[0]
         if exited:
             self._log_output()
             with trio.CancelScope(shield=True):
