@@ -139,6 +139,21 @@ async def test_host_starts_finds_waits_and_refuses(root: Path) -> None:
         await HostLauncher(socket_path).find(paths)
 
 
+async def test_a_second_host_does_not_steal_the_socket_and_a_stale_one_is_replaced(root: Path) -> None:
+    async with host(root) as socket_path:
+        with pytest.raises(LaunchError, match="another MPS host already listens"):
+            await serve_mps_host(root, control=CONTROL, compute_mode=None, path_env=PATH)
+        assert await HostLauncher(socket_path).find(paths_for(root, GPU0)) is None  # the first still serves
+    # A socket file left by a host killed with SIGKILL: nothing answers on it, so the next host replaces it.
+    import socket as stdlib_socket
+
+    with stdlib_socket.socket(stdlib_socket.AF_UNIX) as stale:
+        stale.bind(str(socket_path))
+    async with host(root) as again:
+        assert again == socket_path
+        assert await HostLauncher(socket_path).find(paths_for(root, GPU0)) is None
+
+
 async def until_async(predicate: Callable[[], bool]) -> None:
     with trio.fail_after(LIMIT_S):
         while not predicate():  # noqa: ASYNC110  (the daemon is another process)

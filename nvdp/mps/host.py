@@ -74,6 +74,10 @@ class RequestError(Exception):
     """A request the host refuses (the message goes back to the client)."""
 
 
+class _NoRequest(Exception):
+    """The client hung up without sending anything (a liveness probe of the socket)."""
+
+
 def default_socket(mps_root: str | Path) -> Path:
     return Path(mps_root) / SOCKET_NAME
 
@@ -175,6 +179,8 @@ class MpsHost:
                 answer = {"ok": False, "error": str(exc)}
             except trio.TooSlowError:
                 answer = {"ok": False, "error": f"no request line within {REQUEST_TIMEOUT_S:.0f} s"}
+            except _NoRequest:
+                return
             if not answer["ok"]:
                 log.warning("MPS host: refused a request: %s", answer["error"])
             # The client may have gone away (a `wait` whose nvdp ended).
@@ -225,6 +231,8 @@ async def _read_line(stream: trio.abc.ReceiveStream, limit: int) -> bytes:
         if not chunk:
             break
         data += chunk
+    if not data:
+        raise _NoRequest
     line, newline, _ = data.partition(b"\n")
     if len(line) > limit:
         raise RequestError(f"request longer than {limit} bytes")
@@ -337,8 +345,8 @@ class HostLauncher:
             except trio.TooSlowError:
                 raise LaunchError(f"the MPS host did not answer {request['op']} within {self.timeout_s:.0f} s") \
                     from None
-            except (RequestError, trio.BrokenResourceError, OSError) as exc:
-                raise LaunchError(f"the MPS host went away during {request['op']} ({exc})") from None
+            except (RequestError, _NoRequest, trio.BrokenResourceError, OSError) as exc:
+                raise LaunchError(f"the MPS host went away during {request['op']} ({exc or 'no answer'})") from None
         try:
             answer = json.loads(line)
         except ValueError:
@@ -435,7 +443,13 @@ def host_main(
 
         try:
             trio.run(run)
-        except LaunchError as exc:
-            log.error("%s", exc)
+        except BaseExceptionGroup as group:
+            failed, rest = group.split(LaunchError)
+            if failed is None or rest is not None:
+                raise
+            leaf: BaseException = failed
+            while isinstance(leaf, BaseExceptionGroup):
+                leaf = leaf.exceptions[0]
+            log.error("%s", leaf)
             return 1
     return 0
