@@ -288,12 +288,13 @@ async def serve_mps_host(
     socket_path = socket_path or default_socket(mps_root)
     await trio.Path(mps_root).mkdir(mode=0o755, parents=True, exist_ok=True)
     limiter = trio.CapacityLimiter(MAX_CONNECTIONS)
+    # First: a second host fails here, before it touches anything.
+    listener = await listen(socket_path)
     async with trio.open_nursery() as reapers:
         host = MpsHost(mps_root, control, path_env, reapers)
         found = await trio.to_thread.run_sync(running_daemons, host.mps_root)
         for uuid, pid in found.items():
             log.info("MPS host: found the control daemon for %s (pid %d) running; it is kept", uuid, pid)
-        listener = await listen(socket_path)
         try:
             async with listener, trio.open_nursery() as nursery:
                 log.info("MPS host: serving %s for the daemons under %s (control program %s)", socket_path,
