@@ -375,11 +375,16 @@ class _Daemon:
             return None
         serves = await self._served_limits(answer)
         wanted = self._wanted_limits()
-        if serves != wanted:
+        if limits_differ(serves, wanted):
             log.warning("the MPS control daemon for %s (pid %d) serves %s, the plan wants %s: restarting it",
                         self.label, pid, _describe_limits(serves), _describe_limits(wanted))
             await self.terminate(pid)
             return None
+        if None in serves:
+            # A driver that prints a limit in a form not understood here: restarting would end every client for
+            # nothing known to be wrong.
+            log.warning("the MPS control daemon for %s (pid %d) serves %s: what could not be read is assumed to be "
+                        "what the plan wants", self.label, pid, _describe_limits(serves))
         self.state.adoptions += 1
         log.info("adopted the MPS control daemon for GPU %s (pid %d): it answers with %s; its compute mode and "
                  "clients are left as they are", self._index(), pid, _describe_limits(wanted))
@@ -702,6 +707,12 @@ def _parse_mib(text: str) -> float | None:
     if match is None:
         return None
     return float(match.group(1)) * _MIB_PER_UNIT[match.group(2).upper()]
+
+
+def limits_differ(served: tuple[float | None, float | None], wanted: tuple[float | None, float | None]) -> bool:
+    """Whether a daemon's (active thread percentage, pinned memory MiB) differ from the plan's; a value that could
+    not be read (None) differs from nothing."""
+    return any(s is not None and w is not None and abs(s - w) >= 0.5 for s, w in zip(served, wanted, strict=True))
 
 
 def _describe_limits(limits: tuple[float | None, float | None]) -> str:
