@@ -259,8 +259,8 @@ class Controller:
         self.plan = Plan(resources=())
         self.servers: ResourceServers | None = None
         self.mps: MpsDaemons | None = None
-        #: Processes started per MPS daemon as last seen answering (to count restarts for /metrics).
-        self._mps_starts: dict[str, int] = {}
+        #: The process of each MPS daemon last seen answering (a new one answering is a restart, for /metrics).
+        self._mps_pids: dict[str, int] = {}
 
     def __repr__(self) -> str:
         return f"<Controller generation={self.generation} {describe_plan(self.plan)} {self.mps!r}>"
@@ -382,11 +382,13 @@ class Controller:
         running = self.mps.running.get(gpu_uuid) if self.mps is not None else None
         if healthy:
             self.health.mps_down.discard(gpu_uuid)
-            if running is not None and running.state.starts > self._mps_starts.get(gpu_uuid, 1):
-                # Answering again after a new process started: that was a restart.
-                self.observer.mps_restarted(gpu_uuid)
-            if running is not None:
-                self._mps_starts[gpu_uuid] = running.state.starts
+            pid = running.state.pid if running is not None else None
+            if pid is not None:
+                before = self._mps_pids.get(gpu_uuid)
+                if before is not None and before != pid:
+                    # Answering again from another process (started fresh, or adopted after a restart elsewhere).
+                    self.observer.mps_restarted(gpu_uuid)
+                self._mps_pids[gpu_uuid] = pid
         else:
             self.health.mps_down.add(gpu_uuid)
         self.observer.mps_daemon(gpu_uuid, healthy, running.state.last_probe_s if running is not None else None)

@@ -72,7 +72,13 @@ def host_main(
 
         try:
             trio.run(run)
-        except LaunchError as exc:
-            log.error("%s", exc)
+        except BaseExceptionGroup as group:
+            failed, rest = group.split(LaunchError)
+            if failed is None or rest is not None:
+                raise
+            leaf: BaseException = failed
+            while isinstance(leaf, BaseExceptionGroup):
+                leaf = leaf.exceptions[0]
+            log.error("%s", leaf)
             return 1
     return 0

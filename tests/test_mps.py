@@ -584,9 +584,14 @@ async def test_supervision_ending_without_removal_leaves_the_daemon(root: Path) 
 
 
 def test_limits_as_mps_prints_them() -> None:
-    from nvdp.mps.control_daemon import _parse_mib
+    from nvdp.mps.control_daemon import _parse_mib, limits_differ
 
     assert [_parse_mib(t) for t in ("10240M", "10G", "0", "512MB", "2048", "x")] == [10240, 10240, 0, 512, 2048, None]
+    assert not limits_differ((25.0, 10240.0), (25.0, 10240.0))
+    assert limits_differ((30.0, 10240.0), (25.0, 10240.0))
+    assert limits_differ((25.0, 0.0), (25.0, 10240.0))  # never set: a daemon nvdp did not bring up
+    # Unreadable (an answer in a form not understood): not a reason to end every client.
+    assert not limits_differ((25.0, None), (25.0, 10240.0))
 
 
 async def test_a_daemon_that_does_not_answer_a_new_life_is_restarted(

@@ -139,6 +139,21 @@ async def test_host_starts_finds_waits_and_refuses(root: Path) -> None:
         await HostLauncher(socket_path).find(paths)
 
 
+async def test_a_second_host_does_not_steal_the_socket_and_a_stale_one_is_replaced(root: Path) -> None:
+    async with host(root) as socket_path:
+        with pytest.raises(LaunchError, match="another MPS host already listens"):
+            await serve_mps_host(root, control=CONTROL, compute_mode=None, path_env=PATH)
+        assert await HostLauncher(socket_path).find(paths_for(root, GPU0)) is None  # the first still serves
+    # A socket file left by a host killed with SIGKILL: nothing answers on it, so the next host replaces it.
+    import socket as stdlib_socket
+
+    with stdlib_socket.socket(stdlib_socket.AF_UNIX) as stale:
+        stale.bind(str(socket_path))
+    async with host(root) as again:
+        assert again == socket_path
+        assert await HostLauncher(socket_path).find(paths_for(root, GPU0)) is None
+
+
 async def until_async(predicate: Callable[[], bool]) -> None:
     with trio.fail_after(LIMIT_S):
         while not predicate():  # noqa: ASYNC110  (the daemon is another process)
@@ -221,6 +236,56 @@ def test_nvdp_sigterm_leaves_the_hosts_daemon_and_the_hosts_sigterm_removes_it(
     finally:
         if client is not None:
             client.close()
+        for process in processes:
+            if process.process.poll() is None:
+                process.end(signal.SIGKILL)
+
+
+def test_a_bare_host_killed_and_started_again_keeps_the_daemon_and_nvdp_adopts_it_again(
+    kubelet: KubeletEmulator, two_gpu_node: Path, mps_root: Path, tmp_path: Path
+) -> None:
+    from tests.test_mps_survival import CONFIG, SLICED
+
+    config = tmp_path / "config.yaml"
+    config.write_text(CONFIG)
+    env = {**os.environ, "PATH": PATH, "METRICS_ADDRESS": ""}
+    socket_path = mps_root / "nvdp-mps-host.sock"
+    paths = paths_for(mps_root, GPU0)
+    processes: list[Nvdp] = []
+
+    def start(*args: str) -> Nvdp:
+        process = Nvdp(list(args), env)
+        processes.append(process)
+        return process
+
+    def slices(health: str) -> bool:
+        return set(kubelet.devices(SLICED).values()) == {health}
+
+    try:
+        first_host = start("mps-host", "--mps-root", str(mps_root), "--simulate", str(two_gpu_node))
+        first_host.wait_for_line("MPS host: serving")
+        nvdp = start("--simulate", str(two_gpu_node), "--kubelet-socket", str(kubelet.socket), "--config-file",
+                     str(config), "--mps-root", str(mps_root), "--mps-host-socket", str(socket_path))
+        until(lambda: registered(kubelet, 1), f"nvdp registered\n{nvdp.out}")
+        pid = read_pid_file(paths)
+        assert pid is not None
+
+        # A bare host process (no container or unit to take its children along) dies: its daemon runs on.
+        assert first_host.end(signal.SIGKILL) == -signal.SIGKILL
+        until(lambda: slices("Unhealthy"), f"slices Unhealthy without the host\n{nvdp.out}")
+        assert is_daemon_process(pid, paths) and answers(Path(paths.pipe_dir))
+        second_host = start("mps-host", "--mps-root", str(mps_root), "--simulate", str(two_gpu_node))
+        second_host.wait_for_line(f"found the control daemon for {GPU0} (pid {pid}) running; it is kept")
+        until(lambda: slices("Healthy"), f"slices Healthy again\n{nvdp.out}")
+        assert read_pid_file(paths) == pid
+        assert f"adopted the MPS control daemon for GPU 0 (pid {pid})" in nvdp.out
+        assert "started the MPS control daemon" not in second_host.out
+
+        assert nvdp.end(signal.SIGTERM) == 0
+        assert is_daemon_process(pid, paths)
+        assert second_host.end(signal.SIGTERM) == 0, second_host.out
+        assert gone(pid)
+    finally:
         for process in processes:
             if process.process.poll() is None:
                 process.end(signal.SIGKILL)

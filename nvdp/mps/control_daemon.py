@@ -293,11 +293,16 @@ class _Daemon:
             return None
         serves = await self._served_limits(answer)
         wanted = self._wanted_limits()
-        if serves != wanted:
+        if limits_differ(serves, wanted):
             log.warning("the MPS control daemon for %s (pid %d) serves %s, the plan wants %s: restarting it",
                         self.label, pid, _describe_limits(serves), _describe_limits(wanted))
             await self.terminate(pid)
             return None
+        if None in serves:
+            # A driver that prints a limit in a form not understood here: restarting would end every client for
+            # nothing known to be wrong.
+            log.warning("the MPS control daemon for %s (pid %d) serves %s: what could not be read is assumed to be "
+                        "what the plan wants", self.label, pid, _describe_limits(serves))
         self.state.adoptions += 1
         log.info("adopted the MPS control daemon for GPU %s (pid %d): it answers with %s; its compute mode and "
                  "clients are left as they are", self._index(), pid, _describe_limits(wanted))
@@ -351,22 +356,36 @@ class _Daemon:
             raise DaemonFailed(failure)
         return pid
 
-    async def _watch_exit(self, pid: int, exited: list[str], scope: trio.CancelScope) -> None:
+    async def _watch_exit(self, pid: int, exited: list[str], scope: trio.CancelScope,
+                          unwatched: list[str] | None = None) -> None:
+        """Appends how the daemon exited to `exited`; or, with `unwatched`, why it cannot be watched any more (the
+        MPS host went away: the daemon may well run on) to that list instead."""
         try:
             outcome = await self.launcher.wait(self.paths, pid)
         except LaunchError as exc:
-            outcome = f"cannot be watched: {exc}"
+            if unwatched is None:
+                outcome = f"cannot be watched: {exc}"
+            else:
+                unwatched.append(f"cannot be watched ({exc}); it is left as it is, to be found again")
+                scope.cancel()
+                return
         self._set_health(False)  # at once; the restart takes a while
         exited.append(outcome)
         scope.cancel()
 
     async def _supervise(self, pid: int) -> str:
-        """Probe until the daemon is gone; says why."""
+        """Probe until the daemon is gone (or cannot be watched); says why."""
         exited: list[str] = []
+        unwatched: list[str] = []
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._watch_exit, pid, exited, nursery.cancel_scope)
+            nursery.start_soon(self._watch_exit, pid, exited, nursery.cancel_scope, unwatched)
             lost = await self._probe_until_unreachable()
             nursery.cancel_scope.cancel()
+        if unwatched:
+            # Nothing is known about the daemon but that it ran: no kill, and its pid file stays for the next life
+            # (through the host, once it is back) to find and adopt it.
+            self.state.pid = None
+            return unwatched[0]
         if exited:
             self._log_output()
             with trio.CancelScope(shield=True):
@@ -606,6 +625,12 @@ def _parse_mib(text: str) -> float | None:
     if match is None:
         return None
     return float(match.group(1)) * _MIB_PER_UNIT[match.group(2).upper()]
+
+
+def limits_differ(served: tuple[float | None, float | None], wanted: tuple[float | None, float | None]) -> bool:
+    """Whether a daemon's (active thread percentage, pinned memory MiB) differ from the plan's; a value that could
+    not be read (None) differs from nothing."""
+    return any(s is not None and w is not None and abs(s - w) >= 0.5 for s, w in zip(served, wanted, strict=True))
 
 
 def _describe_limits(limits: tuple[float | None, float | None]) -> str:

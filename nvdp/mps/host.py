@@ -73,6 +73,10 @@ class RequestError(Exception):
     """A request the host refuses (the message goes back to the client)."""
 
 
+class _NoRequest(Exception):
+    """The client hung up without sending anything (a liveness probe of the socket)."""
+
+
 def default_socket(mps_root: str | Path) -> Path:
     return Path(mps_root) / SOCKET_NAME
 
@@ -174,6 +178,8 @@ class MpsHost:
                 answer = {"ok": False, "error": str(exc)}
             except trio.TooSlowError:
                 answer = {"ok": False, "error": f"no request line within {REQUEST_TIMEOUT_S:.0f} s"}
+            except _NoRequest:
+                return
             if not answer["ok"]:
                 log.warning("MPS host: refused a request: %s", answer["error"])
             # The client may have gone away (a `wait` whose nvdp ended).
@@ -224,6 +230,8 @@ async def _read_line(stream: trio.abc.ReceiveStream, limit: int) -> bytes:
         if not chunk:
             break
         data += chunk
+    if not data:
+        raise _NoRequest
     line, newline, _ = data.partition(b"\n")
     if len(line) > limit:
         raise RequestError(f"request longer than {limit} bytes")
@@ -279,12 +287,13 @@ async def serve_mps_host(
     socket_path = socket_path or default_socket(mps_root)
     await trio.Path(mps_root).mkdir(mode=0o755, parents=True, exist_ok=True)
     limiter = trio.CapacityLimiter(MAX_CONNECTIONS)
+    # First: a second host fails here, before it touches anything.
+    listener = await listen(socket_path)
     async with trio.open_nursery() as reapers:
         host = MpsHost(mps_root, control, path_env, reapers)
         found = await trio.to_thread.run_sync(running_daemons, host.mps_root)
         for uuid, pid in found.items():
             log.info("MPS host: found the control daemon for %s (pid %d) running; it is kept", uuid, pid)
-        listener = await listen(socket_path)
         try:
             async with listener, trio.open_nursery() as nursery:
                 log.info("MPS host: serving %s for the daemons under %s (control program %s)", socket_path,
@@ -336,8 +345,8 @@ class HostLauncher:
             except trio.TooSlowError:
                 raise LaunchError(f"the MPS host did not answer {request['op']} within {self.timeout_s:.0f} s") \
                     from None
-            except (RequestError, trio.BrokenResourceError, OSError) as exc:
-                raise LaunchError(f"the MPS host went away during {request['op']} ({exc})") from None
+            except (RequestError, _NoRequest, trio.BrokenResourceError, OSError) as exc:
+                raise LaunchError(f"the MPS host went away during {request['op']} ({exc or 'no answer'})") from None
         try:
             answer = json.loads(line)
         except ValueError:
