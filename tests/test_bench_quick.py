@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.helpers import ROOT
 
 #: Every figure the issue asks for; each must be in the JSON, measured or marked unavailable with a reason.
@@ -21,6 +23,7 @@ FIGURES = {
 }
 
 
+@pytest.mark.slow
 def test_quick_benchmark_runs_and_reports_every_figure(tmp_path: Path) -> None:
     result = subprocess.run([sys.executable, "-m", "bench", "--quick", "--output", str(tmp_path)], cwd=ROOT,
                             capture_output=True, text=True, timeout=180,

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from nvdp.core.health import ALL_GPUS, Fault, HealthTracker, XidPolicy
+from nvdp.core.health.events import XidEvent
 from nvdp.core.health.xids import EVENT_DOUBLE_BIT_ECC, EVENT_XID_CRITICAL
 from nvdp.core.plan.model import Device
-from nvdp.core.health.events import XidEvent
 
 GPU0 = "GPU-0"
 GPU1 = "GPU-1"

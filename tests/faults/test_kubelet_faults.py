@@ -47,6 +47,7 @@ def everything_registered_again(k: KubeletEmulator) -> bool:
     return fresh == set(EXPECTED) and all(k.devices(r) == devices for r, devices in EXPECTED.items())
 
 
+@pytest.mark.slow
 @plugin_connection_leak
 async def test_fifty_kubelet_restarts_with_allocates_and_reloads_in_flight(
     tmp_path: Path, kubelet: KubeletEmulator
@@ -165,6 +166,7 @@ def plugin_dir() -> Iterator[Path]:
         yield directory
 
 
+@pytest.mark.slow
 def test_kubelet_gone_for_30_s_waits_without_spinning_then_registers(two_gpu_node: Path, plugin_dir: Path) -> None:
     kubelet = KubeletEmulator(plugin_dir)
     # Health checks off: the simulated NVML's event wait polls its events file every 5 ms inside C, which would
