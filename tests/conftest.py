@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -25,6 +26,12 @@ TEST_EVENT_WAIT_MS = 20
 @pytest.fixture(autouse=True)
 def _short_nvml_event_wait(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(health, "EVENT_WAIT_MS", TEST_EVENT_WAIT_MS)
+
+
+#: The same for the daemons the tests start as processes (`python -m nvdp --simulate`), which inherit this: the
+#: simulated library caps each wait (nvdp/sim/libnvidia-ml.c). Measurements (bench, soak) run without it.
+SIM_WAIT_CAP = "NVDP_SIM_EVENT_WAIT_MAX_MS"
+os.environ[SIM_WAIT_CAP] = str(TEST_EVENT_WAIT_MS)
 
 
 @pytest.fixture

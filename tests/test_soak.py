@@ -172,6 +172,7 @@ def _write_node(workdir: Path) -> Path:
 def _nvdp(kubelet: KubeletEmulator, workdir: Path, config: Path) -> Iterator[subprocess.Popen[bytes]]:
     log = (workdir / "nvdp.log").open("wb")
     env = {**os.environ, "METRICS_ADDRESS": "127.0.0.1:0", "HEALTH_QUIET_PERIOD": "2", "LOG_FORMAT": "text"}
+    env.pop("NVDP_SIM_EVENT_WAIT_MAX_MS", None)  # a measurement: the simulated NVML waits as asked (tests/conftest.py)
     process = subprocess.Popen(
         [sys.executable, "-m", "nvdp", "--simulate", str(_write_node(workdir)), "--kubelet-socket",
          str(kubelet.socket), "--config-file", str(config)],
