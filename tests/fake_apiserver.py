@@ -467,7 +467,7 @@ class Follower:
     def __init__(self, receive: trio.MemoryReceiveChannel[Any]) -> None:
         self._receive = receive
 
-    async def next(self, limit_s: float = 3.0) -> Any:
+    async def next(self, limit_s: float = 20.0) -> Any:  # generous: it only matters when the test fails
         with trio.fail_after(limit_s):
             return await self._receive.receive()
 

@@ -20,6 +20,7 @@ from nvdp.node_config import (
     watch_config_dir,
 )
 from tests.fake_apiserver import FakeApiServer, follow, open_fake_apiserver
+from tests.harness import LogWatch
 
 LABEL = "nvidia.com/device-plugin.config"
 FAST = WatchOptions(backoff_initial_s=0.02, backoff_max_s=0.1, min_stream_s=0.05)
@@ -72,7 +73,10 @@ async def test_directory_of_plain_files(tmp_path: Path) -> None:
         assert await states.next() == {"a": B, "c": C}
         _write(tmp_path / "..also-ignored", b"y")
         (tmp_path / "subdir" / "nested").write_bytes(b"z")
-        await trio.sleep(0.05)
+        # Those yield nothing. The witness that the watcher is past them: the next state is the one of a later
+        # write, and nothing came before it.
+        _write(tmp_path / "d", A)
+        assert await states.next() == {"a": B, "c": C, "d": A}
         assert states.pending() == []
 
 
@@ -126,7 +130,10 @@ async def test_directory_selection_without_a_label(tmp_path: Path) -> None:
         update = await updates.next()
         assert (update.name, update.text, update.changed) == ("default", B, True)
         assert update.problem == "default config 'a' (--default-config) does not exist (available: b, default, other)"
-        await trio.sleep(0.05)
+        # Nothing else: the next update is the one of a later edit.
+        _write(tmp_path / "default", C)
+        update = await updates.next()
+        assert (update.name, update.text, update.changed) == ("default", C, True)
         assert updates.pending() == []
 
 
@@ -134,7 +141,7 @@ async def test_nothing_to_serve_at_startup_is_an_error(tmp_path: Path) -> None:
     _write(tmp_path / "a", A)
     _write(tmp_path / "b", B)
     sources = ConfigSources(config_dir=tmp_path, fallbacks=("named",))
-    with pytest.raises(ConfigError, match="no config to serve"), trio.fail_after(3):
+    with pytest.raises(ConfigError, match="no config to serve"), trio.fail_after(20):
         async with watch_config(sources, settle_s=0.01) as updates:
             async for _ in updates:
                 pass
@@ -221,7 +228,7 @@ async def test_configmap_through_the_api(tmp_path: Path) -> None:
             assert update.problem is not None and "configmap nvdp/plugin-configs does not exist" in update.problem
 
 
-async def test_survives_the_api_server(tmp_path: Path) -> None:
+async def test_survives_the_api_server(tmp_path: Path, logs: LogWatch) -> None:
     """410 (relist), the server gone for a second, a rotated token: the label keeps steering."""
     _write(tmp_path / "A", A)
     _write(tmp_path / "B", B)
@@ -238,8 +245,10 @@ async def test_survives_the_api_server(tmp_path: Path) -> None:
             _label(fake, "B")
             assert (await updates.next()).name == "B"
             async with fake.offline():
+                mark = len(logs.records)
                 _label(fake, "A")
-                await trio.sleep(1.0)
+                # Gone for a while: the cut watch and at least one refused attempt after it, each retried.
+                await logs.wait(r"(retrying|reconnecting) in [0-9.]+ s$", after=mark, count=2)
             assert (await updates.next()).name == "A"
             fake.token = "token-2"
             token_file.write_text("token-2")

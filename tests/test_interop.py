@@ -19,7 +19,8 @@ import pytest
 import trio
 
 from nvdp.core.config.settings import Settings
-from tests.helpers import ROOT, running_daemon
+from tests.harness import daemon
+from tests.helpers import ROOT
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +73,7 @@ class Kubelet:
 
 
 async def test_nvdp_speaks_the_kubelet_protocol_to_generated_grpcio_code(
-    pb: tuple[ModuleType, ModuleType], two_gpu_node: Path
+    pb: tuple[ModuleType, ModuleType], two_gpu_node: Path, no_leaks: None
 ) -> None:
     with tempfile.TemporaryDirectory(prefix="nvdp-i-") as tmp:
         plugin_dir = Path(tmp)
@@ -80,7 +81,7 @@ async def test_nvdp_speaks_the_kubelet_protocol_to_generated_grpcio_code(
         kubelet.server.start()
         try:
             settings = Settings(simulate=two_gpu_node, kubelet_socket=plugin_dir / "kubelet.sock")
-            async with running_daemon(settings):
+            async with daemon(settings):
                 assert kubelet.registered.is_set()
                 request = kubelet.requests[0]
                 assert (request.version, request.endpoint, request.resource_name) == (

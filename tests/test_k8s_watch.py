@@ -1,4 +1,8 @@
-"""The Kubernetes API client and watches against the in-process fake API server (real TLS, real HTTP)."""
+"""The Kubernetes API client and watches against the in-process fake API server (real TLS, real HTTP).
+
+No threads are involved (trio sockets on both sides, numeric addresses): every test runs on trio's MockClock with
+autojump, so backoffs, bookmark intervals, read deadlines and "gone for a while" cost no real time and do not
+depend on the machine's load."""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 import trio
+import trio.testing
 
 from nvdp.k8s.client import (
     ApiConfig,
@@ -27,7 +32,7 @@ LABEL = "nvidia.com/device-plugin.config"
 FAST = WatchOptions(backoff_initial_s=0.02, backoff_max_s=0.1, min_stream_s=0.05)
 
 
-async def test_label_follows_the_node() -> None:
+async def test_label_follows_the_node(autojump_clock: trio.testing.MockClock) -> None:
     async with open_fake_apiserver() as fake:
         fake.set_node("n1", {LABEL: "a", "other": "x"})
         fake.set_node("n2", {LABEL: "zzz"})
@@ -59,7 +64,7 @@ async def test_label_follows_the_node() -> None:
         assert int(watch.query["timeoutSeconds"]) >= 240
 
 
-async def test_410_as_event_relists() -> None:
+async def test_410_as_event_relists(autojump_clock: trio.testing.MockClock) -> None:
     async with open_fake_apiserver() as fake:
         fake.set_node("n1", {LABEL: "a"})
         async with open_client(fake.api_config(token="token-1")) as client, \
@@ -72,7 +77,7 @@ async def test_410_as_event_relists() -> None:
             assert fake.count("list") == 2
 
 
-async def test_410_as_status_relists() -> None:
+async def test_410_as_status_relists(autojump_clock: trio.testing.MockClock) -> None:
     async with open_fake_apiserver() as fake:
         fake.gone_as = "status"
         fake.set_node("n1", {LABEL: "a"})
@@ -90,7 +95,9 @@ async def test_410_as_status_relists() -> None:
 
 
 @pytest.mark.parametrize("abrupt", [False, True], ids=["clean-end", "reset"])
-async def test_dropped_stream_resumes_from_the_last_version(abrupt: bool) -> None:
+async def test_dropped_stream_resumes_from_the_last_version(
+    abrupt: bool, autojump_clock: trio.testing.MockClock
+) -> None:
     async with open_fake_apiserver() as fake:
         fake.set_node("n1", {LABEL: "a"})
         async with open_client(fake.api_config(token="token-1")) as client, \
@@ -107,7 +114,7 @@ async def test_dropped_stream_resumes_from_the_last_version(abrupt: bool) -> Non
             assert resumed.query["resourceVersion"] == str(seen)
 
 
-async def test_bookmarks_move_the_resume_version() -> None:
+async def test_bookmarks_move_the_resume_version(autojump_clock: trio.testing.MockClock) -> None:
     async with open_fake_apiserver(bookmark_interval_s=0.02) as fake:
         fake.set_node("n1", {LABEL: "a"})
         async with open_client(fake.api_config(token="token-1")) as client, \
@@ -124,7 +131,7 @@ async def test_bookmarks_move_the_resume_version() -> None:
             assert values.pending() == []
 
 
-async def test_stalled_watch_is_abandoned() -> None:
+async def test_stalled_watch_is_abandoned(autojump_clock: trio.testing.MockClock) -> None:
     options = WatchOptions(timeout_s=0.1, read_grace_s=0.2, backoff_initial_s=0.02, backoff_max_s=0.1)
     async with open_fake_apiserver() as fake:
         fake.set_node("n1", {LABEL: "a"})
@@ -140,7 +147,7 @@ async def test_stalled_watch_is_abandoned() -> None:
             assert await values.next() == "b"
 
 
-async def test_server_gone_for_a_while() -> None:
+async def test_server_gone_for_a_while(autojump_clock: trio.testing.MockClock) -> None:
     async with open_fake_apiserver() as fake:
         fake.set_node("n1", {LABEL: "a"})
         async with open_client(fake.api_config(token="token-1")) as client, \
@@ -154,7 +161,7 @@ async def test_server_gone_for_a_while() -> None:
                 assert await values.next() == "b"
 
 
-async def test_errors_back_off_and_never_spin() -> None:
+async def test_errors_back_off_and_never_spin(autojump_clock: trio.testing.MockClock) -> None:
     async with open_fake_apiserver() as fake:
         fake.set_node("n1", {LABEL: "a"})
         fake.fail_next("list", 500, count=2)
@@ -181,7 +188,7 @@ def test_backoff_is_capped_and_jittered() -> None:
     assert backoff.next_delay() <= 0.5
 
 
-async def test_wrong_token_then_rotated_token_file(tmp_path: Path) -> None:
+async def test_wrong_token_then_rotated_token_file(tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
     token_file = tmp_path / "token"
     token_file.write_text("stale\n")
     async with open_fake_apiserver() as fake:
@@ -202,7 +209,9 @@ async def test_wrong_token_then_rotated_token_file(tmp_path: Path) -> None:
             assert fake.requests[-1].status == 200
 
 
-async def test_token_read_again_on_401_even_if_the_file_looks_unchanged(tmp_path: Path) -> None:
+async def test_token_read_again_on_401_even_if_the_file_looks_unchanged(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
     token_file = tmp_path / "token"
     token_file.write_text("token-1")
     async with open_fake_apiserver() as fake:
@@ -218,7 +227,7 @@ async def test_token_read_again_on_401_even_if_the_file_looks_unchanged(tmp_path
         assert [r.status for r in fake.requests] == [200, 401, 200]
 
 
-async def test_configmap_watch() -> None:
+async def test_configmap_watch(autojump_clock: trio.testing.MockClock) -> None:
     async with open_fake_apiserver() as fake:
         async with open_client(fake.api_config(token="token-1")) as client, \
                 follow(watch_configmap(client, "nvdp", "plugin-configs", FAST)) as states:
@@ -233,7 +242,7 @@ async def test_configmap_watch() -> None:
         assert all(r.path == "/api/v1/namespaces/nvdp/configmaps" for r in fake.requests)
 
 
-async def test_leaving_early_is_clean() -> None:
+async def test_leaving_early_is_clean(autojump_clock: trio.testing.MockClock) -> None:
     async with open_fake_apiserver() as fake:
         fake.set_node("n1", {LABEL: "a"})
         async with open_client(fake.api_config(token="token-1")) as client:
@@ -245,7 +254,7 @@ async def test_leaving_early_is_clean() -> None:
             gc.collect()  # a leaked generator would warn here, and warnings are errors
 
 
-async def test_kubeconfig_with_client_certificate(tmp_path: Path) -> None:
+async def test_kubeconfig_with_client_certificate(tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
     async with open_fake_apiserver(token=None, require_client_cert=True) as fake:
         fake.set_node("n1", {LABEL: "a"})
         path = write_kubeconfig(tmp_path / "kubeconfig", fake, client_cert=fake.client_cert())
@@ -260,7 +269,7 @@ async def test_kubeconfig_with_client_certificate(tmp_path: Path) -> None:
                 await client.get_json(NODES_PATH)
 
 
-async def test_kubeconfig_token_and_ca_file(tmp_path: Path) -> None:
+async def test_kubeconfig_token_and_ca_file(tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
     async with open_fake_apiserver() as fake:
         fake.set_node("n1")
         path = write_kubeconfig(tmp_path / "kubeconfig", fake, token="token-1", inline_ca=False)

@@ -3,20 +3,19 @@ tokens), and the kubelet emulator. The acceptance sequence of the node-label iss
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
-import trio
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from nvdp.core.config.settings import resolve
-from nvdp.daemon import NodeConfig, run_daemon
+from nvdp.daemon import NodeConfig
 from nvdp.node_config import ConfigSources
 from nvdp.observe.metrics import Metrics
 from nvdp.testing.kubelet_emulator import KubeletEmulator
 from tests.fake_apiserver import open_fake_apiserver
-from tests.helpers import gpu, wait_for, write_node
+from tests.harness import daemon, eventually, wait_for
+from tests.helpers import gpu, write_node
 
 LABEL = "nvidia.com/device-plugin.config"
 NODE = "gpu-node-1"
@@ -33,15 +32,6 @@ def metric(metrics: Metrics, metric_name: str, **labels: str) -> float:
             if sample.name == metric_name and all(sample.labels.get(k) == v for k, v in labels.items()):
                 return sample.value
     return 0.0
-
-
-async def eventually(predicate: Callable[[], bool], limit_s: float = 5.0) -> bool:
-    """Poll a condition that has no event to wait on (a metric), for at most `limit_s`."""
-    for _ in range(int(limit_s / 0.02)):
-        if predicate():
-            return True
-        await trio.sleep(0.02)
-    return predicate()
 
 
 def count(kubelet: KubeletEmulator, resource: str = "nvidia.com/gpu") -> int:
@@ -67,10 +57,7 @@ async def test_relabel_unknown_label_new_file_unset_label_and_invalid_config(
                            {}, config, config_source=source)  # type: ignore[arg-type]
 
         node_config = NodeConfig(sources, fake.api_config(token="token-1"), make_settings)  # type: ignore[arg-type]
-        async with trio.open_nursery() as nursery:
-            await nursery.start(lambda task_status: run_daemon(
-                make_settings(None, "flags"), handle_signals=False, metrics=metrics,  # type: ignore[arg-type]
-                node_config=node_config, task_status=task_status))
+        async with daemon(make_settings(None, "flags"), metrics=metrics, node_config=node_config):  # type: ignore[arg-type]
             assert await wait_for(kubelet, lambda k: count(k) == 2)
             assert metric(metrics, "nvdp_config_info", name="A") == 1
 
@@ -80,7 +67,7 @@ async def test_relabel_unknown_label_new_file_unset_label_and_invalid_config(
 
             # Relabel to an unknown C: nothing changes, and it is reported.
             fake.patch_node_labels(NODE, {LABEL: "C"})
-            assert await eventually(lambda: metric(metrics, "nvdp_config_label_unknown_total", value="C") == 1)
+            await eventually(lambda: metric(metrics, "nvdp_config_label_unknown_total", value="C") == 1)
             assert count(kubelet) == 8
 
             # Create C: applied as soon as it appears.
@@ -93,7 +80,7 @@ async def test_relabel_unknown_label_new_file_unset_label_and_invalid_config(
 
             # An invalid config under the active name: the old plan keeps serving, the error is reported.
             (configs / "A").write_text("version: v1\nflags:\n  migStrategy: sometimes\n")
-            assert await eventually(lambda: metric(metrics, "nvdp_config_last_reload_successful") == 0)
+            await eventually(lambda: metric(metrics, "nvdp_config_last_reload_successful") == 0)
             assert count(kubelet) == 2
             assert set(kubelet.devices("nvidia.com/gpu").values()) == {"Healthy"}
 
@@ -101,12 +88,11 @@ async def test_relabel_unknown_label_new_file_unset_label_and_invalid_config(
             def reasons() -> set[str]:
                 return {body["reason"] for _, body in fake.posted_events}
 
-            ok = await eventually(lambda: {"ConfigApplied", "ConfigLabelUnknown", "ConfigRejected"} <= reasons())
-            assert ok, (reasons(), fake.posted_events[:3], [r for r in fake.requests if r.kind == "other"][:3])
+            await eventually(lambda: {"ConfigApplied", "ConfigLabelUnknown", "ConfigRejected"} <= reasons(), lambda: (
+                reasons(), fake.posted_events[:3], [r for r in fake.requests if r.kind == "other"][:3]))
             path, body = fake.posted_events[0]
             assert path == "/api/v1/namespaces/default/events"
             assert body["involvedObject"]["kind"] == "Node" and body["involvedObject"]["name"] == NODE
-            nursery.cancel_scope.cancel()
 
 
 async def test_a_reload_that_changes_only_a_mig_resource_keeps_the_gpu_stream(
@@ -126,10 +112,7 @@ async def test_a_reload_that_changes_only_a_mig_resource_keeps_the_gpu_stream(
                        {}, config, config_source=source)  # type: ignore[arg-type]
 
     node_config = NodeConfig(ConfigSources(config_dir=configs), None, make_settings)  # type: ignore[arg-type]
-    async with trio.open_nursery() as nursery:
-        await nursery.start(lambda task_status: run_daemon(
-            make_settings(None, "flags"), handle_signals=False, node_config=node_config,  # type: ignore[arg-type]
-            task_status=task_status))
+    async with daemon(make_settings(None, "flags"), node_config=node_config):  # type: ignore[arg-type]
         assert await wait_for(kubelet, lambda k: count(k, "nvidia.com/mig-1g.5gb") == 2 and count(k) == 1)
         gpu_endpoint = kubelet.endpoint("nvidia.com/gpu")
         (configs / "default").write_text("version: v1\nflags:\n  migStrategy: mixed\n"
@@ -139,7 +122,6 @@ async def test_a_reload_that_changes_only_a_mig_resource_keeps_the_gpu_stream(
         assert kubelet.endpoint("nvidia.com/gpu") is gpu_endpoint
         assert kubelet.broken_streams.get("nvidia.com/gpu", 0) == 0
         assert [r.resource for r in kubelet.registrations].count("nvidia.com/gpu") == 1
-        nursery.cancel_scope.cancel()
 
 
 async def test_an_xid_and_the_recovery_become_node_events(tmp_path: Path, kubelet: KubeletEmulator) -> None:
@@ -159,18 +141,14 @@ async def test_an_xid_and_the_recovery_become_node_events(tmp_path: Path, kubele
 
         node_config = NodeConfig(ConfigSources(config_dir=configs, node_name=NODE),
                                  fake.api_config(token="token-1"), make_settings)  # type: ignore[arg-type]
-        async with trio.open_nursery() as nursery:
-            await nursery.start(lambda task_status: run_daemon(
-                make_settings(None, "flags"), handle_signals=False, node_config=node_config,  # type: ignore[arg-type]
-                task_status=task_status))
+        async with daemon(make_settings(None, "flags"), node_config=node_config):  # type: ignore[arg-type]
             with events.open("a") as f:
                 f.write("xid GPU-00000000-aaaa-bbbb-cccc-000000000000 48\n")
 
             def messages(reason: str) -> list[str]:
                 return [b["message"] for _, b in fake.posted_events if b["reason"] == reason]
 
-            assert await eventually(lambda: bool(messages("DeviceUnhealthy")) and bool(messages("DeviceRecovered")))
+            await eventually(lambda: bool(messages("DeviceUnhealthy")) and bool(messages("DeviceRecovered")))
             (unhealthy,) = messages("DeviceUnhealthy")
             assert unhealthy.startswith("device GPU-00000000-aaaa-bbbb-cccc-000000000000 is Unhealthy: XID 48")
             assert unhealthy.endswith("(1 advertised device(s))")
-            nursery.cancel_scope.cancel()

@@ -15,6 +15,7 @@ from nvdp import sim
 from nvdp.core.inventory import Gpu, Link, MigDevice
 from nvdp.nvml import adapter
 from nvdp.sim import SimHandle, SimNode
+from tests.harness import LIMIT_S, eventually
 
 GPU0 = "GPU-00000000-aaaa-bbbb-cccc-000000000000"
 GPU1 = "GPU-00000001-aaaa-bbbb-cccc-000000000000"
@@ -263,33 +264,37 @@ async def test_xid_events_reach_a_waiting_thread(start: Callable[[SimNode], SimH
     events.register(GPU0)
     events.register(GPU1)
     received: list[adapter.XidEvent] = []
+    waiting = False
     ticks = 0
 
     async def wait_for_events() -> None:
-        for _ in range(100):  # bounded: 100 x 20 ms at most
-            event = await trio.to_thread.run_sync(events.wait, 20)
+        nonlocal waiting
+        while len(received) < 4:
+            waiting = True
+            event = await trio.to_thread.run_sync(events.wait, 5000)  # woken by an event, not by its bound
+            waiting = False
             if event is not None:
                 received.append(event)
-                if len(received) == 4:
-                    return
 
     async def keep_ticking() -> None:
         nonlocal ticks
         while True:
-            ticks += 1
+            ticks += waiting
             await trio.sleep(0.001)
 
-    with trio.fail_after(3):
+    with trio.fail_after(LIMIT_S):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(keep_ticking)
-            await trio.sleep(0.03)
+            nursery.start_soon(wait_for_events)
+            # Trio keeps running while a thread waits with nothing to deliver (the first XID is history).
+            await eventually(lambda: ticks >= 5, "trio ticking while the thread waits")
             handle.inject_xid(GPU2, 13)  # not registered on this set
             handle.inject_xid(GPU1, 48)
             handle.inject("ecc " + GPU1)
             handle.inject_xid("MIG-eeee", 94)
             handle.inject("garbage line")
             handle.inject_lost(GPU0)
-            await wait_for_events()
+            await eventually(lambda: len(received) == 4, lambda: received)
             nursery.cancel_scope.cancel()
     events.free()
     events.free()  # idempotent
@@ -301,4 +306,3 @@ async def test_xid_events_reach_a_waiting_thread(start: Callable[[SimNode], SimH
         adapter.XidEvent(gpu_uuid=GPU0, event_type=xid, xid=94, gi=2, ci=1),
         adapter.XidEvent(gpu_uuid=GPU0, event_type=xid, xid=79),  # fell off the bus
     ]
-    assert ticks > 5  # trio kept running while the thread waited

@@ -9,7 +9,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -17,9 +16,15 @@ from pathlib import Path
 from prometheus_client.parser import text_string_to_metric_families
 
 from nvdp.testing.kubelet_emulator import KubeletEmulator
+from tests.harness import LIMIT_S, settle
 from tests.helpers import gpu, write_node
 
 GPU0 = "GPU-00000000-aaaa-bbbb-cccc-000000000000"
+
+
+def wait_until(predicate: object) -> bool:
+    """Polls the process's endpoints (there is nothing to wait on across processes) for at most LIMIT_S."""
+    return settle(predicate, LIMIT_S, poll_s=0.05)  # type: ignore[arg-type]
 
 
 def free_port() -> int:
@@ -47,16 +52,7 @@ def value(text: str, name: str, **labels: str) -> float:
     return samples(text).get((name, tuple(sorted(labels.items()))), 0.0)
 
 
-def wait_until(predicate: object, limit_s: float = 10.0) -> bool:
-    deadline = time.monotonic() + limit_s
-    while time.monotonic() < deadline:
-        if predicate():  # type: ignore[operator]
-            return True
-        time.sleep(0.05)
-    return False
-
-
-def test_metrics_probes_and_json_logs_follow_the_daemon(tmp_path: Path) -> None:
+def test_metrics_probes_and_json_logs_follow_the_daemon(tmp_path: Path, no_leaks: None) -> None:
     events = tmp_path / "xids"
     events.write_text("")
     node = write_node(tmp_path / "node.yaml", [gpu(0), gpu(1)], eventsFile=str(events))
@@ -79,7 +75,7 @@ def test_metrics_probes_and_json_logs_follow_the_daemon(tmp_path: Path) -> None:
 
             kubelet.start()
             assert wait_until(lambda: get(base + "/readyz")[0] == 200)
-            assert kubelet.wait_for(lambda k: len(k.devices("nvidia.com/gpu")) == 2, 10)
+            assert kubelet.wait_for(lambda k: len(k.devices("nvidia.com/gpu")) == 2, LIMIT_S)
             text = get(base + "/metrics")[1]
             assert value(text, "nvdp_devices", resource="nvidia.com/gpu", health="Healthy") == 2
             assert value(text, "nvdp_config_generation") == 1
@@ -101,7 +97,7 @@ def test_metrics_probes_and_json_logs_follow_the_daemon(tmp_path: Path) -> None:
             assert wait_until(lambda: value(get(base + "/metrics")[1], "nvdp_config_generation") == 2)
         finally:
             process.send_signal(signal.SIGTERM)
-            out, _ = process.communicate(timeout=10)
+            out, _ = process.communicate(timeout=LIMIT_S)
             kubelet.stop()
     assert process.returncode == 0, out
     records = [json.loads(line) for line in out.splitlines() if line.strip()]

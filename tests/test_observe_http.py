@@ -6,14 +6,14 @@ from collections.abc import AsyncIterator
 
 import pytest
 import trio
+import trio.testing
 
 from nvdp.observe import http
 from nvdp.observe.http import ProbeState, parse_address, serve_http
 from nvdp.observe.metrics import Metrics
 from nvdp.observe.status import Samples
+from tests.harness import LIMIT_S
 from tests.observe_fixtures import GPU0, inventory, plan
-
-LIMIT_S = 5.0
 
 
 async def request(port: int, raw: bytes) -> tuple[int, dict[str, str], bytes]:
@@ -137,7 +137,8 @@ async def test_connections_over_the_limit_are_closed(
         with trio.fail_after(LIMIT_S):
             hog = await trio.open_tcp_stream("127.0.0.1", port)
             async with hog:
-                await trio.sleep(0.05)  # let the server take the first connection
+                # No thread here: once every task is blocked, the server has taken the first connection.
+                await trio.testing.wait_all_tasks_blocked()
                 late = await trio.open_tcp_stream("127.0.0.1", port)
                 async with late:
                     assert await late.receive_some(1024) == b""

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from nvdp.testing.kubelet_emulator import KubeletEmulator
+from tests.harness import LIMIT_S, settle
 
 GPU0 = "GPU-00000000-aaaa-bbbb-cccc-000000000000"
 GPU1 = "GPU-00000001-aaaa-bbbb-cccc-000000000000"
@@ -39,7 +41,7 @@ def start_nvdp(kubelet: KubeletEmulator) -> Iterator[object]:
 
 def stop(process: subprocess.Popen[str], signum: int = signal.SIGTERM) -> tuple[int, str]:
     process.send_signal(signum)
-    out, _ = process.communicate(timeout=10)
+    out, _ = process.communicate(timeout=LIMIT_S)
     return process.returncode, out
 
 
@@ -86,6 +88,15 @@ def test_sighup_reloads_the_config_file(
     config = tmp_path / "config.yaml"
     config.write_text("version: v1\nflags:\n  plugin:\n    deviceIDStrategy: uuid\n")
     process = start_nvdp("--simulate", str(two_gpu_node), "--config-file", str(config))  # type: ignore[operator]
+    # Its output, read as it comes: the daemon's log is the witness that it has handled a reload.
+    lines: list[str] = []
+
+    def read() -> None:
+        for line in process.stdout:  # type: ignore[union-attr]
+            lines.append(line)
+
+    reader = threading.Thread(target=read, name="nvdp-output", daemon=True)
+    reader.start()
     assert kubelet.wait_for(lambda k: bool(k.devices("nvidia.com/gpu")), 20)
     assert kubelet.allocate("nvidia.com/gpu", [GPU1]).container_responses[0].envs["NVIDIA_VISIBLE_DEVICES"] == GPU1
 
@@ -97,10 +108,14 @@ def test_sighup_reloads_the_config_file(
     # A broken file is rejected and the running config keeps serving.
     config.write_text("version: v1\nflags:\n  plugin:\n    deviceIDStrategy: serial\n")
     process.send_signal(signal.SIGHUP)
-    time.sleep(0.3)
+    assert settle(lambda: any("config rejected" in line for line in lines), LIMIT_S), "".join(lines)
     assert kubelet.allocate("nvidia.com/gpu", [GPU1]).container_responses[0].envs["NVIDIA_VISIBLE_DEVICES"] == "1"
-    code, out = stop(process)
-    assert code == 0
+    process.send_signal(signal.SIGTERM)
+    code = process.wait(LIMIT_S)
+    reader.join(LIMIT_S)
+    process.stdout.close()  # type: ignore[union-attr]
+    out = "".join(lines)
+    assert code == 0, out
     assert "config rejected" in out and "$.flags.plugin.deviceIDStrategy: invalid value 'serial'" in out
 
 

@@ -5,9 +5,9 @@ What it does, in order (docs/health.md has the why):
 1. Unless the policy disables every check, create one NVML event set and register each physical GPU on it once
    (MIG events arrive on the parent GPU with instance ids). A GPU too old for health events is logged and left
    unchecked; any other registration failure marks that GPU Unhealthy, and its recovery probe registers it again.
-2. Report started, then loop: wait for an event in a worker thread for at most `wait_ms` (so cancellation, which
-   has to wait for the thread, is never later than that), feed the tracker, and call `on_change()` whenever the
-   faults change, with a log line naming the device, the cause and what happens next.
+2. Report started, then loop: wait for an event in a worker thread for at most `wait_ms` (`EVENT_WAIT_MS` unless
+   given; cancellation, which has to wait for the thread, is never later than that), feed the tracker, and call
+   `on_change()` whenever the faults change, with a log line naming the device, the cause and what happens next.
 3. Between waits, probe every GPU whose quiet period has passed (`adapter.probe` in a thread); a good probe makes
    its devices Healthy again. The wait is shortened so a probe is never more than a few ms late.
 
@@ -35,6 +35,11 @@ log = logging.getLogger(__name__)
 #: broken NVML costs a log line every few seconds instead of a hot loop.
 BACKOFF_FIRST_S = 0.1
 BACKOFF_MAX_S = 5.0
+#: The longest one event wait blocks its worker thread, and so the longest a cancellation (shutdown, reload) waits
+#: for it: NVML's wait cannot be interrupted. Read at each call of `watch_nvml_health` without `wait_ms`. Why a
+#: module setting: the tests run hundreds of daemons in-process and lower it (tests/conftest.py), so that stopping
+#: one costs milliseconds instead of up to half a second; on a GPU it stays 500 ms.
+EVENT_WAIT_MS = 500
 
 
 async def watch_nvml_health(
@@ -42,7 +47,7 @@ async def watch_nvml_health(
     tracker: HealthTracker,
     on_change: Callable[[], None],
     *,
-    wait_ms: int = 500,
+    wait_ms: int | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Watches NVML health events for `gpu_uuids` (physical GPUs) until cancelled. Needs NVML initialized for its
@@ -53,7 +58,8 @@ async def watch_nvml_health(
         log.debug("health checks disabled by policy: not listening to NVML events")
         task_status.started()
         await trio.sleep_forever()
-    watcher = _Watcher(tuple(dict.fromkeys(gpu_uuids)), tracker, on_change, wait_ms)
+    watcher = _Watcher(tuple(dict.fromkeys(gpu_uuids)), tracker, on_change,
+                       EVENT_WAIT_MS if wait_ms is None else wait_ms)
     try:
         await watcher.run(task_status)
     finally:

@@ -1322,8 +1322,23 @@ static long long now_ns(void) {
     return (long long)ts.tv_sec * 1000000000LL + ts.tv_nsec;
 }
 
+/* For tests: $NVDP_SIM_EVENT_WAIT_MAX_MS caps every wait, which then times out sooner than asked (to a caller a
+ * timeout like any other: nvdp simply waits again). Why: stopping nvdp waits for its thread blocked here, up to its
+ * 500 ms bound, and the tests stop hundreds of daemons, several of them as separate processes. Unset (the demo,
+ * --simulate), a wait lasts as long as asked, like the real library's. */
+static unsigned int capped_wait_ms(unsigned int timeoutms) {
+    const char *cap = getenv("NVDP_SIM_EVENT_WAIT_MAX_MS");
+    if (cap == NULL || *cap == '\0')
+        return timeoutms;
+    char *end;
+    unsigned long value = strtoul(cap, &end, 10);
+    if (*end != '\0' || value >= timeoutms)
+        return timeoutms;
+    return (unsigned int)value;
+}
+
 EXPORT nvmlReturn_t nvmlEventSetWait_v2(nvmlEventSet_t set, nvmlEventData_t *data, unsigned int timeoutms) {
-    long long deadline = now_ns() + (long long)timeoutms * 1000000LL;
+    long long deadline = now_ns() + (long long)capped_wait_ms(timeoutms) * 1000000LL;
     if (data == NULL)
         return NVML_ERROR_INVALID_ARGUMENT;
     for (;;) {

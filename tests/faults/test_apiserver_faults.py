@@ -18,7 +18,7 @@ from nvdp.daemon import NodeConfig
 from nvdp.node_config import ConfigSources
 from nvdp.testing.kubelet_emulator import KubeletEmulator
 from tests.fake_apiserver import FakeApiServer, open_fake_apiserver
-from tests.faults.conftest import GPU0, answers, daemon, until
+from tests.harness import GPU0, LIMIT_S, LogWatch, answers, daemon, eventually, until
 
 LABEL = "nvidia.com/device-plugin.config"
 NODE = "gpu-node-1"
@@ -30,12 +30,12 @@ CONFIGS = {"A": ("version: v1\n", 2), "B": ("version: v1\nsharing:\n  timeSlicin
 async def relabel_and_follow(fake: FakeApiServer, kubelet: KubeletEmulator, name: str, what: str) -> None:
     fake.patch_node_labels(NODE, {LABEL: name})
     devices = CONFIGS[name][1]
-    await until(kubelet, lambda k: len(k.devices("nvidia.com/gpu")) == devices, 5.0, what=f"{what}: config {name}")
+    await until(kubelet, lambda k: len(k.devices("nvidia.com/gpu")) == devices, what=f"{what}: config {name}")
     await answers(kubelet, "nvidia.com/gpu", GPU0 if name == "A" else f"{GPU0}::1", visible_as=GPU0)
 
 
 async def test_api_server_faults(
-    two_gpu_node: Path, kubelet: KubeletEmulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    two_gpu_node: Path, kubelet: KubeletEmulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, logs: LogWatch
 ) -> None:
     # The watch's periods shortened (the defaults: a 240 s watch, a 30 s read grace) so that a stall is noticed in
     # a second; the logic is the same.
@@ -83,14 +83,16 @@ async def test_api_server_faults(
             await relabel_and_follow(fake, kubelet, "A", "after 410 Gone")
 
             async with fake.offline():  # connection refused
+                mark = len(logs.records)
                 fake.patch_node_labels(NODE, {LABEL: "B"})
-                await trio.sleep(0.5)
+                # The witness: the cut watch and at least one refused attempt after it, each retried.
+                await logs.wait(r"(retrying|reconnecting) in [0-9.]+ s$", after=mark, count=2)
             await relabel_and_follow(fake, kubelet, "B", "after connection refused")
 
             watches = fake.count("watch")
             fake.stalled = True  # silent and deaf to timeoutSeconds: a half-open connection
             fake.patch_node_labels(NODE, {LABEL: "A"})
-            with trio.fail_after(5):
+            with trio.fail_after(LIMIT_S):
                 await fake.wait_requests("watch", watches + 1)  # noticed and reconnected
             fake.stalled = False
             fake.wake()
@@ -102,8 +104,6 @@ async def test_api_server_faults(
             # The token expires (401), then the kubelet rotates the projected file.
             fake.token = "token-2"
             fake.drop_watches()
-            with trio.fail_after(5):
-                while not any(r.status == 401 for r in fake.requests[-3:]):  # noqa: ASYNC110 (no event to wait on)
-                    await trio.sleep(0.02)
+            await eventually(lambda: any(r.status == 401 for r in fake.requests[-3:]), "a request refused with 401")
             token_file.write_text("token-2\n")
             await relabel_and_follow(fake, kubelet, "A", "after token rotation")

@@ -6,18 +6,37 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import trio
+import pytest
 
+import nvdp.node_config
 from nvdp.core.config.settings import Settings, resolve
 from nvdp.daemon import NodeConfig
-from nvdp.node_config import ConfigSources
+from nvdp.node_config import ConfigSources, read_config_dir
 from nvdp.testing.kubelet_emulator import KubeletEmulator
-from tests.faults.conftest import GPU0, answers, daemon, until
+from tests.harness import GPU0, LogWatch, answers, daemon, eventually, until
 
-#: Long enough for the directory watch (50 ms settle) and a reload to have acted on a fault, before checking that
-#: nothing changed. Only "nothing changed" is asserted after it, so a slow machine cannot make it fail falsely.
-SEEN_S = 0.3
+#: The daemon's report of an update that keeps the running config (no config to serve).
+KEEPING = r"^config: default \(keeping config 'default'\)$"
+REJECTED = r"^config rejected: "
 
+
+class Scans:
+    """Wraps the config watcher's directory read: how many started, and what each returned, in order."""
+
+    def __init__(self) -> None:
+        self.started = 0
+        self.done: list[tuple[int, dict[str, bytes]]] = []
+
+    def __call__(self, directory: Path) -> dict[str, bytes]:
+        self.started += 1  # one watcher, one read at a time
+        number = self.started
+        result = read_config_dir(directory)
+        self.done.append((number, result))
+        return result
+
+    def after(self, mark: int) -> list[dict[str, bytes]]:
+        """What the reads that started after `mark` (a value of `started`) returned."""
+        return [result for number, result in self.done if number > mark]
 
 def sliced(replicas: int) -> str:
     return ("version: v1\nsharing:\n  timeSlicing:\n    resources:\n"
@@ -28,7 +47,11 @@ def count(k: KubeletEmulator) -> int:
     return len(k.devices("nvidia.com/gpu"))
 
 
-async def test_config_directory_faults(two_gpu_node: Path, kubelet: KubeletEmulator, tmp_path: Path) -> None:
+async def test_config_directory_faults(
+    two_gpu_node: Path, kubelet: KubeletEmulator, tmp_path: Path, logs: LogWatch, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    scans = Scans()
+    monkeypatch.setattr(nvdp.node_config, "read_config_dir", scans)
     configs = tmp_path / "configs"
     configs.mkdir()
     (configs / "default").write_text(sliced(2))
@@ -42,19 +65,22 @@ async def test_config_directory_faults(two_gpu_node: Path, kubelet: KubeletEmula
         await until(kubelet, lambda k: count(k) == 4)
 
         # 1. A half-written file (a writer that closed before finishing): rejected, the old plan keeps serving;
-        #    then the rest of it: applied.
+        #    then the rest of it: applied. Each write is one update (its CLOSE_WRITE), each update one rejection:
+        #    the witness that the daemon has seen it.
         text = sliced(3)
-        (configs / "default").write_text(text[: len(text) // 2])
-        (configs / "default").write_text(text[: len(text) - 3])
-        await trio.sleep(SEEN_S)
+        for partial in (text[: len(text) // 2], text[: len(text) - 3]):
+            mark = len(logs.records)
+            (configs / "default").write_text(partial)
+            await logs.wait(REJECTED, after=mark)
         await answers(kubelet, "nvidia.com/gpu", f"{GPU0}::1", visible_as=GPU0)
         assert count(kubelet) == 4
         (configs / "default").write_text(text)
         await until(kubelet, lambda k: count(k) == 6, what="the completed file applied")
 
-        # 2. The directory vanishes: the config in use is kept.
+        # 2. The directory vanishes: the config in use is kept (and the daemon says so).
+        mark = len(logs.records)
         shutil.rmtree(configs)
-        await trio.sleep(SEEN_S)
+        await logs.wait(KEEPING, after=mark)
         await answers(kubelet, "nvidia.com/gpu", f"{GPU0}::2", visible_as=GPU0)
         assert count(kubelet) == 6
         # ...and comes back with new content: applied.
@@ -62,17 +88,24 @@ async def test_config_directory_faults(two_gpu_node: Path, kubelet: KubeletEmula
         (configs / "default").write_text(sliced(2))
         await until(kubelet, lambda k: count(k) == 4, what="the re-created directory followed")
 
-        # 3. The config file replaced by a directory: nothing to read, the config in use is kept.
+        # 3. The config file replaced by a directory: nothing to read, the config in use is kept. The daemon
+        #    reports the file's removal; a directory is not a config (what the watcher reads says so), and its
+        #    creation is not even an event the watcher acts on.
+        mark = len(logs.records)
         (configs / "default").unlink()
         (configs / "default").mkdir()
-        await trio.sleep(SEEN_S)
+        await logs.wait(KEEPING, after=mark)
+        assert read_config_dir(configs) == {}
         await answers(kubelet, "nvidia.com/gpu", f"{GPU0}::1", visible_as=GPU0)
         assert count(kubelet) == 4
         (configs / "default").rmdir()
 
-        # 4. A symlink loop under the config's name: not a readable file, the config in use is kept.
+        # 4. A symlink loop under the config's name: not a readable file, the config in use is kept. The witness:
+        #    the watcher read the directory after the loop was there, and found no config.
+        mark = scans.started
         (configs / "default").symlink_to(configs / "default")
-        await trio.sleep(SEEN_S)
+        await eventually(lambda: bool(scans.after(mark)), "the directory read again after the symlink loop")
+        assert all(configs_read == {} for configs_read in scans.after(mark)), scans.after(mark)
         await answers(kubelet, "nvidia.com/gpu", f"{GPU0}::1", visible_as=GPU0)
         assert count(kubelet) == 4
         (configs / "default").unlink()

@@ -23,7 +23,7 @@ from nvdp.daemon import run_daemon
 from nvdp.kubelet.api import v1beta1 as api
 from nvdp.kubelet.plugin_server import BoundServer, ServingContext, start_server, stop_server
 from nvdp.testing.kubelet_emulator import Endpoint, KubeletEmulator
-from tests.faults.conftest import plugin_connection_leak
+from tests.harness import LIMIT_S, eventually, plugin_connection_leak
 
 
 def test_stop_server_closes_a_connection_accepted_while_stopping() -> None:
@@ -39,7 +39,11 @@ def test_stop_server_closes_a_connection_accepted_while_stopping() -> None:
             await asyncio.sleep(0)
             await asyncio.sleep(0)
             await stop_server(bound)
-            await asyncio.sleep(0.05)
+            # The witness that connection_made() has run since: the server ended that connection (the client reads
+            # to EOF; the server may have sent its HTTP/2 settings first). Unfixed, this times out.
+            async with asyncio.timeout(LIMIT_S):
+                while await asyncio.get_running_loop().sock_recv(client, 4096):
+                    pass
             open_transports = [t for t in bound.server.transports if not t.is_closing()]
             for transport in open_transports:  # do not leave the leak to the garbage collector of a later test
                 transport.close()
@@ -67,12 +71,16 @@ async def test_a_server_cancelled_while_binding_removes_its_socket(
     two_gpu_node: Path, kubelet: KubeletEmulator, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     bound_servers: list[BoundServer] = []
+    paused: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
 
     async def slow_start_server(*args: Any) -> BoundServer:
-        # The bind is done; the rest of start-up (here a pause) is where the cancellation lands.
+        # The bind is done; the rest of start-up (here a pause, which the test ends once it has cancelled the
+        # daemon) is where the cancellation lands. The daemon shields the start, so it waits for it.
         bound = await start_server(*args)
         bound_servers.append(bound)
-        await asyncio.sleep(1.0)
+        resume = asyncio.Event()
+        paused.append((asyncio.get_running_loop(), resume))
+        await resume.wait()
         return bound
 
     monkeypatch.setattr(nvdp.kubelet.servers, "start_server", slow_start_server)
@@ -81,10 +89,10 @@ async def test_a_server_cancelled_while_binding_removes_its_socket(
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(partial(run_daemon, settings, handle_signals=False))
-            with trio.fail_after(5):
-                while not socket_path.exists():  # noqa: ASYNC110 (a file another thread creates)
-                    await trio.sleep(0.01)
+            await eventually(lambda: socket_path.exists() and bool(paused), "the socket bound, start-up paused")
             nursery.cancel_scope.cancel()  # what SIGTERM does
+            loop, resume = paused[0]
+            loop.call_soon_threadsafe(resume.set)
         assert not socket_path.exists()
     finally:
         # Do not leave the leaked listener to the garbage collector of a later test.

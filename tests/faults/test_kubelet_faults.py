@@ -21,7 +21,17 @@ from nvdp.core.config.settings import Settings, resolve
 from nvdp.daemon import NodeConfig
 from nvdp.node_config import ConfigSources
 from nvdp.testing.kubelet_emulator import KubeletEmulator
-from tests.faults.conftest import GPU0, GPU1, answers, daemon, plugin_connection_leak, until, visible
+from tests.harness import (
+    GPU0,
+    GPU1,
+    LIMIT_S,
+    LogWatch,
+    answers,
+    daemon,
+    plugin_connection_leak,
+    until,
+    visible,
+)
 from tests.helpers import gpu, write_node
 
 MIG = ("MIG-aaaaaaaa-0000-0000-0000-000000000001", "MIG-aaaaaaaa-0000-0000-0000-000000000002")
@@ -47,6 +57,7 @@ def everything_registered_again(k: KubeletEmulator) -> bool:
     return fresh == set(EXPECTED) and all(k.devices(r) == devices for r, devices in EXPECTED.items())
 
 
+@pytest.mark.slow
 @plugin_connection_leak
 async def test_fifty_kubelet_restarts_with_allocates_and_reloads_in_flight(
     tmp_path: Path, kubelet: KubeletEmulator
@@ -95,7 +106,7 @@ async def test_fifty_kubelet_restarts_with_allocates_and_reloads_in_flight(
             response = kubelet.allocate("nvidia.com/mig-1g.5gb", [MIG[1]])
             return response.container_responses[0].envs["NVIDIA_VISIBLE_DEVICES"]
 
-        with trio.fail_after(5):
+        with trio.fail_after(LIMIT_S):
             while await trio.to_thread.run_sync(allocated) != wanted:  # noqa: ASYNC110 (a reload has no event here)
                 await trio.sleep(0.05)
         await answers(kubelet, "nvidia.com/gpu", GPU1)
@@ -115,16 +126,18 @@ async def test_a_plugin_socket_deleted_under_a_running_server(two_gpu_node: Path
 
 
 async def test_the_plugin_directory_removed_and_re_created_with_the_kubelet(
-    two_gpu_node: Path, kubelet: KubeletEmulator
+    two_gpu_node: Path, kubelet: KubeletEmulator, logs: LogWatch
 ) -> None:
     s = Settings(simulate=two_gpu_node, kubelet_socket=kubelet.socket, metrics_address="")
     async with daemon(s):
         for _ in range(3):
-            # The kubelet stops, its directory goes, and both come back (kubelet.sock may appear before the new
-            # directory is watched: its existence is checked when the directory reappears).
+            # The kubelet stops, its directory goes (the daemon notices: the witness), and both come back
+            # (kubelet.sock may appear before the new directory is watched: its existence is checked when the
+            # directory reappears).
+            mark = len(logs.records)
             await trio.to_thread.run_sync(kubelet.stop)
             shutil.rmtree(kubelet.plugin_dir)
-            await trio.sleep(0.1)
+            await logs.wait(r"^plugin directory .* removed; waiting for it to come back$", after=mark)
             await trio.to_thread.run_sync(kubelet.start)
             await until(kubelet, lambda k: bool(k.registrations) and k.registrations[-1].at >= k.started_at
                         and visible(k) == {GPU0: "Healthy", GPU1: "Healthy"}, what="registered after re-creation")
@@ -132,15 +145,16 @@ async def test_the_plugin_directory_removed_and_re_created_with_the_kubelet(
 
 
 async def test_the_plugin_directory_removed_under_a_running_kubelet_and_re_created(
-    two_gpu_node: Path, kubelet: KubeletEmulator
+    two_gpu_node: Path, kubelet: KubeletEmulator, logs: LogWatch
 ) -> None:
     s = Settings(simulate=two_gpu_node, kubelet_socket=kubelet.socket, metrics_address="")
     async with daemon(s):
-        # Removed while the kubelet still listens in it, re-created empty, then the kubelet restarts.
+        # Removed while the kubelet still listens in it, re-created empty, then the kubelet restarts. The daemon's
+        # log witnesses that it saw the re-creation before the restart. (Not the removal: the old directory's
+        # DELETE_SELF waits for the socket the kubelet still has bound in it.)
         shutil.rmtree(kubelet.plugin_dir)
-        await trio.sleep(0.2)
         kubelet.plugin_dir.mkdir()
-        await trio.sleep(0.2)
+        await logs.wait(r"^plugin directory .* re-created$")
         await trio.to_thread.run_sync(kubelet.restart)
         await until(kubelet, lambda k: k.registrations[-1].at >= k.started_at
                     and visible(k) == {GPU0: "Healthy", GPU1: "Healthy"}, what="registered after re-creation")
@@ -165,6 +179,7 @@ def plugin_dir() -> Iterator[Path]:
         yield directory
 
 
+@pytest.mark.slow
 def test_kubelet_gone_for_30_s_waits_without_spinning_then_registers(two_gpu_node: Path, plugin_dir: Path) -> None:
     kubelet = KubeletEmulator(plugin_dir)
     # Health checks off: the simulated NVML's event wait polls its events file every 5 ms inside C, which would

@@ -32,7 +32,8 @@ from nvdp.kubelet.api import v1beta1 as api
 from nvdp.kubelet.plugin_server import ServingContext
 from nvdp.testing.kubelet_emulator import KubeletEmulator
 from tests.fuzz._settings import fuzz_settings
-from tests.helpers import gpu, running_daemon, wait_for, write_node
+from tests.harness import daemon, wait_for
+from tests.helpers import gpu, write_node
 
 # --- a pure plan: whole GPUs, time-sliced replicas and MPS slices ------------------------------------------------
 
@@ -281,7 +282,7 @@ async def test_requests_over_grpc_keep_the_server_serving(tmp_path: Path, kubele
     node = write_node(tmp_path / "node.yaml", [gpu(i) for i in range(3)], nvlinks=[[1, 2, 12]])
     settings = Settings(simulate=node, kubelet_socket=kubelet.socket, config=parse_config(SIM_CONFIG, "fuzz.yaml"),
                         device_list_strategy=("envvar", "volume-mounts"), pass_device_specs=True)
-    async with running_daemon(settings) as servers:
+    async with daemon(settings) as servers:
         assert await wait_for(kubelet, lambda k: k.resources() == ["nvidia.com/gpu", "nvidia.com/gpu-shared"])
         contexts = {name: running.context for name, running in servers.running.items()}
         counts = await trio.to_thread.run_sync(_fuzz_over_grpc, kubelet, contexts)
@@ -294,7 +295,7 @@ async def test_requests_over_grpc_keep_the_server_serving(tmp_path: Path, kubele
 
 
 async def test_non_utf8_device_id_is_invalid_argument(two_gpu_node: Path, kubelet: KubeletEmulator) -> None:
-    async with running_daemon(Settings(simulate=two_gpu_node, kubelet_socket=kubelet.socket)):
+    async with daemon(Settings(simulate=two_gpu_node, kubelet_socket=kubelet.socket)):
         assert await wait_for(kubelet, lambda k: bool(k.devices("nvidia.com/gpu")))
 
         def call() -> grpc.StatusCode:
