@@ -17,8 +17,8 @@ from nvdp.kubelet import servers as servers_module
 from nvdp.observe.http import ProbeState
 from nvdp.observe.metrics import Metrics
 from nvdp.testing.kubelet_emulator import Endpoint, KubeletEmulator
-from tests.faults.conftest import GPU1, answers, daemon, until
 from tests.faults.test_kubelet_faults import EXPECTED, MIG, mig_node
+from tests.harness import GPU1, answers, daemon, until
 
 GPU = "nvidia.com/gpu"
 MIG_RESOURCE = "nvidia.com/mig-1g.5gb"
