@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-import nvdp.node_config
+import nvdp.node_config.sources
 from nvdp.core.config.settings import Settings, resolve
 from nvdp.daemon import NodeConfig
 from nvdp.node_config import ConfigSources, read_config_dir
@@ -51,7 +51,7 @@ async def test_config_directory_faults(
     two_gpu_node: Path, kubelet: KubeletEmulator, tmp_path: Path, logs: LogWatch, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     scans = Scans()
-    monkeypatch.setattr(nvdp.node_config, "read_config_dir", scans)
+    monkeypatch.setattr(nvdp.node_config.sources, "read_config_dir", scans)
     configs = tmp_path / "configs"
     configs.mkdir()
     (configs / "default").write_text(sliced(2))
