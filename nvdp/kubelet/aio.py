@@ -108,8 +108,26 @@ def _run_loop(loop: asyncio.AbstractEventLoop) -> None:
         if pending:
             loop.run_until_complete(asyncio.wait(pending, timeout=CANCEL_GRACE_S))
         loop.run_until_complete(loop.shutdown_asyncgens())
+        _drain(loop)
     finally:
         loop.close()
+
+
+#: Iterations `_drain` runs at most (each one runs every callback that was ready when it began).
+DRAIN_ITERATIONS = 50
+
+
+def _drain(loop: asyncio.AbstractEventLoop) -> None:
+    """Run the loop until no callback is ready (bounded). The timed grace above can end in the middle of a chain
+    (accept -> connection_made -> close -> connection_lost) when the thread was not scheduled for a while; a
+    transport whose `connection_lost` never runs keeps its socket until the garbage collector finds it."""
+    for _ in range(DRAIN_ITERATIONS):
+        # `_ready` is the selector loop's queue of due callbacks (CPython's, unchanged since 3.4); without it, run
+        # the fixed number of iterations.
+        ready = getattr(loop, "_ready", None)
+        if ready is not None and not ready:
+            return
+        loop.run_until_complete(asyncio.sleep(0))
 
 
 @contextlib.asynccontextmanager
