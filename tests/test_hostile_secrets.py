@@ -76,3 +76,11 @@ def test_a_status_message_is_bounded_and_newlines_escaped() -> None:
     error = api_error(403, "Forbidden", body)
     assert "\n" not in str(error) and "\\n" in error.message
     assert len(error.message) <= MAX_ERROR_TEXT + 3
+
+
+def test_a_kubeconfig_with_a_yaml_error_on_the_token_line_does_not_quote_it(tmp_path: Path) -> None:
+    path = tmp_path / "kubeconfig"
+    path.write_text(f"apiVersion: v1\nusers:\n- name: node\n  user:\n    token: {SECRET}: [\n")
+    with pytest.raises(KubeConfigError) as caught:
+        kubeconfig_config([path])
+    assert SECRET not in str(caught.value) and "not valid YAML" in str(caught.value)

@@ -32,6 +32,7 @@ import msgspec
 import yaml
 
 from nvdp.core.config.errors import ConfigError
+from nvdp.core.config.load import read_config_bytes, yaml_problem
 
 log = logging.getLogger(__name__)
 
@@ -150,14 +151,16 @@ def kubeconfig_config(paths: Sequence[Path], context: str | None = None) -> ApiC
     current = context or ""
     read_any = False
     for path in paths:
-        try:
-            document = yaml.safe_load(path.read_text())
-        except FileNotFoundError:
+        if not path.exists():
             continue
-        except OSError as exc:
-            raise KubeConfigError(f"{path}: cannot read kubeconfig: {exc.strerror or exc}") from None
+        try:
+            # Bounded and non-blocking (no FIFO, at most 1 MiB), as a config file.
+            document = yaml.safe_load(read_config_bytes(path))
+        except ConfigError as exc:
+            raise KubeConfigError(str(exc).replace("config file", "kubeconfig")) from None
         except yaml.YAMLError as exc:
-            raise KubeConfigError(f"{path}: not valid YAML: {exc}") from None
+            # Without the source line PyYAML would quote: it may be the one with the token.
+            raise KubeConfigError(f"{path}: not valid YAML: {yaml_problem(exc)}") from None
         read_any = True
         if document is None:
             continue

@@ -87,7 +87,7 @@ def parse_config(text: str | bytes, source: str) -> Config:
     try:
         data = yaml.load(text, Loader=_Loader)  # a safe loader: libyaml's or PyYAML's
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{source}: not valid YAML: {_yaml_problem(exc)}") from None
+        raise ConfigError(f"{source}: not valid YAML: {yaml_problem(exc)}") from None
     except RecursionError:
         raise ConfigError(f"{source}: not a config: the document is nested too deeply") from None
     if data is None:
@@ -107,7 +107,7 @@ def parse_config(text: str | bytes, source: str) -> Config:
         return _raise(source, where, message)
 
 
-def _yaml_problem(exc: yaml.YAMLError) -> str:
+def yaml_problem(exc: yaml.YAMLError) -> str:
     """What went wrong and where, without the source snippet PyYAML quotes (it may be any file's first line)."""
     if isinstance(exc, yaml.reader.ReaderError):
         return f"unacceptable character #x{_codepoint(exc.character):04x}: {exc.reason} (position {exc.position})"
