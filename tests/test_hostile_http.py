@@ -104,6 +104,8 @@ async def test_trickling_bytes_do_not_extend_the_head_deadline(
     "application/openmetrics-text; version=",
     "application/openmetrics-text;version=1.0",
     "application/openmetrics-text; version=x, text/plain;q=0.5",
+    "text/plain; version=x",
+    "text/plain; VERSION=0.0",
 ])
 async def test_unusable_openmetrics_version_gets_text_not_a_500(
     port: int, accept: str, caplog: pytest.LogCaptureFixture
@@ -113,6 +115,26 @@ async def test_unusable_openmetrics_version_gets_text_not_a_500(
     assert headers["content-type"].startswith("text/plain")
     assert b"nvdp_build_info" in body
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+async def test_an_encoder_failure_falls_back_to_text(port: int, monkeypatch: pytest.MonkeyPatch,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    """Whatever else a future prometheus-client chokes on in Accept: the text format, a warning, no traceback."""
+    real = http.choose_encoder
+
+    def fragile(accept: str):  # type: ignore[no-untyped-def]
+        encoder, content_type = real(accept)
+        if accept:
+            def broken(registry):  # type: ignore[no-untyped-def]
+                raise TypeError("'>=' not supported")
+            return broken, content_type
+        return encoder, content_type
+
+    monkeypatch.setattr(http, "choose_encoder", fragile)
+    status, headers, body = await get(port, "/metrics", "Accept: application/openmetrics-text; version=1.0.0\r\n")
+    assert status == 200 and headers["content-type"].startswith("text/plain") and b"nvdp_build_info" in body
+    assert not [r for r in caplog.records if r.exc_info]
+    assert [r for r in caplog.records if "answering in the text format" in r.getMessage()]
 
 
 async def test_openmetrics_with_a_good_version_still_served(port: int) -> None:

@@ -59,8 +59,8 @@ SHED_LOG_INTERVAL_S = 10.0
 
 #: accept() failing for lack of resources rather than because of the listener.
 _ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
-#: A valid OpenMetrics version parameter; prometheus-client raises TypeError on anything else (issue 14, item 12).
-_OPENMETRICS_VERSION = re.compile(r"^\d+\.\d+\.\d+$")
+#: A `version` parameter prometheus-client can parse; it raises TypeError on anything else (issue 14, item 12).
+_VERSION = re.compile(r"^\d+\.\d+\.\d+$")
 
 _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
             408: "Request Timeout", 431: "Request Header Fields Too Large", 500: "Internal Server Error",
@@ -319,7 +319,14 @@ class _Server:
                     # Content negotiation as prometheus-client's own servers do it: OpenMetrics when asked for (with
                     # a version it can parse), else text.
                     encoder, content_type = choose_encoder(_usable_accept(headers.get("accept", "")))
-                    body = encoder(self.metrics.registry)
+                    try:
+                        body = encoder(self.metrics.registry)
+                    except Exception as exc:
+                        # Whatever else in Accept trips the encoder: the client gets the default text format.
+                        log.warning("cannot render /metrics as %s (%s); answering in the text format",
+                                    content_type, type(exc).__name__)
+                        encoder, content_type = choose_encoder("")
+                        body = encoder(self.metrics.registry)
                 except Exception:
                     log.exception("cannot render /metrics")
                     await _respond(stream, 500, "cannot render metrics\n", head_only=head_only)
@@ -331,15 +338,15 @@ class _Server:
 
 
 def _usable_accept(accept: str) -> str:
-    """The Accept header without OpenMetrics ranges whose `version` prometheus-client cannot parse: a scraper that
-    asks for `version=x` gets the text format (what it gets for any type it did not ask for), not a 500."""
+    """The Accept header without media ranges whose `version` prometheus-client cannot parse (it compares version
+    parts as numbers): a scraper that asks for `version=x` gets the text format, as for any type it did not ask
+    for, not a 500."""
     kept = []
     for item in accept.split(","):
-        media, *params = (p.strip() for p in item.split(";"))
-        if media.lower() == "application/openmetrics-text":
-            versions = [p.partition("=")[2].strip() for p in params if p.partition("=")[0].strip() == "version"]
-            if any(not _OPENMETRICS_VERSION.match(v) for v in versions):
-                continue
+        _, *params = (p.strip() for p in item.split(";"))
+        versions = [p.partition("=")[2].strip() for p in params if p.partition("=")[0].strip().lower() == "version"]
+        if any(not _VERSION.match(v) for v in versions):
+            continue
         kept.append(item)
     return ",".join(kept)
 
