@@ -91,3 +91,24 @@ def test_tracked_templates_are_bounded() -> None:
     for i in range(1000):
         limiter.filter(logging.LogRecord("x", logging.INFO, "", 0, f"template {i}", None, None))
     assert len(limiter._windows) == 8
+
+
+def test_records_from_several_threads_are_counted_once_each() -> None:
+    import threading
+
+    clock = FakeClock()
+    limiter = RateLimitFilter(burst=5, window_s=10, clock=clock, max_keys=4)
+    passed: list[bool] = []
+
+    def flood(worker: int) -> None:
+        for i in range(2000):
+            record = logging.LogRecord("x", logging.ERROR, "", 0, f"template {i % 8}", None, None)
+            passed.append(limiter.filter(record))
+
+    threads = [threading.Thread(target=flood, args=(n,)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(passed) == 8000 and sum(passed) <= 8 * 2000  # no exception from concurrent use; bounded keys
+    assert len(limiter._windows) <= 4

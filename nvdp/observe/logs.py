@@ -17,6 +17,7 @@ import datetime
 import json
 import logging
 import sys
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -103,8 +104,14 @@ class RateLimitFilter(logging.Filter):
         self.burst, self.window_s, self.clock, self.max_keys = burst, window_s, clock, max_keys
         #: key -> [window start, records seen in it, records suppressed in it]
         self._windows: OrderedDict[tuple[str, int, str], list[float]] = OrderedDict()
+        self._lock = threading.Lock()
 
     def filter(self, record: logging.LogRecord) -> bool:
+        # Records come from the trio thread, the asyncio thread (grpclib) and worker threads: one at a time here.
+        with self._lock:
+            return self._filter(record)
+
+    def _filter(self, record: logging.LogRecord) -> bool:
         key = (record.name, record.levelno, str(record.msg))
         now = self.clock()
         window = self._windows.get(key)
