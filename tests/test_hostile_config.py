@@ -176,6 +176,7 @@ async def test_parsing_off_the_loop_is_bounded_and_cancellable(monkeypatch: pyte
 
 
 async def test_a_hung_directory_read_never_blocks_shutdown(config_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Cancelled while the read hangs (shutdown): the watch ends at once."""
     release = threading.Event()
     reading = threading.Event()
 
@@ -196,6 +197,33 @@ async def test_a_hung_directory_read_never_blocks_shutdown(config_dir: Path, mon
                 nursery.start_soon(consume)
                 await trio.to_thread.run_sync(reading.wait)
                 nursery.cancel_scope.cancel()  # shutdown while the read hangs
+    finally:
+        release.set()
+
+
+async def test_a_stuck_read_is_not_retried_in_a_new_thread(config_dir: Path, monkeypatch: pytest.MonkeyPatch,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    """A hung filesystem costs one abandoned thread, not one per retry."""
+    from nvdp.node_config import sources
+
+    release = threading.Event()
+    started = []
+
+    def hung(directory: Path) -> dict[str, bytes]:
+        started.append(directory)
+        release.wait(30)
+        return {}
+
+    monkeypatch.setattr(sources, "read_config_dir", hung)
+    monkeypatch.setattr(sources, "READ_TIMEOUT_S", 0.05)
+    reader = sources._DirReader(config_dir)
+    try:
+        with trio.fail_after(5):
+            assert await reader.read() is None  # timed out, abandoned
+            for _ in range(5):
+                assert await reader.read() is None  # still stuck: no new thread
+        assert len(started) == 1
+        assert "an earlier read is still stuck" in caplog.text
     finally:
         release.set()
 

@@ -16,6 +16,7 @@ import contextlib
 import logging
 import os
 import stat
+import threading
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from pathlib import Path
@@ -149,13 +150,34 @@ def _read_entry(path: Path, root: str) -> bytes:
         os.close(fd)
 
 
-async def _read_dir_bounded(directory: Path) -> dict[str, bytes] | None:
+class _DirReader:
     """`read_config_dir` off the event loop, abandoned (not waited for) on cancellation, so shutdown never waits
-    for a filesystem; None if it took longer than `READ_TIMEOUT_S`."""
-    with trio.move_on_after(READ_TIMEOUT_S):
-        return await trio.to_thread.run_sync(read_config_dir, directory, abandon_on_cancel=True)
-    log.warning("reading config directory %s took longer than %g s; abandoned", directory, READ_TIMEOUT_S)
-    return None
+    for a filesystem, and given up after `READ_TIMEOUT_S`. At most one read at a time: while an abandoned one is
+    still stuck (a hung filesystem), no other thread is started, so a stuck mount costs one thread, not one per
+    retry."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self._idle = threading.Event()
+        self._idle.set()
+
+    async def read(self) -> dict[str, bytes] | None:
+        """The configs, or None if the read took too long (or an earlier one is still stuck)."""
+        if not self._idle.is_set():
+            log.warning("config directory %s: an earlier read is still stuck; not reading again yet", self.directory)
+            return None
+        self._idle.clear()
+
+        def work() -> dict[str, bytes]:
+            try:
+                return read_config_dir(self.directory)
+            finally:
+                self._idle.set()
+
+        with trio.move_on_after(READ_TIMEOUT_S):
+            return await trio.to_thread.run_sync(work, abandon_on_cancel=True)
+        log.warning("reading config directory %s took longer than %g s; abandoned", self.directory, READ_TIMEOUT_S)
+        return None
 
 
 async def parse_config_off_loop(text: str | bytes, source: str, timeout_s: float | None = None) -> Config:
@@ -179,9 +201,11 @@ async def watch_config_dir(directory: Path, settle_s: float = 0.05) -> AsyncGene
     with DirectoryWatch(directory, _DIR_MASK) as watch:
         if not watch.watching:
             log.warning("config directory %s does not exist (yet); waiting for it", directory)
-        first = None
+        reader = _DirReader(directory)
+        first = await reader.read()
         while first is None:
-            first = await _read_dir_bounded(directory)
+            await trio.sleep(READ_TIMEOUT_S)
+            first = await reader.read()
         last = first
         yield last
         while True:
@@ -191,7 +215,7 @@ async def watch_config_dir(directory: Path, settle_s: float = 0.05) -> AsyncGene
             # whatever else arrived into this one re-read.
             await trio.sleep(settle_s)
             _relevant(directory, watch.read_nowait())
-            current = await _read_dir_bounded(directory)
+            current = await reader.read()
             if current is not None and current != last:
                 log.info("config directory %s changed: %s", directory, ", ".join(sorted(current)) or "empty")
                 last = current
