@@ -74,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
 #: Longest that reading and parsing the config file may take (it is at most 1 MiB: about 0.8 s with libyaml on the
 #: development VM); past it the load fails with a ConfigError instead of holding the caller.
 CONFIG_LOAD_TIMEOUT_S = 10.0
+#: Set while no config load is running (see `load_config_within`).
+_LOAD_IDLE = threading.Event()
+_LOAD_IDLE.set()
 
 
 def load_settings(args: argparse.Namespace, env: Mapping[str, str]) -> Settings:
@@ -90,6 +93,10 @@ def load_config_within(path: Path, timeout_s: float | None = None) -> Config:
     and its input is bounded, so it ends on its own and never holds the process's exit."""
     timeout_s = CONFIG_LOAD_TIMEOUT_S if timeout_s is None else timeout_s
     outcome: list[Config | ConfigError] = []
+    if not _LOAD_IDLE.is_set():
+        # An earlier load overran and is still running (a hung filesystem): one stuck thread is enough.
+        raise ConfigError(f"{path}: an earlier load of the config file has not finished; not loaded")
+    _LOAD_IDLE.clear()
 
     def work() -> None:
         try:
@@ -98,6 +105,8 @@ def load_config_within(path: Path, timeout_s: float | None = None) -> Config:
             outcome.append(exc)
         except Exception as exc:  # anything else from the parser is a bad config, not a crash
             outcome.append(ConfigError(f"{path}: cannot load config file: {type(exc).__name__}"))
+        finally:
+            _LOAD_IDLE.set()
 
     worker = threading.Thread(target=work, name="nvdp-config-load", daemon=True)
     worker.start()

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from nvdp import cli
 from nvdp.cli import load_config_within
 from nvdp.core.config.errors import ConfigError
 from nvdp.core.config.load import MAX_CONFIG_BYTES, load_config_file, parse_config
@@ -87,8 +88,12 @@ def test_loading_has_a_time_bound(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     try:
         with pytest.raises(ConfigError, match=r"took longer than 0\.2 s"):
             load_config_within(tmp_path / "config.yaml", 0.2)
+        # While it is still stuck, a second load (another SIGHUP) starts no second thread.
+        with pytest.raises(ConfigError, match="an earlier load of the config file has not finished"):
+            load_config_within(tmp_path / "config.yaml", 0.2)
     finally:
         release.set()
+        assert cli._LOAD_IDLE.wait(5)  # the abandoned load ends: later loads in this process are not refused
 
 
 def test_the_command_line_refuses_a_fifo_at_start(fifo: Path) -> None:
