@@ -10,6 +10,7 @@ import argparse
 import logging
 import os
 import sys
+import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -81,12 +82,52 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: Longest that reading and parsing the config file may take (it is at most 1 MiB: about 0.8 s with libyaml on the
+#: development VM); past it the load fails with a ConfigError instead of holding the caller.
+CONFIG_LOAD_TIMEOUT_S = 10.0
+#: Set while no config load is running (see `load_config_within`).
+_LOAD_IDLE = threading.Event()
+_LOAD_IDLE.set()
+
+
 def load_settings(args: argparse.Namespace, env: Mapping[str, str]) -> Settings:
     """Resolve flag > env > file > default. The config file's own location follows the same precedence."""
     cli = cli_values(args)
     config_file = cli.get("config_file") or env.get("CONFIG_FILE")
-    config = load_config_file(Path(config_file)) if config_file else None
+    config = load_config_within(Path(config_file)) if config_file else None
     return resolve(cli, env, config, config_source=str(config_file) if config_file else "config file")
+
+
+def load_config_within(path: Path, timeout_s: float | None = None) -> Config:
+    """`load_config_file` (size- and type-bounded: no FIFO, nothing above 1 MiB) in a worker thread, given at most
+    `timeout_s` (default `CONFIG_LOAD_TIMEOUT_S`). A load that overruns is abandoned: the thread is a daemon thread
+    and its input is bounded, so it ends on its own and never holds the process's exit."""
+    timeout_s = CONFIG_LOAD_TIMEOUT_S if timeout_s is None else timeout_s
+    outcome: list[Config | ConfigError] = []
+    if not _LOAD_IDLE.is_set():
+        # An earlier load overran and is still running (a hung filesystem): one stuck thread is enough.
+        raise ConfigError(f"{path}: an earlier load of the config file has not finished; not loaded")
+    _LOAD_IDLE.clear()
+
+    def work() -> None:
+        try:
+            outcome.append(load_config_file(path))
+        except ConfigError as exc:
+            outcome.append(exc)
+        except Exception as exc:  # anything else from the parser is a bad config, not a crash
+            outcome.append(ConfigError(f"{path}: cannot load config file: {type(exc).__name__}"))
+        finally:
+            _LOAD_IDLE.set()
+
+    worker = threading.Thread(target=work, name="nvdp-config-load", daemon=True)
+    worker.start()
+    worker.join(timeout_s)
+    if not outcome:
+        raise ConfigError(f"{path}: reading and parsing took longer than {timeout_s:g} s; not loaded")
+    result = outcome[0]
+    if isinstance(result, ConfigError):
+        raise result
+    return result
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -36,6 +36,7 @@ def exported() -> set[str]:
     metrics.event_recorded("ConfigApplied", "posted")
     metrics.child_up("server nvidia.com/gpu", True)
     metrics.child_restarted("server nvidia.com/gpu")
+    metrics.http_shed("limit")
     names = set()
     for family in text_string_to_metric_families(generate_latest(metrics.registry).decode()):
         for sample in family.samples:

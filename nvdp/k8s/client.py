@@ -19,9 +19,10 @@ import contextlib
 import http
 import logging
 import os
+import re
 import ssl
 import tempfile
-from collections.abc import AsyncIterator, Generator, Mapping, Sequence
+from collections.abc import AsyncIterator, Generator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,11 +32,51 @@ import msgspec
 import yaml
 
 from nvdp.core.config.errors import ConfigError
+from nvdp.core.config.load import read_config_bytes, yaml_problem
 
 log = logging.getLogger(__name__)
 
 #: Where the kubelet mounts a pod's service-account token, CA and namespace.
 SERVICE_ACCOUNT_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
+
+
+#: Longest text from the API server (a Status message, an error body) that goes into an error, a log line or an
+#: Event: enough for any real Status message.
+MAX_ERROR_TEXT = 300
+
+#: What a token must look like to go into an Authorization header: visible ASCII, no whitespace (RFC 6750's
+#: b64token is narrower; this is what h11 and the API server accept). Checked before use, so that a token with a
+#: newline never reaches h11, whose "Illegal header value" error would quote it.
+_TOKEN = re.compile(r"^[\x21-\x7e]+$")
+#: Credentials a server or proxy may echo back in an error body; each replaced before the text is kept.
+_CREDENTIALS = (
+    re.compile(r"(?i)\b(bearer|basic)(\s+|%20|\\x20)[^\s'\"<>,;]+"),
+    # A JWT (service-account tokens are JWTs) anywhere, quoted or not.
+    re.compile(r"\beyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*"),
+)
+
+
+def redact(text: str, secrets: Iterable[str | None] = ()) -> str:
+    """Text for a log line, an error or an Event: the given secrets and anything that looks like a credential
+    replaced by `<redacted>`, control characters escaped, and at most `MAX_ERROR_TEXT` characters."""
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "<redacted>")
+    text = _CREDENTIALS[0].sub(lambda m: f"{m.group(1)} <redacted>", text)
+    text = _CREDENTIALS[1].sub("<redacted>", text)
+    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    return text if len(text) <= MAX_ERROR_TEXT else text[:MAX_ERROR_TEXT] + "..."
+
+
+def check_token(token: str, where: str) -> str:
+    """The token without surrounding whitespace, or KubeConfigError (which never contains the token) if what is
+    left cannot be sent in a header."""
+    stripped = token.strip()
+    if not _TOKEN.match(stripped):
+        raise KubeConfigError(
+            f"{where}: the bearer token ({len(stripped)} characters, not shown) contains whitespace, control or "
+            "non-ASCII characters and cannot be sent; check it for a line break or a pasted space")
+    return stripped
 
 
 class KubeConfigError(ConfigError):
@@ -110,14 +151,16 @@ def kubeconfig_config(paths: Sequence[Path], context: str | None = None) -> ApiC
     current = context or ""
     read_any = False
     for path in paths:
-        try:
-            document = yaml.safe_load(path.read_text())
-        except FileNotFoundError:
+        if not path.exists():
             continue
-        except OSError as exc:
-            raise KubeConfigError(f"{path}: cannot read kubeconfig: {exc.strerror or exc}") from None
+        try:
+            # Bounded and non-blocking (no FIFO, at most 1 MiB), as a config file.
+            document = yaml.safe_load(read_config_bytes(path))
+        except ConfigError as exc:
+            raise KubeConfigError(str(exc).replace("config file", "kubeconfig")) from None
         except yaml.YAMLError as exc:
-            raise KubeConfigError(f"{path}: not valid YAML: {exc}") from None
+            # Without the source line PyYAML would quote: it may be the one with the token.
+            raise KubeConfigError(f"{path}: not valid YAML: {yaml_problem(exc)}") from None
         read_any = True
         if document is None:
             continue
@@ -175,7 +218,7 @@ def kubeconfig_config(paths: Sequence[Path], context: str | None = None) -> ApiC
         ca_file=file(cluster, "certificate-authority", cluster_base),
         ca_data=data(cluster, "certificate-authority-data"),
         insecure_skip_tls_verify=bool(cluster.get("insecure-skip-tls-verify", False)),
-        token=str(user["token"]) if user.get("token") else None,
+        token=check_token(str(user["token"]), f"{where}: user {user_name!r}") if user.get("token") else None,
         token_file=file(user, "tokenFile", user_base),
         client_cert_file=file(user, "client-certificate", user_base),
         client_key_file=file(user, "client-key", user_base),
@@ -255,8 +298,14 @@ class _BearerAuth(httpx.Auth):
             st = self._token_file.stat()
             signature = (st.st_ino, st.st_mtime_ns, st.st_size)
             if force or signature != self._signature:
-                self._token = self._token_file.read_text().strip()
                 self._signature = signature
+                text = self._token_file.read_text(errors="replace")
+                try:
+                    self._token = check_token(text, str(self._token_file))
+                except KubeConfigError as exc:
+                    # Sending it would fail in h11 with the token in the error; without it, the API says 401.
+                    log.warning("%s; not using it", exc)
+                    self._token = None
         except OSError as exc:
             log.warning("cannot read the API token from %s: %s", self._token_file, exc.strerror or exc)
         return self._token
@@ -316,9 +365,11 @@ def api_error(status: int, reason: str, body: bytes) -> ApiError:
     message = ""
     with contextlib.suppress(msgspec.DecodeError, msgspec.ValidationError):
         message = msgspec.json.decode(body, type=Status).message
-    if not message and body and len(body) < 500:
-        message = body.decode(errors="replace").strip()
-    return ApiError(status, reason, message)
+    if not message and body:
+        # Not a Status: a proxy's or load balancer's page, which may echo the request's headers. Bounded and
+        # redacted like any text from the server.
+        message = body[: 4 * MAX_ERROR_TEXT].decode(errors="replace").strip()
+    return ApiError(status, redact(reason)[:80], redact(message))
 
 
 @contextlib.asynccontextmanager

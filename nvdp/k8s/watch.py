@@ -36,7 +36,7 @@ import httpx
 import msgspec
 import trio
 
-from nvdp.k8s.client import ApiClient, ApiError, Status, api_error
+from nvdp.k8s.client import ApiClient, ApiError, Status, api_error, redact
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +129,8 @@ def _describe(error: Exception) -> str:
         return f"{error}{hint}"
     if isinstance(error, httpx.ReadTimeout):
         return "no data within the read deadline: the watch has stalled"
-    return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+    # Transport errors quote what they choke on (h11: "Illegal header value b'Bearer ...'"): bounded, redacted.
+    return f"{type(error).__name__}: {redact(str(error))}" if str(error) else type(error).__name__
 
 
 @trio.as_safe_channel
@@ -207,7 +208,7 @@ async def watch_object(
                             if status.code == 410:
                                 gone = True
                             else:
-                                failure = ApiError(status.code, status.reason, status.message)
+                                failure = ApiError(status.code, redact(status.reason)[:80], redact(status.message))
                             break
                         if event.type == "BOOKMARK":
                             version = msgspec.json.decode(event.object, type=KubeObject).metadata.resource_version
@@ -216,7 +217,7 @@ async def watch_object(
                         obj = msgspec.json.decode(event.object, type=kind)
                     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
                         # Not something a retry from the same version would fix: start over from a list.
-                        log.warning("undecodable watch event for %s: %s; listing again", what, exc)
+                        log.warning("undecodable watch event for %s: %s; listing again", what, redact(str(exc)))
                         version = None
                         if observer is not None:
                             observer.watch_relisted(what)

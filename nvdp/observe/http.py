@@ -1,21 +1,39 @@
 """The metrics and probe endpoint: `/metrics`, `/healthz`, `/readyz`, served by trio itself.
 
-Why a small server on `trio.serve_tcp` and not an ASGI server: the endpoint answers three fixed GET paths with no
+Why a small server on trio's sockets and not an ASGI server: the endpoint answers three fixed GET paths with no
 request body, for Prometheus and the kubelet's probes. One request per connection (`Connection: close`) is all
 they need, and with that the whole protocol is a request line and headers read under a size and time limit. A
 full server (hypercorn and its h11/h2/wsproto stack) would add a dependency tree and a configuration surface to
 the daemon for nothing these clients use. The exposition format itself comes from prometheus-client.
 
-Limits, so a misbehaving client cannot hurt the daemon: at most `MAX_CONNECTIONS` connections at a time (more are
-closed at once), `MAX_HEAD_BYTES` of request line and headers, and `REQUEST_TIMEOUT_S` for the whole exchange.
+The port has no authentication, so anyone who can reach it can open connections. What keeps the probes answerable
+whatever other clients do (each bound is tested in tests/test_hostile_http.py):
+
+- **no refusal at the door**: every connection is accepted; when `MAX_CONNECTIONS` are open, the *oldest* one still
+  sending its request head (else the oldest of all) is closed to make room. Idle and trickling clients are what
+  gets shed, and a probe, which sends its request at once and is answered in microseconds, is never the oldest;
+- **deadlines that trickling bytes cannot extend**: `HEAD_TIMEOUT_S` from accept to the end of the request head,
+  `REQUEST_TIMEOUT_S` from accept to the last byte of the answer. Both are fixed at accept time;
+- **separate admission for probes**: `/metrics` renders take one of `MAX_RENDERS` slots (waiting within the
+  deadline); `/healthz` and `/readyz` take none and never wait for a scrape;
+- **running out of file descriptors**: a failed `accept()` (EMFILE, ENFILE, ENOBUFS, ENOMEM) waits for a client
+  to be queued, then gives up one reserved descriptor so that client (a probe, most likely) can be accepted, else
+  sheds the oldest connection of ours still reading its head, else backs off (doubling up to
+  `ACCEPT_BACKOFF_MAX_S`) instead of spinning; the reserve is taken again when a connection closes;
+- shedding is counted in `nvdp_http_connections_shed_total{reason}` (`limit`, `deadline`, `fd_exhausted`) and
+  logged at most once per `SHED_LOG_INTERVAL_S` with the counts since the last line; accept errors likewise.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
+import os
+import re
+from collections import Counter
 from collections.abc import Collection
 from dataclasses import dataclass, field
-from functools import partial
 
 import trio
 from prometheus_client.exposition import choose_encoder
@@ -25,9 +43,24 @@ from nvdp.observe.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
-MAX_CONNECTIONS = 32
+#: Connections open at once on the port; one more sheds the oldest (see the module docstring).
+MAX_CONNECTIONS = 64
+#: `/metrics` renders at a time. Probes never wait for one.
+MAX_RENDERS = 4
 MAX_HEAD_BYTES = 8192
+#: From accept to the whole request head: a probe or a scraper sends it at once.
+HEAD_TIMEOUT_S = 2.0
+#: From accept to the last byte of the answer.
 REQUEST_TIMEOUT_S = 10.0
+#: Longest wait between two accept() tries while the process is out of descriptors.
+ACCEPT_BACKOFF_MAX_S = 1.0
+#: At most one log line about shed connections (and one about failed accepts) per this many seconds.
+SHED_LOG_INTERVAL_S = 10.0
+
+#: accept() failing for lack of resources rather than because of the listener.
+_ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+#: A `version` parameter prometheus-client can parse; it raises TypeError on anything else (issue 14, item 12).
+_VERSION = re.compile(r"^\d+\.\d+\.\d+$")
 
 _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
             408: "Request Timeout", 431: "Request Header Fields Too Large", 500: "Internal Server Error",
@@ -103,74 +136,219 @@ async def serve_http(
         task_status.started(None)
         return
     host, port = parse_address(address)
-    limiter = trio.CapacityLimiter(MAX_CONNECTIONS)
-    handler = partial(_handle, metrics=metrics, state=state, limiter=limiter)
-    async with trio.open_nursery() as nursery:
-        listeners = await nursery.start(partial(trio.serve_tcp, handler, port, host=host))
-        bound = listeners[0].socket.getsockname()[1]
-        log.info("serving /metrics, /healthz and /readyz on %s:%d", host or "*", bound)
-        task_status.started(bound)
-
-
-async def _handle(stream: trio.SocketStream, *, metrics: Metrics, state: ProbeState,
-                  limiter: trio.CapacityLimiter) -> None:
+    server = _Server(metrics, state)
+    listeners = await trio.open_tcp_listeners(port, host=host)
     try:
-        limiter.acquire_on_behalf_of_nowait(stream)
-    except trio.WouldBlock:
-        await stream.aclose()
-        return
-    try:
-        with trio.move_on_after(REQUEST_TIMEOUT_S):
-            await _exchange(stream, metrics, state)
-    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-        pass  # the client went away; nothing to tell it
-    except Exception:
-        # An exception escaping a serve_tcp handler would end the daemon's nursery: a probe is not worth that.
-        log.exception("error answering an HTTP request")
+        async with trio.open_nursery() as nursery:
+            for listener in listeners:
+                nursery.start_soon(server.accept_loop, listener, nursery)
+            bound = listeners[0].socket.getsockname()[1]
+            log.info("serving /metrics, /healthz and /readyz on %s:%d", host or "*", bound)
+            task_status.started(bound)
     finally:
-        limiter.release_on_behalf_of(stream)
-        await stream.aclose()
+        server.close()
+        for listener in listeners:
+            await trio.aclose_forcefully(listener)
 
 
-async def _exchange(stream: trio.SocketStream, metrics: Metrics, state: ProbeState) -> None:
-    head = await _read_head(stream)
-    if head is None:
-        return  # closed before a whole request arrived
-    if len(head) > MAX_HEAD_BYTES:
-        await _respond(stream, 431, "request head too large\n")
-        return
-    lines = head.decode("latin-1").split("\r\n")
-    parts = lines[0].split(" ")
-    if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
-        await _respond(stream, 400, "bad request line\n")
-        return
-    method, target, _ = parts
-    headers = {}
-    for line in lines[1:]:
-        name, sep, value = line.partition(":")
-        if sep:
-            headers[name.strip().lower()] = value.strip()
-    path = target.split("?", 1)[0]
-    if path not in ("/metrics", "/healthz", "/readyz"):
-        await _respond(stream, 404, "not found: try /metrics, /healthz or /readyz\n", head_only=method == "HEAD")
-        return
-    if method not in ("GET", "HEAD"):
-        await _respond(stream, 405, "only GET and HEAD\n", extra=[("Allow", "GET, HEAD")])
-        return
-    head_only = method == "HEAD"
-    if path == "/metrics":
+@dataclass(eq=False, slots=True)
+class _Connection:
+    scope: trio.CancelScope
+    #: Still receiving its request head (the first to be shed).
+    reading: bool = True
+    #: Why it was shed, if it was.
+    shed: str = ""
+    #: Set once its socket is closed.
+    closed: trio.Event = field(default_factory=trio.Event)
+
+
+class _Server:
+    """Connection admission, deadlines, shedding and the accept loop; see the module docstring."""
+
+    def __init__(self, metrics: Metrics, state: ProbeState) -> None:
+        self.metrics = metrics
+        self.state = state
+        #: Open connections, oldest first (dicts keep insertion order).
+        self.connections: dict[_Connection, None] = {}
+        self.renders = trio.CapacityLimiter(MAX_RENDERS)
+        self.reserve: int | None = None
+        self._take_reserve()
+        self._shed: Counter[str] = Counter()
+        self._accept_errors: Counter[str] = Counter()
+        self._last_shed_log = -float("inf")
+        self._last_accept_log = -float("inf")
+
+    def close(self) -> None:
+        if self.reserve is not None:
+            os.close(self.reserve)
+            self.reserve = None
+
+    # -- descriptors --------------------------------------------------------------------------------------------
+
+    def _take_reserve(self) -> None:
+        if self.reserve is None:
+            # Out of descriptors now: taken again when a connection closes.
+            with contextlib.suppress(OSError):
+                self.reserve = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+
+    def _give_up_reserve(self) -> bool:
+        if self.reserve is None:
+            return False
+        os.close(self.reserve)
+        self.reserve = None
+        return True
+
+    async def accept_loop(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
+        delay = 0.0
+        while True:
+            try:
+                stream = await listener.accept()
+            except OSError as exc:
+                if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
+                    raise
+                # Linux looks for a free descriptor before it looks at the queue: wait for a client to be there.
+                await trio.lowlevel.wait_readable(listener.socket)
+                self._accept_failed(exc)
+                if self._give_up_reserve():
+                    continue  # the next accept() gets the reserved descriptor (a probe, most likely)
+                victim = self.shed_oldest("fd_exhausted", reading_only=True)
+                if victim is not None:
+                    with trio.move_on_after(ACCEPT_BACKOFF_MAX_S):
+                        await victim.closed.wait()  # its socket is the descriptor the next accept() gets
+                    continue
+                delay = min(max(delay * 2, 0.01), ACCEPT_BACKOFF_MAX_S)
+                await trio.sleep(delay)
+                continue
+            delay = 0.0
+            nursery.start_soon(self.handle, stream)
+
+    # -- shedding -----------------------------------------------------------------------------------------------
+
+    def shed_oldest(self, reason: str, *, reading_only: bool = False) -> _Connection | None:
+        """Close the oldest connection still reading its head, else (unless `reading_only`) the oldest of all;
+        None if there is none to close."""
+        victim = next((c for c in self.connections if c.reading and not c.shed), None)
+        if victim is None and not reading_only:
+            victim = next((c for c in self.connections if not c.shed), None)
+        if victim is None:
+            return None
+        victim.shed = reason
+        victim.scope.cancel()
+        self._count_shed(reason)
+        return victim
+
+    def _count_shed(self, reason: str) -> None:
+        self.metrics.http_shed(reason)
+        self._shed[reason] += 1
+        now = trio.current_time()
+        if now - self._last_shed_log >= SHED_LOG_INTERVAL_S:
+            self._last_shed_log = now
+            counts = ", ".join(f"{k} {v}" for k, v in sorted(self._shed.items()))
+            log.warning("metrics port: closed %d client connection(s) since the last report (%s); limits: %d "
+                        "connections, %g s for the request head", self._shed.total(), counts, MAX_CONNECTIONS,
+                        HEAD_TIMEOUT_S)
+            self._shed.clear()
+
+    def _accept_failed(self, exc: OSError) -> None:
+        name = errno.errorcode.get(exc.errno or 0, str(exc.errno))
+        self._accept_errors[name] += 1
+        now = trio.current_time()
+        if now - self._last_accept_log >= SHED_LOG_INTERVAL_S:
+            self._last_accept_log = now
+            counts = ", ".join(f"{k} {v}" for k, v in sorted(self._accept_errors.items()))
+            log.error("metrics port: accept() failed %d time(s) since the last report (%s): %s; shedding the oldest "
+                      "connection or backing off", self._accept_errors.total(), counts, os.strerror(exc.errno or 0))
+            self._accept_errors.clear()
+
+    # -- one connection -----------------------------------------------------------------------------------------
+
+    async def handle(self, stream: trio.SocketStream) -> None:
+        conn = _Connection(trio.CancelScope(deadline=trio.current_time() + REQUEST_TIMEOUT_S))
+        self.connections[conn] = None
+        if len(self.connections) > MAX_CONNECTIONS:
+            self.shed_oldest("limit")
         try:
-            # Content negotiation as prometheus-client's own servers do it: OpenMetrics when asked for, else text.
-            encoder, content_type = choose_encoder(headers.get("accept", ""))
-            body = encoder(metrics.registry)
+            with conn.scope:
+                with trio.move_on_after(HEAD_TIMEOUT_S) as head_scope:
+                    head = await _read_head(stream)
+                if head_scope.cancelled_caught:
+                    self._count_shed("deadline")
+                    return
+                conn.reading = False
+                if head is not None:
+                    await self.answer(stream, head)
+            if conn.scope.cancelled_caught and not conn.shed:
+                self._count_shed("deadline")
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass  # the client went away; nothing to tell it
         except Exception:
-            log.exception("cannot render /metrics")
-            await _respond(stream, 500, "cannot render metrics\n", head_only=head_only)
+            # An exception escaping a handler would end the daemon's nursery: a probe is not worth that.
+            log.exception("error answering an HTTP request")
+        finally:
+            del self.connections[conn]
+            await trio.aclose_forcefully(stream)
+            conn.closed.set()
+            self._take_reserve()
+
+    async def answer(self, stream: trio.SocketStream, head: bytes) -> None:
+        if len(head) > MAX_HEAD_BYTES:
+            await _respond(stream, 431, "request head too large\n")
             return
-        await _respond(stream, 200, body, content_type=content_type, head_only=head_only)
-        return
-    ok, why = state.health() if path == "/healthz" else state.readiness()
-    await _respond(stream, 200 if ok else 503, why.replace("\n", " ") + "\n", head_only=head_only)
+        lines = head.decode("latin-1").split("\r\n")
+        parts = lines[0].split(" ")
+        if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
+            await _respond(stream, 400, "bad request line\n")
+            return
+        method, target, _ = parts
+        headers = {}
+        for line in lines[1:]:
+            name, sep, value = line.partition(":")
+            if sep:
+                headers[name.strip().lower()] = value.strip()
+        path = target.split("?", 1)[0]
+        if path not in ("/metrics", "/healthz", "/readyz"):
+            await _respond(stream, 404, "not found: try /metrics, /healthz or /readyz\n", head_only=method == "HEAD")
+            return
+        if method not in ("GET", "HEAD"):
+            await _respond(stream, 405, "only GET and HEAD\n", extra=[("Allow", "GET, HEAD")])
+            return
+        head_only = method == "HEAD"
+        if path == "/metrics":
+            async with self.renders:
+                try:
+                    # Content negotiation as prometheus-client's own servers do it: OpenMetrics when asked for (with
+                    # a version it can parse), else text.
+                    encoder, content_type = choose_encoder(_usable_accept(headers.get("accept", "")))
+                    try:
+                        body = encoder(self.metrics.registry)
+                    except Exception as exc:
+                        # Whatever else in Accept trips the encoder: the client gets the default text format.
+                        log.warning("cannot render /metrics as %s (%s); answering in the text format",
+                                    content_type, type(exc).__name__)
+                        encoder, content_type = choose_encoder("")
+                        body = encoder(self.metrics.registry)
+                except Exception:
+                    log.exception("cannot render /metrics")
+                    await _respond(stream, 500, "cannot render metrics\n", head_only=head_only)
+                    return
+            await _respond(stream, 200, body, content_type=content_type, head_only=head_only)
+            return
+        ok, why = self.state.health() if path == "/healthz" else self.state.readiness()
+        await _respond(stream, 200 if ok else 503, why.replace("\n", " ") + "\n", head_only=head_only)
+
+
+def _usable_accept(accept: str) -> str:
+    """The Accept header without media ranges whose `version` prometheus-client cannot parse (it compares version
+    parts as numbers): a scraper that asks for `version=x` gets the text format, as for any type it did not ask
+    for, not a 500."""
+    kept = []
+    for item in accept.split(","):
+        _, *params = (p.strip() for p in item.split(";"))
+        versions = [p.partition("=")[2].strip() for p in params if p.partition("=")[0].strip().lower() == "version"]
+        if any(not _VERSION.match(v) for v in versions):
+            continue
+        kept.append(item)
+    return ",".join(kept)
 
 
 async def _read_head(stream: trio.SocketStream) -> bytes | None:

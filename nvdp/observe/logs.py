@@ -3,6 +3,12 @@
 Structured fields travel as `extra=` on the logging call, e.g.
 ``log.warning("device unhealthy", extra={"resource": "nvidia.com/gpu", "device": uuid, "xid": 79})``. The text
 format appends them as `key=value`, the JSON format as top-level keys, so the same call serves both.
+
+Repeated records are rate-limited (`RateLimitFilter`, on the handler `setup_logging` installs): per (logger, level,
+message template), the first `LOG_BURST` (+1 that says so) records of each `LOG_WINDOW_S` window pass, the rest are
+counted, and the first record of the next window carries "(suppressed K similar messages ...)" and a `suppressed`
+field. A client that makes nvdp log an error per request (issue 14: 15 000 lines a second) costs at most that many
+lines.
 """
 
 from __future__ import annotations
@@ -11,9 +17,18 @@ import datetime
 import json
 import logging
 import sys
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any, TextIO
 
 FORMATS = ("text", "json")
+#: Records of one (logger, level, template) let through per window; the rest are counted and summarised.
+LOG_BURST = 20
+LOG_WINDOW_S = 10.0
+#: Distinct templates tracked at once (the oldest window is forgotten first); templates are code, so few.
+LOG_KEYS_MAX = 1024
 LEVELS = ("debug", "info", "warning", "error")
 
 #: Attributes every LogRecord has; anything else on a record came from `extra=`.
@@ -75,6 +90,57 @@ def _text_value(value: Any) -> str:
     return json.dumps(text) if (not text or any(c.isspace() or c in '"=' for c in text)) else text
 
 
+class RateLimitFilter(logging.Filter):
+    """Lets the first `burst` records of each (logger, level, message template) through per `window_s` (the last of
+    them saying that more will be suppressed), drops the rest, and adds to the first record of the next window how
+    many were dropped. `clock` is injectable for tests.
+
+    The key is the template (`record.msg`), not the formatted text, so "device %s unhealthy" for 8 GPUs is one key:
+    `burst` is sized for a whole node's worth of one message at once."""
+
+    def __init__(self, burst: int = LOG_BURST, window_s: float = LOG_WINDOW_S,
+                 clock: Callable[[], float] = time.monotonic, max_keys: int = LOG_KEYS_MAX) -> None:
+        super().__init__()
+        self.burst, self.window_s, self.clock, self.max_keys = burst, window_s, clock, max_keys
+        #: key -> [window start, records seen in it, records suppressed in it]
+        self._windows: OrderedDict[tuple[str, int, str], list[float]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        # Records come from the trio thread, the asyncio thread (grpclib) and worker threads: one at a time here.
+        with self._lock:
+            return self._filter(record)
+
+    def _filter(self, record: logging.LogRecord) -> bool:
+        key = (record.name, record.levelno, str(record.msg))
+        now = self.clock()
+        window = self._windows.get(key)
+        if window is None or now - window[0] >= self.window_s:
+            suppressed = int(window[2]) if window is not None else 0
+            self._windows[key] = [now, 1, 0]
+            self._windows.move_to_end(key)
+            while len(self._windows) > self.max_keys:
+                self._windows.popitem(last=False)
+            if suppressed:
+                since = now - window[0] if window is not None else self.window_s
+                record.msg = (f"{record.getMessage()} (suppressed {suppressed} similar messages in the last "
+                              f"{since:.0f} s)")
+                record.args = None
+                record.suppressed = suppressed
+            return True
+        window[1] += 1
+        if window[1] <= self.burst:
+            return True
+        if window[1] == self.burst + 1:
+            # The last one through says what happens to the rest.
+            record.msg = (f"{record.getMessage()} (repeated {self.burst + 1} times: similar messages suppressed "
+                          f"for {self.window_s - (now - window[0]):.0f} s)")
+            record.args = None
+            return True
+        window[2] += 1
+        return False
+
+
 class _NvdpHandler(logging.StreamHandler):
     """Marks the handler we installed, so that calling setup_logging() again replaces it and nothing else."""
 
@@ -88,6 +154,7 @@ def setup_logging(level: str = "info", fmt: str = "text", stream: TextIO | None 
         root.removeHandler(handler)
     handler = _NvdpHandler(stream if stream is not None else sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    handler.addFilter(RateLimitFilter())
     root.addHandler(handler)
     root.setLevel(getattr(logging, level.upper(), logging.INFO))
     # grpclib logs every stream the kubelet cancels at INFO; that is normal traffic, not news.

@@ -121,6 +121,9 @@ class Metrics:
         self._events = Counter(
             "nvdp_events", "Kubernetes Events by reason and result (posted, failed, dropped, suppressed).",
             ["reason", "result"], registry=r)
+        self._http_shed = Counter(
+            "nvdp_http_connections_shed", "Connections to the metrics port closed by nvdp before they were answered, "
+            "by reason (limit, deadline, fd_exhausted).", ["reason"], registry=r)
 
         # Hot-path caches: resource name -> labelled child, so Allocate pays for one dict lookup and one observe.
         # Plain dict reads are atomic under the GIL; writes happen under self._lock.
@@ -241,6 +244,12 @@ class Metrics:
 
     def child_restarted(self, child: str) -> None:
         self._child_restarts.labels(child).inc()
+
+    def http_shed(self, reason: str) -> None:
+        """The metrics port closed a connection before answering it: `limit` (the oldest, to make room),
+        `deadline` (no whole request head in time, or no answer sent in time), `fd_exhausted` (to free a
+        descriptor when accept() failed)."""
+        self._http_shed.labels(reason).inc()
 
     def child_gone(self, child: str) -> None:
         """A child stopped for good (its resource or GPU left the plan): no stale series."""

@@ -7,6 +7,7 @@ place in the config file and how to parse and check it. `nvdp.cli` builds argpar
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -213,6 +214,34 @@ def _from_file(config: Config, path: tuple[str, ...]) -> Any:
     return node
 
 
+#: Accepted range of each numeric kind, (lowest, highest), both included. Every number from a flag or an
+#: environment variable is checked against it, and for finiteness, before the daemon starts: `inf`, `nan` and
+#: `1e400` (which float() reads as inf) are refused with the flag or variable named.
+NUMERIC_RANGES: dict[str, tuple[float, float]] = {
+    # A week: far above any sensible quiet period or timeout, far below what overflows a deadline.
+    "seconds": (0.0, 7 * 24 * 3600.0),
+    # 1 byte to 1 PiB: above any node's RAM, below what overflows anything.
+    "bytes": (1.0, float(1 << 50)),
+}
+#: Per-option ranges that are narrower than their kind's (dest -> (lowest, highest)).
+OPTION_RANGES: dict[str, tuple[float, float]] = {}
+
+
+def _show(text: str) -> str:
+    """A value as given, quoted and cut short for an error message."""
+    return repr(text if len(text) <= 64 else text[:64] + "...")
+
+
+def _check_number(option: Option, value: float, text: str, source: str) -> None:
+    """Refuse a number that is not finite or outside the option's range, naming the source and the value."""
+    low, high = OPTION_RANGES.get(option.dest) or NUMERIC_RANGES[option.kind]
+    if not math.isfinite(value):
+        raise ConfigError(f"{source}: invalid value {_show(text)}: expected a finite number")
+    if not low <= value <= high:
+        raise ConfigError(f"{source}: invalid value {_show(text)}: out of range, expected {low:g} to {high:g}"
+                          + (" seconds" if option.kind == "seconds" else " bytes"))
+
+
 def _parse_text(option: Option, text: str, source: str) -> Any:
     """Parse a value given as text (a flag or an env var)."""
     try:
@@ -221,15 +250,24 @@ def _parse_text(option: Option, text: str, source: str) -> Any:
         if option.kind == "list":
             return parse_list(text)
         if option.kind == "seconds":
-            return parse_seconds(text)
+            seconds = parse_seconds(text)
+            _check_number(option, seconds, text, source)
+            return seconds
         if option.kind == "bytes":
-            value = parse_bytes(text)
-            if value <= 0:
-                raise ValueError("expected a positive size")
-            return value
+            size = _parse_size(text)
+            _check_number(option, size, text, source)
+            return int(size)
     except ValueError as exc:
-        raise ConfigError(f"{source}: invalid value {text!r}: {exc}") from None
+        raise ConfigError(f"{source}: invalid value {_show(text)}: {exc}") from None
     return text
+
+
+def _parse_size(text: str) -> float:
+    """`parse_bytes`, as a float so that inf and nan reach the range check instead of raising OverflowError."""
+    try:
+        return float(parse_bytes(text))
+    except OverflowError:
+        return math.inf
 
 
 def _check(option: Option, value: Any, source: str) -> Any:
@@ -247,6 +285,8 @@ def _check(option: Option, value: Any, source: str) -> Any:
         raise ConfigError(f"{source}: invalid value {value!r}: accepted values are {', '.join(option.choices)}")
     if option.kind == "bool" and not isinstance(value, bool):
         raise ConfigError(f"{source}: invalid value {value!r}: expected true or false")
+    if option.kind in NUMERIC_RANGES and isinstance(value, int | float) and not isinstance(value, bool):
+        _check_number(option, float(value), str(value), source)
     return value
 
 
