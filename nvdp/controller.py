@@ -23,7 +23,6 @@ from typing import TYPE_CHECKING, Protocol
 import trio
 
 from nvdp.core.config.errors import ConfigError
-from nvdp.core.config.load import parse_config
 from nvdp.core.config.schema import Config
 from nvdp.core.config.settings import Settings
 from nvdp.core.health import ALL_GPUS, HealthTracker, XidPolicy
@@ -122,8 +121,11 @@ class NodeConfig:
     #: (parsed config or None for built-in defaults, source for messages) -> settings, with flags and env on top.
     make_settings: Callable[[Config | None, str], Settings]
 
-    def settings_for(self, update: ConfigUpdate) -> Settings:
-        config = parse_config(update.text, update.source) if update.text.strip() else None
+    async def settings_for(self, update: ConfigUpdate) -> Settings:
+        """Parsed off the event loop, bounded in size and time: a 1 MiB config must not stall the probes."""
+        from nvdp.node_config.sources import parse_config_off_loop
+
+        config = await parse_config_off_loop(update.text, update.source) if update.text.strip() else None
         return self.make_settings(config, update.source)
 
 
@@ -418,7 +420,7 @@ class Controller:
         assert self.node_config is not None
         self.update = update
         try:
-            settings = self.node_config.settings_for(update)
+            settings = await self.node_config.settings_for(update)
         except ConfigError as exc:
             self.update = previous
             self.reject(exc)
@@ -470,7 +472,7 @@ class Controller:
             # SIGHUP with per-node configs: apply the chosen config again (its content is re-parsed).
             assert self.node_config is not None
             try:
-                settings = self.node_config.settings_for(self.update)
+                settings = await self.node_config.settings_for(self.update)
             except ConfigError as exc:
                 self.reject(exc)
                 return
@@ -479,7 +481,8 @@ class Controller:
             return
         else:
             try:
-                settings = self._reload_settings()
+                # The file is read and parsed off the event loop (bounded by the loader itself: 1 MiB, 10 s).
+                settings = await trio.to_thread.run_sync(self._reload_settings, abandon_on_cancel=True)
             except ConfigError as exc:
                 self.reject(exc)
                 return

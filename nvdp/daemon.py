@@ -242,7 +242,7 @@ class Tree:
         try:
             await tasks.start("config-watch", Task(self.watch_config, (sources, client)), first_failure_raises=True)
             assert self.first_update is not None
-            settings = self.node_config.settings_for(self.first_update)
+            settings = await self.node_config.settings_for(self.first_update)
         except* ConfigError as group:
             raise StartupError(str(group.exceptions[0])) from None
         report_config(self.first_update, self.observer)
