@@ -17,6 +17,7 @@ import trio.testing
 
 from nvdp.k8s.client import (
     ApiConfig,
+    ApiUnreachable,
     KubeConfigError,
     in_cluster_config,
     kubeconfig_config,
@@ -265,8 +266,10 @@ async def test_kubeconfig_with_client_certificate(tmp_path: Path, autojump_clock
         # Without the certificate the TLS handshake fails.
         bare = write_kubeconfig(tmp_path / "bare", fake)
         async with open_client(kubeconfig_config([bare])) as client:
-            with pytest.raises(httpx.HTTPError):
+            # Translated at the edge of nvdp.k8s; the transport's own error is the cause.
+            with pytest.raises(ApiUnreachable) as bare_info:
                 await client.get_json(NODES_PATH)
+            assert isinstance(bare_info.value.__cause__, httpx.HTTPError)
 
 
 async def test_kubeconfig_token_and_ca_file(tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
@@ -283,8 +286,9 @@ async def test_kubeconfig_token_and_ca_file(tmp_path: Path, autojump_clock: trio
         # The right CA is required when verifying.
         other = ApiConfig(server=fake.url, source="test", token="token-1")
         async with open_client(other) as client:
-            with pytest.raises(httpx.ConnectError):
+            with pytest.raises(ApiUnreachable, match="ConnectError") as info:
                 await client.get_json(NODES_PATH)
+            assert isinstance(info.value.__cause__, httpx.ConnectError)
 
 
 def test_kubeconfig_errors(tmp_path: Path) -> None:

@@ -93,6 +93,17 @@ class ApiError(Exception):
         self.message = message
 
 
+class ApiUnreachable(Exception):
+    """The API server could not be asked (connection, TLS, timeout, protocol): httpx's and the OS's errors, as they
+    leave `nvdp.k8s`. The text is bounded and redacted (a transport error may quote a header it choked on)."""
+
+    @classmethod
+    def of(cls, exc: BaseException) -> ApiUnreachable:
+        if isinstance(exc, httpx.TimeoutException):
+            return cls(f"no answer in time ({type(exc).__name__})")
+        return cls(f"{type(exc).__name__}: {redact(str(exc))}" if str(exc) else type(exc).__name__)
+
+
 class Status(msgspec.Struct, kw_only=True):
     """The API's error object (also the `object` of a watch ERROR event). Only the fields nvdp reads."""
 
@@ -334,16 +345,23 @@ class ApiClient:
         return self.config.server
 
     async def get_json(self, path: str, params: Mapping[str, str] | None = None) -> bytes:
-        """GET and return the body; raise `ApiError` on an error status, httpx's errors on transport trouble."""
-        response = await self.http.get(path, params=params)
+        """GET and return the body; raise `ApiError` on an error status, `ApiUnreachable` on transport trouble."""
+        try:
+            response = await self.http.get(path, params=params)
+        except (httpx.HTTPError, OSError) as exc:
+            raise ApiUnreachable.of(exc) from exc
         if response.status_code != 200:
             raise api_error(response.status_code, response.reason_phrase, response.content)
         return response.content
 
     async def post(self, path: str, body: Mapping[str, Any]) -> bytes:
-        """POST a JSON object (e.g. an Event); raise `ApiError` on an error status."""
-        response = await self.http.post(path, content=msgspec.json.encode(body),
-                                        headers={"Content-Type": "application/json"})
+        """POST a JSON object (e.g. an Event); raise `ApiError` on an error status, `ApiUnreachable` on transport
+        trouble."""
+        try:
+            response = await self.http.post(path, content=msgspec.json.encode(body),
+                                            headers={"Content-Type": "application/json"})
+        except (httpx.HTTPError, OSError) as exc:
+            raise ApiUnreachable.of(exc) from exc
         if response.status_code not in (200, 201, 202):
             raise api_error(response.status_code, response.reason_phrase, response.content)
         return response.content

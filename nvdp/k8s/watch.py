@@ -36,7 +36,7 @@ import httpx
 import msgspec
 import trio
 
-from nvdp.k8s.client import ApiClient, ApiError, Status, api_error, redact
+from nvdp.k8s.client import ApiClient, ApiError, ApiUnreachable, Status, api_error, redact
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +164,7 @@ async def watch_object(
             try:
                 body = await client.get_json(path, {"fieldSelector": selector})
                 listing: ObjectList[T] = msgspec.json.decode(body, type=ObjectList[kind])  # type: ignore[valid-type]
-            except (httpx.HTTPError, ApiError, msgspec.DecodeError, msgspec.ValidationError) as exc:
+            except (ApiUnreachable, ApiError, msgspec.DecodeError, msgspec.ValidationError) as exc:
                 delay = backoff.next_delay()
                 log.warning("cannot list %s: %s; retrying in %.1f s", what, _describe(exc), delay)
                 await trio.sleep(delay)
