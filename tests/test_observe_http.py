@@ -1,4 +1,5 @@
-"""nvdp.observe.http: a real trio server on 127.0.0.1:0, spoken to with a raw socket client."""
+"""nvdp.observe.http: a real trio server on 127.0.0.1:0, spoken to with a raw socket client. No thread is involved:
+the tests run on trio's MockClock (autojump), so request timeouts cost no real time."""
 
 from __future__ import annotations
 
@@ -51,7 +52,9 @@ async def served(metrics: Metrics) -> AsyncIterator[tuple[int, ProbeState]]:
         nursery.cancel_scope.cancel()
 
 
-async def test_readyz_is_503_until_registration_then_200(served: tuple[int, ProbeState]) -> None:
+async def test_readyz_is_503_until_registration_then_200(
+    served: tuple[int, ProbeState], autojump_clock: trio.testing.MockClock
+) -> None:
     port, state = served
     status, headers, body = await get(port, "/readyz")
     assert status == 503
@@ -65,7 +68,9 @@ async def test_readyz_is_503_until_registration_then_200(served: tuple[int, Prob
     assert headers["connection"] == "close"
 
 
-async def test_healthz_follows_alive_and_nvml(served: tuple[int, ProbeState]) -> None:
+async def test_healthz_follows_alive_and_nvml(
+    served: tuple[int, ProbeState], autojump_clock: trio.testing.MockClock
+) -> None:
     port, state = served
     assert (await get(port, "/healthz"))[0] == 200  # liveness does not wait for registration
     state.nvml_ok = False
@@ -78,7 +83,7 @@ async def test_healthz_follows_alive_and_nvml(served: tuple[int, ProbeState]) ->
 
 
 async def test_metrics_parse_and_change_after_an_allocate_and_an_xid(
-    served: tuple[int, ProbeState], metrics: Metrics
+    served: tuple[int, ProbeState], metrics: Metrics, autojump_clock: trio.testing.MockClock
 ) -> None:
     port, _ = served
     status, headers, body = await get(port, "/metrics?x=1")
@@ -94,7 +99,9 @@ async def test_metrics_parse_and_change_after_an_allocate_and_an_xid(
     assert after.value("nvdp_xid_events_total", uuid=GPU0, xid="79") == 1
 
 
-async def test_openmetrics_when_asked_for(served: tuple[int, ProbeState]) -> None:
+async def test_openmetrics_when_asked_for(
+    served: tuple[int, ProbeState], autojump_clock: trio.testing.MockClock
+) -> None:
     port, _ = served
     status, headers, body = await get(port, "/metrics", "Accept: application/openmetrics-text;version=1.0.0\r\n")
     assert status == 200
@@ -102,7 +109,9 @@ async def test_openmetrics_when_asked_for(served: tuple[int, ProbeState]) -> Non
     assert body.endswith(b"# EOF\n")
 
 
-async def test_head_unknown_paths_methods_and_garbage(served: tuple[int, ProbeState]) -> None:
+async def test_head_unknown_paths_methods_and_garbage(
+    served: tuple[int, ProbeState], autojump_clock: trio.testing.MockClock
+) -> None:
     port, _ = served
     status, headers, body = await request(port, b"HEAD /metrics HTTP/1.1\r\n\r\n")
     assert status == 200 and body == b"" and int(headers["content-length"]) > 0
@@ -117,7 +126,7 @@ async def test_head_unknown_paths_methods_and_garbage(served: tuple[int, ProbeSt
 
 
 async def test_a_silent_client_is_cut_off(
-    served: tuple[int, ProbeState], monkeypatch: pytest.MonkeyPatch
+    served: tuple[int, ProbeState], monkeypatch: pytest.MonkeyPatch, autojump_clock: trio.testing.MockClock
 ) -> None:
     port, _ = served
     monkeypatch.setattr(http, "REQUEST_TIMEOUT_S", 0.2)
@@ -129,7 +138,7 @@ async def test_a_silent_client_is_cut_off(
 
 
 async def test_over_the_limit_the_oldest_connection_is_shed_not_the_new_one(
-    metrics: Metrics, monkeypatch: pytest.MonkeyPatch
+    metrics: Metrics, monkeypatch: pytest.MonkeyPatch, autojump_clock: trio.testing.MockClock
 ) -> None:
     monkeypatch.setattr(http, "MAX_CONNECTIONS", 1)
     async with trio.open_nursery() as nursery:
@@ -141,7 +150,7 @@ async def test_over_the_limit_the_oldest_connection_is_shed_not_the_new_one(
         nursery.cancel_scope.cancel()
 
 
-async def test_an_empty_address_disables_the_endpoint(metrics: Metrics) -> None:
+async def test_an_empty_address_disables_the_endpoint(metrics: Metrics, autojump_clock: trio.testing.MockClock) -> None:
     with trio.fail_after(LIMIT_S):
         async with trio.open_nursery() as nursery:
             assert await nursery.start(serve_http, "", metrics, ProbeState()) is None

@@ -29,6 +29,7 @@ from tests.harness import (
     answers,
     daemon,
     plugin_connection_leak,
+    settle,
     until,
     visible,
 )
@@ -218,9 +219,4 @@ def test_kubelet_gone_for_30_s_waits_without_spinning_then_registers(two_gpu_nod
 
 
 def _wait_until(predicate: object, limit_s: float) -> bool:
-    deadline = time.monotonic() + limit_s
-    while not predicate():  # type: ignore[operator]
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
+    return settle(predicate, limit_s)  # type: ignore[arg-type]

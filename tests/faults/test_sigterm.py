@@ -16,13 +16,13 @@ import signal
 import subprocess
 import sys
 import threading
-import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from nvdp.testing.kubelet_emulator import KubeletEmulator
-from tests.faults.conftest import GPU0, process_gone
+from tests.harness import GPU0, LIMIT_S, process_gone, settle
 
 WRAPPER = """
 import os, shutil, sys, tempfile
@@ -33,13 +33,15 @@ def keep_mode_log(self):
         shutil.copyfile(log, os.environ["NVDP_FAULTS_MODE_LOG"])
     cleanup(self)
 tempfile.TemporaryDirectory.cleanup = keep_mode_log
-from nvdp.cli import main
-sys.exit(main(sys.argv[1:]))
+from nvdp.__main__ import main  # what `python -m nvdp` and the `nvdp` script run: its early SIGTERM handler too
+sys.exit(main())
 """
 
 MPS_CONFIG = ("version: v1\nflags:\n  plugin:\n    deviceIDStrategy: {strategy}\nsharing:\n  mps:\n    resources:\n"
               "    - {{name: nvidia.com/gpu, rename: gpu-10gb, memoryGB: 10, replicas: 2, devices: ['0']}}\n")
 SEEDS = range(10)
+#: SIGTERM after line 1 ("starting") to line 17: the daemon prints ~16 up to "ready", so the last moments are "ready".
+MOMENTS = 17
 
 
 @pytest.mark.parametrize("seed", SEEDS)
@@ -75,23 +77,26 @@ def test_sigterm_at_a_random_moment(
                 if "serving /metrics" in line:
                     watching.set()
 
+        def printed(count: int) -> Callable[[], bool]:
+            """The daemon has printed `count` lines, or is ready (it prints nothing more until signalled)."""
+            return lambda: len(lines) >= count or any("ready: every resource" in line for line in lines)
+
         reader = threading.Thread(target=read, name="nvdp-output", daemon=True)
         reader.start()
-        delay = rng.uniform(0.0, 0.4)
-        reload_at = rng.uniform(0.0, delay) if rng.random() < 0.5 else None
-        started = time.monotonic()
-        if reload_at is not None:
+        # The moment is the daemon's progress, not a time: SIGTERM as soon as its `term_after`-th line is read (from
+        # "starting" to "ready" it prints ~16: NVML, MPS daemons, servers, registrations), so every seed hits the
+        # same phase on any machine.
+        term_after = rng.randint(1, MOMENTS)
+        reload_after = rng.randint(3, term_after) if term_after >= 3 and rng.random() < 0.5 else None
+        if reload_after is not None:
             # A reload that changes the Allocate responses (every server restarts), then SIGTERM while it runs.
-            if watching.wait(reload_at):
-                time.sleep(max(0.0, reload_at - (time.monotonic() - started)))
-                config.write_text(MPS_CONFIG.format(strategy="index"))
-                process.send_signal(signal.SIGHUP)
-            else:
-                reload_at = None
-        time.sleep(max(0.0, delay - (time.monotonic() - started)))
+            assert settle(lambda: watching.is_set() and printed(reload_after)(), LIMIT_S), "".join(lines)
+            config.write_text(MPS_CONFIG.format(strategy="index"))
+            process.send_signal(signal.SIGHUP)
+        assert settle(printed(term_after), LIMIT_S, poll_s=0.001), "".join(lines)
         process.send_signal(signal.SIGTERM)
-        process.wait(15)
-        reader.join(5)
+        process.wait(LIMIT_S)
+        reader.join(LIMIT_S)
         process.stdout.close()
         out = "".join(lines)
     finally:
@@ -100,8 +105,8 @@ def test_sigterm_at_a_random_moment(
             process.wait(10)
         if process.stdout is not None and not process.stdout.closed:
             process.stdout.close()
-    moment = f"seed {seed}: SIGTERM {delay:.3f} s after start-up, reload at {reload_at}"
-    assert process.returncode == 0, f"{moment}\n{out}"
+    moment = f"seed {seed}: SIGTERM after line {term_after}, reload after line {reload_after}"
+    assert process.returncode == 0, f"{moment}: exit code {process.returncode}\n{out}"
     left = sorted(p.name for p in kubelet.plugin_dir.iterdir() if p.name != "kubelet.sock")
     # Reported bug (test_known_bugs.py::test_a_server_cancelled_while_binding_removes_its_socket): SIGTERM while a
     # server is binding leaves that server's socket. Tolerated only in that window (before every server is up);
@@ -130,7 +135,17 @@ def test_sigterm_before_the_daemon_runs(two_gpu_node: Path, kubelet: KubeletEmul
     process = subprocess.Popen(
         [sys.executable, "-m", "nvdp", "--simulate", str(two_gpu_node), "--kubelet-socket", str(kubelet.socket)],
         env={**os.environ, "METRICS_ADDRESS": "127.0.0.1:0"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    time.sleep(0.05)  # the interpreter is up, nvdp's imports are not done
+    # The interpreter is up and nvdp's first handler is installed (SIGTERM is caught: /proc says so); nvdp's
+    # imports, a few hundred ms, are not done.
+    assert settle(lambda: catches_sigterm(process.pid), LIMIT_S, poll_s=0.001)
     process.send_signal(signal.SIGTERM)
-    process.communicate(timeout=15)
-    assert process.returncode == 0
+    out, _ = process.communicate(timeout=LIMIT_S)
+    assert process.returncode == 0, out
+    assert b"starting" not in out, out  # it was before the daemon ran
+
+
+def catches_sigterm(pid: int) -> bool:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigCgt:"):
+            return bool(int(line.split()[1], 16) & (1 << (signal.SIGTERM - 1)))
+    return False
