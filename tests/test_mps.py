@@ -26,6 +26,7 @@ from nvdp.mps import shm
 from nvdp.mps.control_daemon import DaemonState, DaemonTimings
 from nvdp.mps.launcher import read_pid_file
 from nvdp.nvml import adapter
+from tests.harness import LIMIT_S, eventually
 from tests.helpers import gpu, write_node
 from tests.test_mps_survival import kill_left_daemons
 
@@ -66,17 +67,16 @@ class Health:
         self._changed.set()
         self._changed = trio.Event()
 
-    async def wait_for(self, gpu_uuid: str, healthy: bool, *, after: int = 0, limit_s: float = 2.0) -> None:
-        with trio.fail_after(limit_s):
+    async def wait_for(self, gpu_uuid: str, healthy: bool, *, after: int = 0, limit_s: float = LIMIT_S) -> None:
+        # A bound, not a speed claim: generous, so that a loaded machine cannot fail it.
+        with trio.fail_after(max(limit_s, LIMIT_S)):
             while (gpu_uuid, healthy) not in self.events[after:]:
                 await self._changed.wait()
 
 
-async def until(predicate: Callable[[], bool], limit_s: float = 2.0) -> None:
-    with trio.fail_after(limit_s):
-        # Polling: the condition is in files another process writes, with nothing to wait on.
-        while not predicate():  # noqa: ASYNC110
-            await trio.sleep(0.02)
+async def until(predicate: Callable[[], bool], limit_s: float = LIMIT_S) -> None:
+    """The condition is in files another process writes, with nothing to wait on: the harness's polled wait."""
+    await eventually(predicate, limit_s=max(limit_s, LIMIT_S))
 
 
 @pytest.fixture
