@@ -128,7 +128,7 @@ def test_malformed_grpc_framing_gets_the_right_status_quietly(
 # ------------------------------------------------------------------------- 4 and 15: long and hostile device IDs
 
 
-@pytest.mark.parametrize("length", [256 * 1024, 2 * 1024 * 1024])
+@pytest.mark.parametrize("length", [256 * 1024, pytest.param(2 * 1024 * 1024, marks=pytest.mark.slow)])
 def test_a_long_unknown_device_id_gets_a_short_error_at_once(
     served: Served, caplog: pytest.LogCaptureFixture, length: int
 ) -> None:
@@ -239,6 +239,7 @@ def test_a_request_over_the_size_limit_is_refused_before_its_body(served: Served
     served.answers()
 
 
+@pytest.mark.slow
 def test_a_request_at_the_size_limit_is_served(served: Served) -> None:
     # One container, one real ID, padded with an unknown field (number 15, bytes) up to exactly the limit.
     body = allocate_request(GPU0)
