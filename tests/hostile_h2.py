@@ -79,7 +79,11 @@ class H2Client:
         self.closed = False
         if connect:
             self.h2.initiate_connection()
-            self.flush()
+            try:
+                self.flush()
+            except OSError:
+                self.sock.close()
+                raise
 
     def __enter__(self) -> H2Client:
         return self

@@ -19,6 +19,9 @@ The budgets (docs/security.md, "Resource budgets", has the measured figures):
   is buffered, and the stream is reset. Inbound flow-control windows are `WINDOW_BYTES`, so a connection never holds
   more unread request data than that.
 - header list: `MAX_HEADER_LIST_SIZE` (HTTP/2 SETTINGS; h2 rejects larger header blocks).
+- PING and SETTINGS frames per connection: a bucket of `CONTROL_BURST`, refilled at `CONTROL_RATE` per second;
+  a flood gets GOAWAY ENHANCE_YOUR_CALM. Each connection is read `READ_CHUNK` bytes per loop callback, so one
+  flooding connection cannot hold the loop for long.
 - output to a client that does not read: when the transport's write buffer passes `WRITE_BUFFER_HIGH`, the
   connection stops reading until the client catches up, so PING/SETTINGS floods (whose acknowledgements would pile
   up unsent) cost at most one read's worth of replies.
@@ -60,6 +63,12 @@ MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 REQUEST_TIMEOUT_S = 10.0
 RESET_BURST = 200
 RESET_RATE = 20.0
+#: PING and SETTINGS frames per connection: a bucket of this many, refilled at CONTROL_RATE per second.
+CONTROL_BURST = 500
+CONTROL_RATE = 50.0
+#: Bytes read from a connection per loop callback (asyncio's default is 256 KiB): h2 parses ~15 000 PING frames in
+#: 256 KiB, ~100 ms on which every other connection waits; 16 KiB (one maximum frame) keeps that to a few ms.
+READ_CHUNK = 16 * 1024
 MAX_HEADER_LIST_SIZE = 16 * 1024
 WINDOW_BYTES = 1024 * 1024
 WRITE_BUFFER_HIGH = 256 * 1024
@@ -310,6 +319,25 @@ class GuardedProcessor(grpclib.protocol.EventsProcessor):
         self.protocol = protocol
         self._reset_tokens = float(RESET_BURST)
         self._reset_at = time.monotonic()
+        self._control_tokens = float(CONTROL_BURST)
+        self._control_at = self._reset_at
+
+    def _control_frame(self) -> None:
+        now = time.monotonic()
+        self._control_tokens = min(float(CONTROL_BURST),
+                                   self._control_tokens + (now - self._control_at) * CONTROL_RATE)
+        self._control_at = now
+        self._control_tokens -= 1.0
+        if self._control_tokens < 0:
+            self.protocol.shed("sends PING or SETTINGS frames faster than %g per second", CONTROL_RATE,
+                               code=h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
+
+    def process_ping_received(self, event: h2.events.PingReceived) -> None:
+        self._control_frame()
+
+    def process_remote_settings_changed(self, event: h2.events.RemoteSettingsChanged) -> None:
+        self._control_frame()
+        super().process_remote_settings_changed(event)
 
     def register(self, stream: grpclib.protocol.Stream) -> Any:
         streams, connection = self.streams, self.connection
@@ -366,6 +394,8 @@ class GuardedProtocol(grpclib.protocol.H2Protocol):
         h2_conn.initiate_connection()
         h2_conn.increment_flow_control_window(WINDOW_BYTES - 65535)
         transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH)
+        if hasattr(transport, "max_size"):  # asyncio's selector transports: bytes per recv()
+            transport.max_size = READ_CHUNK
         self.connection = GuardedConnection(h2_conn, transport, config=self.config)
         self.connection.flush()
         self.connection.initialize()
