@@ -151,23 +151,21 @@ def clip(text: str, limit: int = MAX_STATUS_MESSAGE_CHARS) -> str:
 class GuardedStream(grpclib.server.Stream[Any, Any]):
     """A server stream whose request is bounded in size and time, and whose errors stay small and quiet."""
 
+    #: Whether this stream counts in its connection's `serving` (its request arrived).
+    _counted = False
+
     async def recv_message(self) -> Any:
         stream = self._stream
         try:
-            async with asyncio.timeout(REQUEST_TIMEOUT_S):
-                meta = await stream.recv_data(5)
-                if not meta:
-                    if self._cardinality.client_streaming:
-                        return None
-                    raise GRPCError(Status.INVALID_ARGUMENT, "no request message")
-                compressed, length = struct.unpack(">BI", meta)
-                if compressed:
-                    raise GRPCError(Status.UNIMPLEMENTED, "compressed messages are not supported")
-                if length > MAX_MESSAGE_BYTES:
-                    raise GRPCError(Status.RESOURCE_EXHAUSTED,
-                                    f"request message of {length} bytes is larger than the limit of "
-                                    f"{MAX_MESSAGE_BYTES} bytes")
-                data = await stream.recv_data(length)
+            if stream.buffer._eof:
+                # The client has ended its side: the whole request is buffered already (the usual case, the kubelet
+                # sends headers and message at once), nothing to wait for.
+                data = await self._read()
+            else:
+                async with asyncio.timeout(REQUEST_TIMEOUT_S):
+                    data = await self._read()
+            if data is None:
+                return None
         except AssertionError:
             # grpclib's buffer: the stream ended inside the length prefix or the message.
             raise GRPCError(Status.INVALID_ARGUMENT, "request message cut short") from None
@@ -176,11 +174,27 @@ class GuardedStream(grpclib.server.Stream[Any, Any]):
                             f"request not received within {REQUEST_TIMEOUT_S:g} s") from None
         message = self._codec.decode(data, self._recv_type)
         connection = cast(GuardedConnection, stream.connection)
-        connection.serving += 1
-        self._counted = True
+        if not self._counted:
+            connection.serving += 1
+            self._counted = True
         self._messages_received += 1
         connection.messages_received += 1
         return message
+
+    async def _read(self) -> bytes | None:
+        stream = self._stream
+        meta = await stream.recv_data(5)
+        if not meta:
+            if self._cardinality.client_streaming:
+                return None
+            raise GRPCError(Status.INVALID_ARGUMENT, "no request message")
+        compressed, length = struct.unpack(">BI", meta)
+        if compressed:
+            raise GRPCError(Status.UNIMPLEMENTED, "compressed messages are not supported")
+        if length > MAX_MESSAGE_BYTES:
+            raise GRPCError(Status.RESOURCE_EXHAUSTED,
+                            f"request message of {length} bytes is larger than the limit of {MAX_MESSAGE_BYTES} bytes")
+        return await stream.recv_data(length)
 
     async def send_trailing_metadata(self, *, status: Status = Status.OK, status_message: str | None = None,
                                      status_details: Any = None, metadata: Any = None) -> None:
@@ -280,7 +294,7 @@ async def request_handler(
     except Exception:
         log.exception("gRPC server error")
     finally:
-        if stream is not None and getattr(stream, "_counted", False):
+        if stream is not None and stream._counted:
             cast(GuardedConnection, _stream.connection).serving -= 1
         release_stream()
 
@@ -321,6 +335,7 @@ class GuardedProcessor(grpclib.protocol.EventsProcessor):
         self._reset_at = time.monotonic()
         self._control_tokens = float(CONTROL_BURST)
         self._control_at = self._reset_at
+        self._activity = (0, 0)
 
     def _control_frame(self) -> None:
         now = time.monotonic()
@@ -333,6 +348,13 @@ class GuardedProcessor(grpclib.protocol.EventsProcessor):
                                code=h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
 
     def process_ping_received(self, event: h2.events.PingReceived) -> None:
+        # A ping after traffic is free (grpc-go and grpcio clients send one per round trip of data, to size their
+        # windows); only pings with nothing else between them are charged, as grpc-go's servers do.
+        connection = self.connection
+        activity = (connection.streams_started, connection.data_sent)
+        if activity != self._activity:
+            self._activity = activity
+            return
         self._control_frame()
 
     def process_remote_settings_changed(self, event: h2.events.RemoteSettingsChanged) -> None:

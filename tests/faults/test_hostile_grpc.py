@@ -287,6 +287,18 @@ def test_a_control_frame_flood_from_a_client_that_never_reads_is_bounded(
           f"{buffered // 1024} KiB")
 
 
+def test_pings_between_requests_are_free(served: Served) -> None:
+    """grpc-go and grpcio send a PING per round trip of data (to size their windows): never charged."""
+    with H2Client(served.path) as client:
+        for _ in range(grpc_guard.CONTROL_BURST + 50):
+            assert client.call(ALLOCATE, grpc_frame(allocate_request(GPU0))).status == OK
+            client.h2.ping(b"bdp-ping")
+            client.flush()
+        assert client.call(ALLOCATE, grpc_frame(allocate_request(GPU0))).status == OK
+        assert client.terminated is None
+    assert served.on_loop(lambda: served.bound.server.shed) == 0
+
+
 # -------------------------------------------------------------------------- 13: connections, half-open streams
 
 
