@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import socket
@@ -9,10 +10,14 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator
+from concurrent import futures
 from pathlib import Path
 
+import grpc
 import pytest
 
+from nvdp.kubelet.api import v1beta1 as api
+from nvdp.kubelet.registration import MAX_REASON_CHARS, RegistrationError, register
 from nvdp.testing.kubelet_emulator import KubeletEmulator
 from tests.faults.conftest import settle
 from tests.helpers import gpu, write_node
@@ -91,3 +96,27 @@ def test_a_kubelet_socket_that_hangs_up_on_every_connection_does_not_stop_nvdp(
     assert process.returncode == 0, out
     assert "registering nvidia.com/gpu failed" in out, out
     print(f"kubelet.sock hung up on {rude.accepted} registration attempts; nvdp then registered")
+
+
+def test_a_kubelets_refusal_cannot_forge_log_lines_or_flood_them(short_dir: Path) -> None:
+    """Whatever text kubelet.sock answers a Register with goes into the log through RegistrationError: cut, escaped."""
+    refusal = "no\nERROR forged line\x1b[2J" + "x" * 5000
+
+    def refuse(request: api.RegisterRequest, context: grpc.ServicerContext) -> bytes:
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, refusal)
+
+    path = short_dir / "kubelet.sock"
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="kubelet-emulator"))
+    handler = grpc.unary_unary_rpc_method_handler(refuse, request_deserializer=api.RegisterRequest.parse)
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler("v1beta1.Registration", {"Register": handler}),))
+    server.add_insecure_port(f"unix:{path}")
+    server.start()
+    try:
+        with pytest.raises(RegistrationError) as error:
+            asyncio.run(register(path, "nvidia-gpu.sock", "nvidia.com/gpu"))
+    finally:
+        server.stop(grace=None).wait(5)
+    text = str(error.value)
+    assert text.startswith("kubelet refused nvidia.com/gpu: no\\nERROR forged line\\x1b[2J"), text
+    assert text.isprintable() and len(text) < MAX_REASON_CHARS + 80, text
