@@ -134,9 +134,14 @@ def malformed(path: Path, stop: threading.Event) -> str:
     return f"{reconnecting(path, body, stop)} malformed requests answered"
 
 
+def idle(path: Path, stop: threading.Event) -> str:
+    stop.wait()
+    return "no attack (the baseline)"
+
+
 ATTACKS: dict[str, Callable[[Path, threading.Event], str]] = {
-    "rapid-reset": rapid_reset, "big-message": big_message, "ping-flood": ping_flood, "half-open": half_open,
-    "long-id": long_ids, "malformed": malformed,
+    "idle": idle, "rapid-reset": rapid_reset, "big-message": big_message, "ping-flood": ping_flood,
+    "half-open": half_open, "long-id": long_ids, "malformed": malformed,
 }
 
 
