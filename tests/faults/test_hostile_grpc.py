@@ -234,7 +234,7 @@ def test_a_request_over_the_size_limit_is_refused_before_its_body(served: Served
     assert answer.status == RESOURCE_EXHAUSTED, answer
     assert str(grpc_guard.MAX_MESSAGE_BYTES) in answer.message
     # Refused on the length prefix: never more of the body than one flow-control window was taken in.
-    assert sent <= 2 * grpc_guard.WINDOW_BYTES, sent
+    assert sent <= grpc_guard.WINDOW_BYTES, sent
     print(f"refused after {sent} bytes of body")
     served.answers()
 
@@ -365,6 +365,15 @@ def test_streams_per_connection_are_limited(served: Served) -> None:
         client.h2.remote_settings._settings[h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS].appendleft(1000)
         for _ in range(grpc_guard.MAX_CONCURRENT_STREAMS + 1):
             client.open(ALLOCATE)
+        client.read_until(lambda: client.closed or client.terminated is not None, 5)
+    served.answers()
+
+
+def test_a_header_list_over_the_limit_closes_the_connection(served: Served) -> None:
+    with H2Client(served.path) as client:
+        client.read_until(lambda: client.h2.remote_settings.max_header_list_size == grpc_guard.MAX_HEADER_LIST_SIZE, 5)
+        client.h2.remote_settings._settings[h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE].appendleft(1 << 30)
+        client.open(ALLOCATE, ("x-padding", "p" * grpc_guard.MAX_HEADER_LIST_SIZE))
         client.read_until(lambda: client.closed or client.terminated is not None, 5)
     served.answers()
 
