@@ -399,7 +399,6 @@ class GuardedProtocol(grpclib.protocol.H2Protocol):
         super().__init__(handler, config, h2_config)
         self.server = server
         self.transport: asyncio.Transport | None = None
-        self.opened = time.monotonic()
         self.shedding = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
