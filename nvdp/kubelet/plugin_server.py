@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import grpclib.const
-import grpclib.server
 import h2.connection
 from grpclib.encoding.proto import ProtoCodec
 from grpclib.exceptions import GRPCError
@@ -28,8 +27,9 @@ from nvdp.core.plan.allocate import AllocateOptions, AllocationError, ContainerA
 from nvdp.core.plan.model import Resource
 from nvdp.core.plan.preferred import PreferredAllocationError, preferred_allocation
 from nvdp.kubelet.api import v1beta1 as api
+from nvdp.kubelet.grpc_guard import GuardedServer, rate_limit
 
-log = logging.getLogger(__name__)
+log = rate_limit(logging.getLogger(__name__))
 
 # h2 remembers up to 65 536 closed streams per HTTP/2 connection, to tell late frames of a closed stream from protocol
 # errors. The kubelet makes one short unary call per stream on a long-lived connection, so that memory grows by
@@ -106,10 +106,34 @@ class _Codec(ProtoCodec):
         # A request that is not valid protobuf (a device ID that is not UTF-8, a field of the wrong wire type) is
         # the client's error: say so, instead of an "Internal Server Error" and a logged traceback.
         try:
-            return super().decode(data, message_type)
+            message = super().decode(data, message_type)
         except Exception as exc:
             raise GRPCError(grpclib.const.Status.INVALID_ARGUMENT,
                             f"cannot decode {message_type.__name__}: {exc}") from None
+        if not _well_typed(message):
+            # betterproto2 decodes a field of the wrong wire type into a value of the wrong Python type (an int in
+            # a list of device IDs): refuse it here, not with a TypeError deep in a handler.
+            raise GRPCError(grpclib.const.Status.INVALID_ARGUMENT,
+                            f"cannot decode {message_type.__name__}: a field has the wrong wire type")
+        return message
+
+
+def _strings(values: Any) -> bool:
+    return all(type(v) is str for v in values)
+
+
+def _well_typed(message: Any) -> bool:
+    """The request fields the handlers read have the types the schema says. O(number of IDs)."""
+    if isinstance(message, api.AllocateRequest):
+        return all(type(c) is api.ContainerAllocateRequest and _strings(c.devices_ids)
+                   for c in message.container_requests)
+    if isinstance(message, api.PreferredAllocationRequest):
+        return all(type(c) is api.ContainerPreferredAllocationRequest and _strings(c.available_deviceIDs)
+                   and _strings(c.must_include_deviceIDs) and type(c.allocation_size) is int
+                   for c in message.container_requests)
+    if isinstance(message, api.PreStartContainerRequest):
+        return _strings(message.devices_ids)
+    return True
 
 
 class DeviceListEncoder:
@@ -280,40 +304,15 @@ class DevicePluginService(api.DevicePluginBase):
         return api.PreStartContainerResponse()
 
 
-class _TrackingServer(grpclib.server.Server):
-    """A grpclib server that can close its client connections.
+class _TrackingServer(GuardedServer):
+    """The plugin server: grpclib with nvdp's codec and the budgets of `nvdp.kubelet.grpc_guard`.
 
-    `Server.close()` stops listening and cancels handlers but leaves HTTP/2 connections open, so a kubelet's
-    `ListAndWatch` would never see its stream end. This records each connection's transport (through grpclib's
-    `_protocol_factory`, which is why grpclib is pinned exactly) so that `stop_server()` can close them.
+    `transports` (every open connection) lets `stop_server()` close them: `Server.close()` leaves HTTP/2
+    connections open, so a kubelet's `ListAndWatch` would never see its stream end.
     """
 
-    def __init__(self, handlers: list[Any]) -> None:
-        super().__init__(handlers, codec=_Codec())
-        self.transports: set[asyncio.BaseTransport] = set()
-        #: Set by stop_server(): a connection the loop accepted before the listener closed, but whose
-        #: connection_made() runs only now, is closed at once instead of serving a stopped server.
-        self.stopping = False
-
-    def _protocol_factory(self) -> Any:
-        protocol = super()._protocol_factory()
-        made, lost = protocol.connection_made, protocol.connection_lost
-        mine: list[asyncio.BaseTransport] = []
-
-        def connection_made(transport: asyncio.BaseTransport) -> None:
-            mine.append(transport)
-            self.transports.add(transport)
-            made(transport)
-            if self.stopping:
-                transport.close()
-
-        def connection_lost(exc: BaseException | None) -> None:
-            self.transports.difference_update(mine)
-            lost(exc)
-
-        protocol.connection_made = connection_made  # type: ignore[method-assign]
-        protocol.connection_lost = connection_lost  # type: ignore[method-assign]
-        return protocol
+    def __init__(self, handlers: list[Any], name: str = "") -> None:
+        super().__init__(handlers, codec=_Codec(), name=name)
 
 
 @dataclass(slots=True)
@@ -330,7 +329,7 @@ async def start_server(
 ) -> BoundServer:
     """Bind the resource's socket and start serving (on the asyncio loop). A stale file at the path is replaced."""
     mirror = DeviceListMirror(context.resource, unhealthy)
-    server = _TrackingServer([DevicePluginService(context, mirror, observer or _NoObserver())])
+    server = _TrackingServer([DevicePluginService(context, mirror, observer or _NoObserver())], context.resource.name)
     # A stale socket (ours from a crashed run, or a leftover) would make bind fail.
     with contextlib.suppress(FileNotFoundError):
         os.unlink(socket_path)

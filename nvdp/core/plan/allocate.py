@@ -121,12 +121,35 @@ def _prefix(resource: Resource) -> str:
 #: At most this many IDs are named in an error: a request of thousands of unknown IDs must not make a message of
 #: hundreds of kB (grpcio clients refuse trailers over 16 kB, and encoding them stalls the server).
 MAX_IDS_NAMED = 10
+#: An ID named in an error or a log is cut to this many characters (real IDs are under 60: `GPU-<uuid>::<n>`).
+MAX_ID_CHARS = 64
+#: Characters an ID may show as they are; anything else (a newline, a quote, a comma, non-ASCII) gets it quoted.
+_PLAIN = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_.:/@+=")
+
+
+def show_id(device_id: str) -> str:
+    """`device_id` as it may appear in an error or a log line: at most MAX_ID_CHARS of it, escaped.
+
+    A plain ID shows as it is; any other is quoted with every control, quote, backslash and non-ASCII character
+    escaped, so that an ID can neither forge a log line nor pass for two IDs. Costs O(MAX_ID_CHARS), whatever the
+    ID's length.
+    """
+    head = device_id[:MAX_ID_CHARS]
+    cut = f"... ({len(device_id)} characters)" if len(device_id) > MAX_ID_CHARS else ""
+    if head and _PLAIN.issuperset(head):
+        return head + cut
+    escaped = head.encode("unicode_escape").decode("ascii").replace('"', '\\"')
+    return f'"{escaped}"{cut}'
 
 
 def describe_ids(ids: Sequence[str]) -> str:
-    """`a, b, c` for the first MAX_IDS_NAMED distinct IDs, then `and N more`; an empty ID shows as `""`."""
+    """`a, b, c` for the first MAX_IDS_NAMED distinct IDs, then `and N more`; each as `show_id` shows it.
+
+    The text is bounded (about MAX_IDS_NAMED x (4 x MAX_ID_CHARS + 30) characters) and the cost is linear in the
+    IDs' total length (one hash each).
+    """
     unique = list(dict.fromkeys(ids))
-    shown = ", ".join(i if i else '""' for i in unique[:MAX_IDS_NAMED])
+    shown = ", ".join(show_id(i) for i in unique[:MAX_IDS_NAMED])
     rest = len(unique) - MAX_IDS_NAMED
     return f"{shown} and {rest} more" if rest > 0 else shown
 

@@ -1,0 +1,509 @@
+"""Resource budgets and hostile-input handling for the plugin gRPC servers (grpclib 0.4.9, pinned exactly).
+
+Only the kubelet (root) can reach a plugin socket, but a bug in the kubelet, a sidecar or an operator's tool must not
+take every GPU of the node away: every resource one client can make the daemon hold is bounded here, a request that
+breaks the rules gets a gRPC status (not a traceback), and what is logged about it is rate-limited.
+
+The budgets (docs/security.md, "Resource budgets", has the measured figures):
+
+- connections per server: `MAX_CONNECTIONS`. A new connection over the limit sheds the oldest connection that is not
+  serving a request (an idle one, or one whose streams never sent their request); if every connection is serving,
+  the new one is closed at once. The kubelet's connection always holds ListAndWatch, so it is never the one shed.
+- streams per connection: `MAX_CONCURRENT_STREAMS` (HTTP/2 SETTINGS, enforced by h2; a client that opens more is
+  disconnected); a stream must deliver its request within `REQUEST_TIMEOUT_S` or it is answered DEADLINE_EXCEEDED
+  and freed (a "half-open" stream holds memory until then).
+- stream resets per connection: a bucket of `RESET_BURST`, refilled at `RESET_RATE` per second; a client that resets
+  faster ("rapid reset") gets GOAWAY ENHANCE_YOUR_CALM and is disconnected. A reset stream's state is released at
+  once (grpclib kept it for the connection's life when the reset beat the handler to its first step).
+- message size: `MAX_MESSAGE_BYTES`; a larger length prefix is refused (RESOURCE_EXHAUSTED) before any of the body
+  is buffered, and the stream is reset. Inbound flow-control windows are `WINDOW_BYTES`, so a connection never holds
+  more unread request data than that.
+- header list: `MAX_HEADER_LIST_SIZE` (HTTP/2 SETTINGS; h2 rejects larger header blocks).
+- PING and SETTINGS frames per connection: a bucket of `CONTROL_BURST`, refilled at `CONTROL_RATE` per second;
+  a flood gets GOAWAY ENHANCE_YOUR_CALM. Each connection is read `READ_CHUNK` bytes per loop callback, so one
+  flooding connection cannot hold the loop for long.
+- output to a client that does not read: when the transport's write buffer passes `WRITE_BUFFER_HIGH`, the
+  connection stops reading until the client catches up, so PING/SETTINGS floods (whose acknowledgements would pile
+  up unsent) cost at most one read's worth of replies.
+- error text: a grpc-message is cut to `MAX_STATUS_MESSAGE_CHARS` (hpack's Huffman encoder is quadratic in a header's
+  length: a 1 MiB message stalls the loop for minutes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import struct
+import time
+from collections import OrderedDict
+from functools import partial
+from typing import Any, cast
+
+import grpclib.protocol
+import grpclib.server
+import h2.config
+import h2.connection
+import h2.errors
+import h2.events
+import h2.exceptions
+import h2.settings
+from grpclib.const import Status
+from grpclib.exceptions import GRPCError, ProtocolError, StreamTerminatedError
+from grpclib.metadata import Deadline, decode_metadata
+from grpclib.utils import DeadlineWrapper, Wrapper
+
+log = logging.getLogger(__name__)
+
+MAX_CONNECTIONS = 32
+MAX_CONCURRENT_STREAMS = 32
+#: The largest request message accepted. The largest real request, a GetPreferredAllocation that lists every device
+#: of the biggest node the benchmark models (2 688 devices), is ~150 KiB; this is also grpc-go's default limit.
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+REQUEST_TIMEOUT_S = 10.0
+RESET_BURST = 200
+RESET_RATE = 20.0
+#: PING and SETTINGS frames per connection: a bucket of this many, refilled at CONTROL_RATE per second.
+CONTROL_BURST = 500
+CONTROL_RATE = 50.0
+#: Bytes read from a connection per loop callback (asyncio's default is 256 KiB): h2 parses ~15 000 PING frames in
+#: 256 KiB, ~100 ms on which every other connection waits; 16 KiB (one maximum frame) keeps that to a few ms.
+READ_CHUNK = 16 * 1024
+MAX_HEADER_LIST_SIZE = 16 * 1024
+WINDOW_BYTES = 1024 * 1024
+WRITE_BUFFER_HIGH = 256 * 1024
+MAX_STATUS_MESSAGE_CHARS = 2048
+
+
+# --------------------------------------------------------------------------------------------- log rate limiting
+
+
+class RepeatLimiter(logging.Filter):
+    """Lets through at most `burst` records of one kind (logger, level, format string), then one per `interval_s`.
+
+    The next record of a kind that had records suppressed says how many. Kinds are few (one per call site), and the
+    table is bounded anyway. A filter on a logger: it sees only records logged to that logger itself.
+    """
+
+    def __init__(self, burst: int = 10, interval_s: float = 1.0, max_kinds: int = 256) -> None:
+        super().__init__()
+        self.burst = burst
+        self.interval_s = interval_s
+        self.max_kinds = max_kinds
+        #: kind -> [tokens, last refill, suppressed]
+        self._kinds: OrderedDict[tuple[str, int, str], list[float]] = OrderedDict()
+        #: Every record suppressed, for tests and the curious.
+        self.suppressed = 0
+
+    def reset(self) -> None:
+        self._kinds.clear()
+        self.suppressed = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        key = (record.name, record.levelno, str(record.msg))
+        now = time.monotonic()
+        state = self._kinds.get(key)
+        if state is None:
+            state = self._kinds[key] = [float(self.burst), now, 0.0]
+            if len(self._kinds) > self.max_kinds:
+                self._kinds.popitem(last=False)
+        else:
+            self._kinds.move_to_end(key)
+            state[0] = min(float(self.burst), state[0] + (now - state[1]) / self.interval_s)
+            state[1] = now
+        if state[0] < 1.0:
+            state[2] += 1
+            self.suppressed += 1
+            return False
+        state[0] -= 1.0
+        if state[2]:
+            # Said once, on the record that gets through: "N like this one were not logged".
+            record.msg = f"{record.msg} ({int(state[2])} similar messages suppressed)"
+            state[2] = 0
+        return True
+
+
+#: Shared by every logger of the gRPC path (the plugin servers run on one thread).
+REPEATS = RepeatLimiter()
+
+
+def rate_limit(logger: logging.Logger) -> logging.Logger:
+    if REPEATS not in logger.filters:
+        logger.addFilter(REPEATS)
+    return logger
+
+
+rate_limit(log)
+rate_limit(logging.getLogger("grpclib.server"))
+rate_limit(logging.getLogger("grpclib.protocol"))
+
+
+def clip(text: str, limit: int = MAX_STATUS_MESSAGE_CHARS) -> str:
+    """`text` cut to `limit` characters (noting the cut), so that a grpc-message stays small."""
+    if len(text) <= limit:
+        return text
+    return text[: limit - 40] + f"... ({len(text)} characters)"
+
+
+# -------------------------------------------------------------------------------------------------- the streams
+
+
+class GuardedStream(grpclib.server.Stream[Any, Any]):
+    """A server stream whose request is bounded in size and time, and whose errors stay small and quiet."""
+
+    #: Whether this stream counts in its connection's `serving` (its request arrived).
+    _counted = False
+
+    async def recv_message(self) -> Any:
+        stream = self._stream
+        try:
+            if stream.buffer._eof:
+                # The client has ended its side: the whole request is buffered already (the usual case, the kubelet
+                # sends headers and message at once), nothing to wait for.
+                data = await self._read()
+            else:
+                async with asyncio.timeout(REQUEST_TIMEOUT_S):
+                    data = await self._read()
+            if data is None:
+                return None
+        except AssertionError:
+            # grpclib's buffer: the stream ended inside the length prefix or the message.
+            raise GRPCError(Status.INVALID_ARGUMENT, "request message cut short") from None
+        except TimeoutError:
+            raise GRPCError(Status.DEADLINE_EXCEEDED,
+                            f"request not received within {REQUEST_TIMEOUT_S:g} s") from None
+        message = self._codec.decode(data, self._recv_type)
+        connection = cast(GuardedConnection, stream.connection)
+        if not self._counted:
+            connection.serving += 1
+            self._counted = True
+        self._messages_received += 1
+        connection.messages_received += 1
+        return message
+
+    async def _read(self) -> bytes | None:
+        stream = self._stream
+        meta = await stream.recv_data(5)
+        if not meta:
+            if self._cardinality.client_streaming:
+                return None
+            raise GRPCError(Status.INVALID_ARGUMENT, "no request message")
+        compressed, length = struct.unpack(">BI", meta)
+        if compressed:
+            raise GRPCError(Status.UNIMPLEMENTED, "compressed messages are not supported")
+        if length > MAX_MESSAGE_BYTES:
+            raise GRPCError(Status.RESOURCE_EXHAUSTED,
+                            f"request message of {length} bytes is larger than the limit of {MAX_MESSAGE_BYTES} bytes")
+        return await stream.recv_data(length)
+
+    async def send_trailing_metadata(self, *, status: Status = Status.OK, status_message: str | None = None,
+                                     status_details: Any = None, metadata: Any = None) -> None:
+        if status_message is not None:
+            status_message = clip(status_message)
+        await super().send_trailing_metadata(status=status, status_message=status_message,
+                                             status_details=status_details, metadata=metadata)
+
+
+async def _abort(stream: grpclib.protocol.Stream, h2_status: int, status: Status, message: str) -> None:
+    headers = [(":status", str(h2_status)), ("grpc-status", str(status.value)), ("grpc-message", message)]
+    await stream.send_headers(headers, end_stream=True)
+    if stream.closable:
+        stream.reset_nowait()
+
+
+async def request_handler(
+    mapping: dict[str, Any],
+    _stream: grpclib.protocol.Stream,
+    headers: list[tuple[str, str]],
+    codec: Any,
+    status_details_codec: Any,
+    dispatch: Any,
+    release_stream: Any,
+) -> None:
+    """grpclib's `request_handler`, with bounded requests and quiet answers to malformed ones.
+
+    Everything a client can get wrong is answered with a status and logged at debug level at most; only an error
+    of nvdp's own (an exception from a handler that is not a GRPCError) is logged, with its traceback, rate-limited.
+    """
+    stream: GuardedStream | None = None
+    try:
+        headers_map = dict(headers)
+        method = headers_map.get(":method")
+        if method != "POST":
+            await _abort(_stream, 405, Status.UNIMPLEMENTED, "only POST is supported")
+            return
+        content_type = headers_map.get("content-type", "")
+        base, _, sub_type = content_type.partition("+")
+        if base != "application/grpc" or (sub_type or "proto") != codec.__content_subtype__:
+            await _abort(_stream, 415, Status.UNKNOWN, "unacceptable content-type")
+            return
+        if headers_map.get("te") != "trailers":
+            await _abort(_stream, 400, Status.UNKNOWN, 'required "te: trailers" header is missing')
+            return
+        method_name = headers_map.get(":path", "")
+        handler = mapping.get(method_name)
+        if handler is None:
+            await _abort(_stream, 200, Status.UNIMPLEMENTED, "method not found")
+            return
+        try:
+            deadline = Deadline.from_headers(headers)
+            metadata = decode_metadata(headers)
+        except (ValueError, TypeError, KeyError):
+            await _abort(_stream, 200, Status.INVALID_ARGUMENT, "malformed grpc-timeout or metadata header")
+            return
+        if deadline is not None and not deadline.time_remaining():
+            await _abort(_stream, 200, Status.DEADLINE_EXCEEDED, "deadline exceeded before the call started")
+            return
+
+        stream = GuardedStream(
+            _stream, method_name, handler.cardinality, handler.request_type, handler.reply_type,
+            codec=codec, status_details_codec=status_details_codec, dispatch=dispatch, deadline=deadline,
+            user_agent=headers_map.get("user-agent"),
+        )
+        async with stream:
+            wrapper: Wrapper
+            deadline_wrapper: Any
+            if deadline is None:
+                wrapper = _stream.wrapper = Wrapper()
+                deadline_wrapper = contextlib.nullcontext()
+            else:
+                dw = DeadlineWrapper()
+                wrapper = _stream.wrapper = dw
+                deadline_wrapper = dw.start(deadline)
+            try:
+                with deadline_wrapper, wrapper:
+                    stream.metadata, method_func = await dispatch.recv_request(
+                        metadata, handler.func, method_name=method_name, deadline=deadline,
+                        content_type=content_type, user_agent=stream.user_agent, peer=stream.peer)
+                    await method_func(stream)
+            except GRPCError:
+                raise
+            except TimeoutError:
+                log.debug("deadline exceeded: %s", method_name)
+                raise GRPCError(Status.DEADLINE_EXCEEDED) from None
+            except StreamTerminatedError as exc:
+                log.debug("%s: %s", method_name, exc)
+                raise
+            except Exception:
+                log.exception("error in %s", method_name)
+                raise
+    except (StreamTerminatedError, h2.exceptions.StreamClosedError) as exc:
+        log.debug("stream ended early: %s", exc)
+    except ProtocolError:
+        log.exception("gRPC protocol error (a handler of nvdp's broke the protocol)")
+    except Exception:
+        log.exception("gRPC server error")
+    finally:
+        if stream is not None and stream._counted:
+            cast(GuardedConnection, _stream.connection).serving -= 1
+        release_stream()
+
+
+def _forget(tasks: dict[Any, Any], stream: grpclib.protocol.Stream, _: object) -> None:
+    tasks.pop(stream, None)
+
+
+class GuardedHandler(grpclib.server.Handler):
+    def accept(self, stream: grpclib.protocol.Stream, headers: Any, release_stream: Any) -> None:
+        task = self._tasks[stream] = self.loop.create_task(request_handler(
+            self.mapping, stream, headers, self.codec, self.status_details_codec, self.dispatch, release_stream))
+        # Forgotten as soon as done: grpclib swept finished tasks only every 10th request, so a burst of streams
+        # reset or finished in between stayed referenced (with their buffers) until then.
+        task.add_done_callback(partial(_forget, self._tasks, stream))
+
+    def cancel(self, stream: grpclib.protocol.Stream) -> None:
+        task = self._tasks.pop(stream, None)
+        if task is not None:
+            task.cancel()
+            self._cancelled.add(task)
+            task.add_done_callback(self._cancelled.discard)
+
+
+# --------------------------------------------------------------------------------------------- the connections
+
+
+class GuardedConnection(grpclib.protocol.Connection):
+    #: Streams whose request arrived and whose handler still runs: a connection with none is the one to shed.
+    serving = 0
+
+
+class GuardedProcessor(grpclib.protocol.EventsProcessor):
+    def __init__(self, handler: Any, connection: GuardedConnection, protocol: GuardedProtocol) -> None:
+        super().__init__(handler, connection)
+        self.protocol = protocol
+        self._reset_tokens = float(RESET_BURST)
+        self._reset_at = time.monotonic()
+        self._control_tokens = float(CONTROL_BURST)
+        self._control_at = self._reset_at
+        self._activity = (0, 0)
+
+    def _control_frame(self) -> None:
+        now = time.monotonic()
+        self._control_tokens = min(float(CONTROL_BURST),
+                                   self._control_tokens + (now - self._control_at) * CONTROL_RATE)
+        self._control_at = now
+        self._control_tokens -= 1.0
+        if self._control_tokens < 0:
+            self.protocol.shed("sends PING or SETTINGS frames faster than %g per second", CONTROL_RATE,
+                               code=h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
+
+    def process_ping_received(self, event: h2.events.PingReceived) -> None:
+        # A ping after traffic is free (grpc-go and grpcio clients send one per round trip of data, to size their
+        # windows); only pings with nothing else between them are charged, as grpc-go's servers do.
+        connection = self.connection
+        activity = (connection.streams_started, connection.data_sent)
+        if activity != self._activity:
+            self._activity = activity
+            return
+        self._control_frame()
+
+    def process_remote_settings_changed(self, event: h2.events.RemoteSettingsChanged) -> None:
+        self._control_frame()
+        super().process_remote_settings_changed(event)
+
+    def register(self, stream: grpclib.protocol.Stream) -> Any:
+        streams, connection = self.streams, self.connection
+
+        def release_stream() -> None:
+            # Idempotent: a reset releases the stream at once, and its handler (if it ever ran) releases it again.
+            released = streams.pop(cast(int, stream.id), None)
+            if released is None:
+                return
+            connection.stream_close_waiter.set()
+            if not connection.is_closing():
+                connection.ack(cast(int, stream.id), released.buffer.unacked_size())
+
+        assert stream.id is not None
+        streams[stream.id] = stream
+        stream.release = release_stream  # type: ignore[attr-defined]
+        return release_stream
+
+    def process_stream_reset(self, event: h2.events.StreamReset) -> None:
+        now = time.monotonic()
+        self._reset_tokens = min(float(RESET_BURST), self._reset_tokens + (now - self._reset_at) * RESET_RATE)
+        self._reset_at = now
+        self._reset_tokens -= 1.0
+        stream = self.streams.get(event.stream_id)
+        super().process_stream_reset(event)
+        if stream is not None:
+            # A handler cancelled before its first step never runs its `finally`: without this the stream (and
+            # its buffers) stayed in `streams` for the connection's life, ~7.5 KiB per reset.
+            stream.release()  # type: ignore[attr-defined]
+        if self._reset_tokens < 0:
+            self.protocol.shed("resets streams faster than %g per second", RESET_RATE,
+                               code=h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
+
+
+class GuardedProtocol(grpclib.protocol.H2Protocol):
+    def __init__(self, handler: Any, config: Any, h2_config: Any, server: GuardedServer) -> None:
+        super().__init__(handler, config, h2_config)
+        self.server = server
+        self.transport: asyncio.Transport | None = None
+        self.shedding = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport = cast(asyncio.Transport, transport)
+        self.transport = transport
+        self.server.transports.add(transport)
+        h2_conn = h2.connection.H2Connection(config=self.h2_config)
+        h2_conn.local_settings = h2.settings.Settings(client=False, initial_values={
+            h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: MAX_CONCURRENT_STREAMS,
+            h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: MAX_HEADER_LIST_SIZE,
+            h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: WINDOW_BYTES,
+        })
+        h2_conn.decoder.max_header_list_size = MAX_HEADER_LIST_SIZE
+        h2_conn.initiate_connection()
+        h2_conn.increment_flow_control_window(WINDOW_BYTES - 65535)
+        transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH)
+        if hasattr(transport, "max_size"):  # asyncio's selector transports: bytes per recv()
+            transport.max_size = READ_CHUNK
+        self.connection = GuardedConnection(h2_conn, transport, config=self.config)
+        self.connection.flush()
+        self.connection.initialize()
+        self.processor = GuardedProcessor(self.handler, self.connection, self)
+        if self.server.stopping:
+            # Accepted by the loop before the listener closed, but connection_made() ran only now: a stopped
+            # server serves nobody.
+            transport.close()
+            return
+        self.server.admit(self)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self.transport is not None:
+            self.server.transports.discard(self.transport)
+        self.server.protocols.pop(self, None)
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self.shedding:
+            return
+        super().data_received(data)
+
+    def pause_writing(self) -> None:
+        # The client does not read what we send (PING and SETTINGS acknowledgements included): stop reading from
+        # it until it does, so that what it makes us answer cannot pile up.
+        super().pause_writing()
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
+
+    @property
+    def serving(self) -> int:
+        return cast(GuardedConnection, self.connection).serving
+
+    def shed(self, reason: str, *args: Any, code: h2.errors.ErrorCodes = h2.errors.ErrorCodes.NO_ERROR) -> None:
+        """Say GOAWAY (when the client still reads) and close the connection."""
+        if self.shedding:
+            return
+        self.shedding = True
+        self.server.shed += 1
+        log.warning("plugin server %s: closing a connection that " + reason, self.server.name, *args)
+        h2_conn = self.connection._connection
+        try:
+            h2_conn.close_connection(error_code=code)
+            if self.transport is not None and not self.transport.is_closing():
+                self.transport.write(h2_conn.data_to_send())
+        except Exception as exc:  # the connection may already be broken; closing it is all that matters
+            log.debug("GOAWAY not sent: %s", exc)
+        if self.transport is not None:
+            self.transport.close()
+
+
+class GuardedServer(grpclib.server.Server):
+    """A grpclib server with the budgets above, that can also close its client connections.
+
+    `Server.close()` stops listening and cancels handlers but leaves HTTP/2 connections open, so a kubelet's
+    `ListAndWatch` would never see its stream end: `transports` lets `stop_server()` close them.
+    """
+
+    def __init__(self, handlers: list[Any], *, codec: Any = None, name: str = "") -> None:
+        super().__init__(handlers, codec=codec)
+        self.name = name
+        self.transports: set[asyncio.BaseTransport] = set()
+        #: Live connections, oldest first.
+        self.protocols: OrderedDict[GuardedProtocol, None] = OrderedDict()
+        #: Set by stop_server(): a connection whose connection_made() runs after that is closed at once.
+        self.stopping = False
+        #: Connections closed by a budget (shed for a newer one, refused, or over the reset rate).
+        self.shed = 0
+
+    def _protocol_factory(self) -> Any:
+        self.__gc_step__()
+        handler = GuardedHandler(self._mapping, self._codec, self._status_details_codec, self.__dispatch__)
+        self._handlers.add(handler)
+        return GuardedProtocol(handler, self._config, self._h2_config, self)
+
+    def admit(self, protocol: GuardedProtocol) -> None:
+        if len(self.protocols) >= MAX_CONNECTIONS:
+            victim = next((p for p in self.protocols if p.serving == 0 and not p.shedding), None)
+            if victim is None:
+                self.protocols[protocol] = None
+                protocol.shed("arrived while all %d connections were serving requests", MAX_CONNECTIONS)
+                return
+            self.protocols.pop(victim, None)
+            victim.shed("was idle while %d connections were open", MAX_CONNECTIONS)
+        self.protocols[protocol] = None
