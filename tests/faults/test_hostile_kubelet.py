@@ -19,7 +19,7 @@ import pytest
 from nvdp.kubelet.api import v1beta1 as api
 from nvdp.kubelet.registration import MAX_REASON_CHARS, RegistrationError, register
 from nvdp.testing.kubelet_emulator import KubeletEmulator
-from tests.faults.conftest import settle
+from tests.harness import settle
 from tests.helpers import gpu, write_node
 
 GPU0 = "GPU-00000000-aaaa-bbbb-cccc-000000000000"

@@ -21,7 +21,7 @@ from nvdp.core.config.settings import resolve
 from nvdp.mps import MpsDaemons
 from nvdp.mps.control_daemon import DaemonTimings
 from nvdp.testing.kubelet_emulator import KubeletEmulator
-from tests.faults.conftest import GPU0, GPU1, answers, daemon, process_gone, until
+from tests.harness import GPU0, GPU1, answers, daemon, process_gone, until
 
 # The supervision's periods, shortened so each fault is noticed in a fraction of a second (defaults: 1 s probes,
 # 5 s stop bound); what happens is the same.
