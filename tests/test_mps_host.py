@@ -173,6 +173,7 @@ def mps_root() -> Iterator[Path]:
             kill_left_daemons(root)
 
 
+@pytest.mark.slow  # the host and nvdp as processes, each stopped: a long scenario
 def test_nvdp_sigterm_leaves_the_hosts_daemon_and_the_hosts_sigterm_removes_it(
     kubelet: KubeletEmulator, two_gpu_node: Path, mps_root: Path, tmp_path: Path
 ) -> None:
@@ -241,6 +242,7 @@ def test_nvdp_sigterm_leaves_the_hosts_daemon_and_the_hosts_sigterm_removes_it(
                 process.end(signal.SIGKILL)
 
 
+@pytest.mark.slow
 def test_a_bare_host_killed_and_started_again_keeps_the_daemon_and_nvdp_adopts_it_again(
     kubelet: KubeletEmulator, two_gpu_node: Path, mps_root: Path, tmp_path: Path
 ) -> None:

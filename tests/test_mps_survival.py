@@ -183,6 +183,7 @@ def limit_commands(state: Path) -> list[str]:
     return [c for c in (state / "commands.log").read_text().splitlines() if c.startswith("set_")]
 
 
+@pytest.mark.slow  # nvdp started, killed and started again as processes: a long scenario
 def test_kill_9_of_nvdp_leaves_the_daemon_and_its_client_and_a_new_nvdp_adopts_it(
     start: Callable[..., Nvdp], kubelet: KubeletEmulator, mps_root: Path
 ) -> None:
@@ -243,6 +244,7 @@ def test_kill_9_of_nvdp_leaves_the_daemon_and_its_client_and_a_new_nvdp_adopts_i
         client.close()
 
 
+@pytest.mark.slow
 def test_a_daemon_serving_other_limits_is_restarted(
     start: Callable[..., Nvdp], kubelet: KubeletEmulator, mps_root: Path
 ) -> None:

@@ -258,7 +258,9 @@ def test_a_request_at_the_size_limit_is_served(served: Served) -> None:
     pytest.param(b"\x00\x00\x08\x06\x00\x00\x00\x00\x00" + b"12345678", id="PING"),
     pytest.param(b"\x00\x00\x00\x04\x00\x00\x00\x00\x00", id="SETTINGS"),
 ])
-@pytest.mark.parametrize("budget", [pytest.param(True, id="shed"), pytest.param(False, id="no-budget")])
+# Without the budget the flood runs its full course (a second each): the slow lane.
+@pytest.mark.parametrize("budget", [pytest.param(True, id="shed"),
+                                    pytest.param(False, id="no-budget", marks=pytest.mark.slow)])
 def test_a_control_frame_flood_from_a_client_that_never_reads_is_bounded(
     served: Served, frame: bytes, budget: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:

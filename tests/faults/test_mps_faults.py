@@ -68,6 +68,7 @@ def current_pid(state: Path) -> int:
     return pid
 
 
+@pytest.mark.slow  # a daemon killed again and again, each restart waited for
 async def test_control_daemon_killed_repeatedly(
     two_gpu_node: Path, kubelet: KubeletEmulator, short_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -39,7 +39,8 @@ sys.exit(main())
 
 MPS_CONFIG = ("version: v1\nflags:\n  plugin:\n    deviceIDStrategy: {strategy}\nsharing:\n  mps:\n    resources:\n"
               "    - {{name: nvidia.com/gpu, rename: gpu-10gb, memoryGB: 10, replicas: 2, devices: ['0']}}\n")
-SEEDS = range(10)
+#: Three moments in the default lane, all ten in the slow lane (each is a process start and stop).
+SEEDS = [pytest.param(seed, marks=pytest.mark.slow) if seed >= 3 else seed for seed in range(10)]
 #: SIGTERM after line 1 ("starting") to line 17: the daemon prints ~16 up to "ready", so the last moments are "ready".
 MOMENTS = 17
 
