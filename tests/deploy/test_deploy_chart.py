@@ -534,3 +534,12 @@ def test_upstream_0_14_style_values_install(render):
     assert r.env["NVIDIA_DRIVER_ROOT"] == "/"
     assert "PASS_DEVICE_SPECS" not in r.env and "CONFIG_FILE_SRCDIR" not in r.env
     assert r.security_context == DROP_ALL
+
+
+def test_default_resources_are_the_measured_budget_and_a_users_map_replaces_them(render):
+    """docs/security.md and values.yaml: 64Mi requested, 256Mi limit, no CPU limit, unless `resources` is set, which
+    is used as it is (never merged: a user's lower limit must not meet our higher request)."""
+    assert render({}).container["resources"] == {"requests": {"cpu": "10m", "memory": "64Mi"},
+                                                 "limits": {"memory": "256Mi"}}
+    mine = {"limits": {"memory": "48Mi"}}
+    assert render({"resources": mine}).container["resources"] == mine

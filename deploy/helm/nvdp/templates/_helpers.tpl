@@ -235,3 +235,20 @@ Checks that make `helm install` fail with a message naming the value to change.
 {{- fail "metrics.scrapeAnnotations=true needs metrics.enabled=true: there is nothing to scrape" -}}
 {{- end -}}
 {{- end -}}
+
+{{/*
+nvdp's container resources: `resources` verbatim when set (as upstream's chart), else requests and a memory limit the
+benchmarks justify (values.yaml says which figures). A default inside values.yaml would be merged key by key into a
+user's own map (a user's lower limit below our request would make an invalid pod), hence here.
+*/}}
+{{- define "nvdp.resources" -}}
+{{- if .Values.resources -}}
+{{- toYaml .Values.resources }}
+{{- else -}}
+requests:
+  cpu: 10m
+  memory: 64Mi
+limits:
+  memory: 256Mi
+{{- end -}}
+{{- end -}}
