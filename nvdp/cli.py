@@ -75,10 +75,17 @@ def build_parser() -> argparse.ArgumentParser:
     host.add_argument("--log-format", default=None, help="text or json [env $LOG_FORMAT; default text]")
     config = sub.add_parser("config", help="config file tools")
     config_sub = config.add_subparsers(dest="config_command", metavar="ACTION", required=True)
-    validate = config_sub.add_parser("validate", help="check a config file and print the resource plan")
-    validate.add_argument("file", type=Path)
-    validate.add_argument("--simulate", type=Path, default=None,
-                          help="check against this simulated node and print the plan")
+    validate = config_sub.add_parser(
+        "validate", help="check configs with the deployed flags and env vars and print what the node will do",
+        description="Check each config (FILE, or every config of --config-dir, or --config-file) with the same "
+                    "flags and environment variables as `nvdp run`, and print every error, the warnings and the "
+                    "plan. With --simulate NODE.yaml the checks that need a node run too. Exit 0: valid "
+                    "(warnings allowed), 1: invalid.")
+    validate.add_argument("files", nargs="*", type=Path, metavar="FILE",
+                          help="config files (default: --config-file, and every config of --config-dir)")
+    validate.add_argument("--strict", action="store_true", help="count warnings as errors")
+    # The flags of `nvdp run` (one definition, OPTIONS): --simulate is the node to check against.
+    _add_options(validate)
     return parser
 
 
@@ -156,13 +163,36 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "mps-host":
             return mps_host(args, env)
         if args.command == "config":
-            from nvdp.validate import validate_config
-
-            return validate_config(args.file, args.simulate)
+            return config_validate(args, env)
         return run(args, env)
     except ConfigError as exc:
         print(f"nvdp: invalid configuration: {exc}", file=sys.stderr)
         return 1
+
+
+def config_validate(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    """`nvdp config validate`: the files named, else the deployed --config-file and every config of --config-dir."""
+    from nvdp.validate import validate_configs
+
+    cli = cli_values(args)
+    files = list(args.files)
+    config_dir = None
+    if not files:
+        config_file = cli.get("config_file") or env.get("CONFIG_FILE")
+        config_dir_text = cli.get("config_dir") or env.get("CONFIG_FILE_SRCDIR")
+        config_dir = Path(config_dir_text) if config_dir_text else None
+        if config_file and config_dir is None:
+            files.append(Path(config_file))
+        if not files and config_dir is None:
+            print("nvdp config validate: no config: name FILEs, or give --config-file or --config-dir "
+                  "(or CONFIG_FILE, CONFIG_FILE_SRCDIR)", file=sys.stderr)
+            return 2
+    simulate_text = cli.get("simulate") or env.get("NVDP_SIMULATE")
+    strict = args.strict or (env.get("STRICT_CONFIG", "").strip().lower() in ("1", "t", "true", "yes", "y", "on"))
+    code, text = validate_configs(files, config_dir, cli, env, Path(simulate_text) if simulate_text else None,
+                                  strict)
+    print(text)
+    return code
 
 
 def mps_host(args: argparse.Namespace, env: Mapping[str, str]) -> int:
