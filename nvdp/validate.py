@@ -486,7 +486,7 @@ def validate_one(data: bytes | None, source: str, cli: Mapping[str, str | None],
         report.notes.append(f"no plan on {node_name}: see the errors")
         return report
     report.plan.append(f"on {node_name}:")
-    report.plan += format_plan(plan).splitlines()
+    report.plan += [f"  {line}" for line in format_plan(plan).splitlines()]
     per_client = mps_lines(plan, config, inventory)
     if per_client:
         report.plan.append("MPS, per client:")
@@ -538,4 +538,4 @@ def validate_configs(files: Sequence[Path], config_dir: Path | None, cli: Mappin
         out.append(report.render(strict))
     if count > 1:
         out.append(f"{count} configs: {'all valid' if ok else 'some invalid'}")
-    return (0 if ok else 1), "\n".join(out)
+    return (0 if ok else 1), "\n\n".join(out)

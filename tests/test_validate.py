@@ -351,3 +351,22 @@ def test_as_a_process(tmp_path: Path) -> None:
     assert failed.returncode == 1
     assert "Traceback" not in failed.stdout + failed.stderr
     assert "60 GB" in failed.stdout and failed.stdout.strip().endswith(f"{bad}: invalid: 1 error")
+
+
+def test_the_readme_migration_starts_with_validating_and_explains_the_compute_cap() -> None:
+    readme = (ROOT / "README.md").read_text()
+    migration = readme[readme.index("## Migrating from NVIDIA's plugin"):]
+    migration = migration[:migration.index("\n## ", 5)]
+    first_step = migration[migration.index("1. "):migration.index("2. ")]
+    assert "Validate every existing config first, with the deployed flags" in first_step
+    assert "config.map" in first_step and "nvdp config validate --config-dir" in first_step
+    assert migration.index("nvdp config validate") < migration.index("helm upgrade")
+    assert "never set `CUDA_MPS_ACTIVE_THREAD_PERCENTAGE`" in migration and "`computePercent: 100`" in migration
+
+
+def test_compute_percent_100_keeps_the_forks_uncapped_compute(tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    path = write(tmp_path, THREE_20GB.replace("replicas: 3", "replicas: 2\n        computePercent: 100"))
+    code, out = run(capsys, path, "--simulate", str(DEFAULT_NODE))
+    assert code == 0, out
+    assert "2 clients, each: memory limit 20 GB (20480 MiB), compute 100% (from computePercent)" in out
