@@ -232,11 +232,33 @@ def _settings(cli: Mapping[str, str | None], env: Mapping[str, str], config: Con
             cli.pop(option.dest, None)
             for name in option.envs:
                 env.pop(name, None)
-    try:
-        return resolve(cli, env, config, config_source=source)
-    except ConfigError as exc:
-        report.error(str(exc))
-        return None
+    # The file's own values: each error, with the key it names left out for the next try.
+    by_path = {o.yaml_path: o.config_path for o in OPTIONS if o.config_path}
+    by_path.update({"$.version": ("version",), "$.imex": ("imex",)})
+    settings = None
+    for _ in range(MAX_DECODE_ERRORS):
+        try:
+            settings = resolve(cli, env, config, config_source=source)
+            break
+        except ConfigError as exc:
+            report.error(str(exc))
+            where = str(exc).removeprefix(f"{source}: ").partition(":")[0]
+            if not str(exc).startswith(f"{source}: $.") or where not in by_path:
+                break
+            # An MPS root in error stands in as the chart's, so that MPS is not also refused for having none.
+            stand_in = CHART_MPS_ROOT if by_path[where] == ("flags", "mps_root") else None
+            config = _without(config, by_path[where], stand_in)
+    return settings if not report.errors else None
+
+
+def _without(struct: Any, path: tuple[str, ...], value: Any = None) -> Any:
+    """`struct` with the field at `path` (attribute names) set to `value` (default: unset)."""
+    if len(path) == 1:
+        return msgspec.structs.replace(struct, **{path[0]: value})
+    child = getattr(struct, path[0], None)
+    if child is None:
+        return struct
+    return msgspec.structs.replace(struct, **{path[0]: _without(child, path[1:], value)})
 
 
 def _settings_line(settings: Settings) -> str:
@@ -466,13 +488,13 @@ def validate_one(data: bytes | None, source: str, cli: Mapping[str, str | None],
             report.error(message)
         # The flags, the variables and what decodes of the file are still checked.
         _settings(cli, env, rest or Config(), source, report)
-        report.notes.append("no plan: the config does not decode")
+        report.notes.append("no plan and no node checks: the config does not decode (fix the errors above first)")
         return report
     settings = _settings(cli, env, config, source, report)
     for warning in collect_warnings(config, source, settings):
         report.warn(warning)
     if settings is None:
-        report.notes.append("no plan: the settings are invalid")
+        report.notes.append("no plan and no node checks: the settings are invalid (fix the errors above first)")
         return report
     report.settings = _settings_line(settings)
     if inventory is None:

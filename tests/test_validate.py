@@ -370,3 +370,31 @@ def test_compute_percent_100_keeps_the_forks_uncapped_compute(tmp_path: Path,
     code, out = run(capsys, path, "--simulate", str(DEFAULT_NODE))
     assert code == 0, out
     assert "2 clients, each: memory limit 20 GB (20480 MiB), compute 100% (from computePercent)" in out
+
+
+def test_every_error_in_the_files_settings_is_reported(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write(tmp_path, """\
+version: v2
+flags:
+  migStrategy: bogus
+  mpsRoot: relative
+  plugin:
+    deviceIDStrategy: serial
+    deviceListStrategy: cdi-cri
+imex:
+  required: true
+sharing:
+  mps:
+    resources:
+      - name: gpu
+        replicas: 2
+""")
+    code, out = run(capsys, path, "--simulate", str(DEFAULT_NODE))
+    assert code == 1
+    for where in ("$.flags.migStrategy: invalid value 'bogus'", "$.flags.plugin.deviceIDStrategy: invalid value",
+                  "$.flags.plugin.deviceListStrategy: device list strategy cdi-cri", "$.version: unknown version",
+                  "$.imex: IMEX channels are not supported", "$.flags.mpsRoot: the MPS root must be an absolute"):
+        assert f"{path}: {where}" in out, where
+    assert "requires --mps-root" not in out  # not a consequence of leaving the bad one out
+    assert_verdict_last(out, path, "invalid: 6 errors")
+    assert "no plan and no node checks: the settings are invalid" in out
