@@ -21,7 +21,7 @@ from nvdp import __version__
 from nvdp.core.config.errors import ConfigError
 from nvdp.core.config.load import load_config_file
 from nvdp.core.config.schema import Config
-from nvdp.core.config.settings import OPTIONS, Settings, cli_values, resolve
+from nvdp.core.config.settings import OPTIONS, Settings, cli_values, parse_bool, resolve
 from nvdp.observe.logs import setup_logging
 
 if TYPE_CHECKING:
@@ -175,20 +175,27 @@ def config_validate(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     from nvdp.validate import validate_configs
 
     cli = cli_values(args)
-    files = list(args.files)
-    config_dir = None
-    if not files:
-        config_file = cli.get("config_file") or env.get("CONFIG_FILE")
-        config_dir_text = cli.get("config_dir") or env.get("CONFIG_FILE_SRCDIR")
-        config_dir = Path(config_dir_text) if config_dir_text else None
-        if config_file and config_dir is None:
-            files.append(Path(config_file))
-        if not files and config_dir is None:
+    # What the command line names; else what the deployed environment does (`nvdp run` prefers the directory).
+    config_file, config_dir_text = cli.get("config_file"), cli.get("config_dir")
+    files = list(args.files) + ([Path(config_file)] if config_file else [])
+    config_dir = Path(config_dir_text) if config_dir_text else None
+    if not files and config_dir is None:
+        if env.get("CONFIG_FILE_SRCDIR"):
+            config_dir = Path(env["CONFIG_FILE_SRCDIR"])
+        elif env.get("CONFIG_FILE"):
+            files.append(Path(env["CONFIG_FILE"]))
+        else:
             print("nvdp config validate: no config: name FILEs, or give --config-file or --config-dir "
                   "(or CONFIG_FILE, CONFIG_FILE_SRCDIR)", file=sys.stderr)
             return 2
     simulate_text = cli.get("simulate") or env.get("NVDP_SIMULATE")
-    strict = args.strict or (env.get("STRICT_CONFIG", "").strip().lower() in ("1", "t", "true", "yes", "y", "on"))
+    # --strict, or the daemon's strict mode (--strict-config / STRICT_CONFIG) where the deployment sets it.
+    strict_text = getattr(args, "strict_config", None) or env.get("STRICT_CONFIG") or "false"
+    try:
+        strict = args.strict or parse_bool(strict_text)
+    except ValueError:
+        print(f"nvdp config validate: STRICT_CONFIG {strict_text!r}: expected true or false", file=sys.stderr)
+        return 2
     code, text = validate_configs(files, config_dir, cli, env, Path(simulate_text) if simulate_text else None,
                                   strict)
     print(text)

@@ -33,7 +33,7 @@ from nvdp.core.config.errors import ConfigError
 from nvdp.core.config.load import parse_config, read_config_bytes
 from nvdp.core.config.schema import Config
 from nvdp.core.config.settings import OPTIONS, Settings, resolve
-from nvdp.core.config.sharing import Mps, ReplicatedResource
+from nvdp.core.config.sharing import Mps, ReplicatedResource, TimeSlicing
 from nvdp.core.inventory import NodeInventory
 from nvdp.core.plan.build import PlanError, build_plan
 from nvdp.core.plan.model import Device, Plan, Sharing
@@ -384,6 +384,14 @@ def _mps_entries(config: Config) -> list[tuple[int, str, ReplicatedResource]]:
     return [(i, mps.output_name(r), r) for i, r in enumerate(mps.resources or ())]
 
 
+def time_slicing_lines(config: Config) -> list[str]:
+    section: TimeSlicing | None = config.sharing.time_slicing if config.sharing is not None else None
+    if section is None:
+        return []
+    return [f"{section.output_name(r)} (sharing.timeSlicing.resources[{i}]): {r.replicas} replicas of each "
+            f"selected {r.name} device" for i, r in enumerate(section.resources or ())]
+
+
 def mps_lines_without_node(config: Config) -> list[str]:
     """Per MPS resource: what each client gets, as far as the config alone says."""
     lines = []
@@ -498,7 +506,12 @@ def validate_one(data: bytes | None, source: str, cli: Mapping[str, str | None],
         return report
     report.settings = _settings_line(settings)
     if inventory is None:
-        report.notes.append("not checked, as they need a node (give --simulate NODE.yaml): " + "; ".join(NODE_CHECKS))
+        report.notes.append("not checked, as they need a node (give --simulate NODE.yaml):"
+                            + "".join(f"\n        {check}" for check in NODE_CHECKS))
+        time_sliced = time_slicing_lines(config)
+        if time_sliced:
+            report.plan.append("time-slicing (no memory or compute limit):")
+            report.plan += [f"  {line}" for line in time_sliced]
         if _uses_mps(config):
             report.plan.append("MPS, per client (the GPUs' memory is needed for the rest):")
             report.plan += [f"  {line}" for line in mps_lines_without_node(config)]

@@ -398,3 +398,17 @@ sharing:
     assert "requires --mps-root" not in out  # not a consequence of leaving the bad one out
     assert_verdict_last(out, path, "invalid: 6 errors")
     assert "no plan and no node checks: the settings are invalid" in out
+
+
+def test_time_slicing_without_a_node(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write(tmp_path, seed_sample())
+    code, out = run(capsys, path)
+    assert code == 0
+    assert "nvidia.com/gpu-shared (sharing.timeSlicing.resources[0]): 4 replicas of each selected nvidia.com/gpu" in out
+
+
+def test_a_bad_strict_config_variable_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("STRICT_CONFIG", "maybe")
+    code, out = run(capsys, write(tmp_path, "version: v1\n"))
+    assert code == 2 and "STRICT_CONFIG 'maybe': expected true or false" in out
