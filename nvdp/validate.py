@@ -32,6 +32,7 @@ import yaml
 from nvdp.core.config.errors import ConfigError
 from nvdp.core.config.load import parse_config, read_config_bytes
 from nvdp.core.config.schema import Config
+from nvdp.core.config.selection import check_fallbacks
 from nvdp.core.config.settings import OPTIONS, Settings, resolve
 from nvdp.core.config.sharing import Mps, ReplicatedResource, TimeSlicing
 from nvdp.core.inventory import NodeInventory
@@ -248,6 +249,11 @@ def _settings(cli: Mapping[str, str | None], env: Mapping[str, str], config: Con
             # An MPS root in error stands in as the chart's, so that MPS is not also refused for having none.
             stand_in = CHART_MPS_ROOT if by_path[where] == ("flags", "mps_root") else None
             config = _without(config, by_path[where], stand_in)
+    if settings is not None:
+        try:
+            check_fallbacks(settings.fallback_strategies)
+        except ConfigError as exc:
+            report.error(str(exc))
     return settings if not report.errors else None
 
 

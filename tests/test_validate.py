@@ -412,3 +412,10 @@ def test_a_bad_strict_config_variable_is_refused(tmp_path: Path, capsys: pytest.
     monkeypatch.setenv("STRICT_CONFIG", "maybe")
     code, out = run(capsys, write(tmp_path, "version: v1\n"))
     assert code == 2 and "STRICT_CONFIG 'maybe': expected true or false" in out
+
+
+def test_an_unknown_fallback_strategy_is_an_error(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FALLBACK_STRATEGIES", "named,nearest")
+    code, out = run(capsys, write(tmp_path, "version: v1\n"))
+    assert code == 1 and "unknown fallback strategy 'nearest'" in out
