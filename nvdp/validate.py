@@ -7,8 +7,8 @@ report, in this order, and nothing after its verdict:
 1. `errors`: every error found, not only the first: each flag and environment variable is checked on its own, the
    config file's keys are decoded again with each faulty key left out, and on a node (`--simulate`) each sharing
    entry is planned on its own before the whole config is (cross-entry checks: overlaps, memory per GPU);
-2. `warnings`: `collect_warnings` (the hook for the config warnings of the pure core) and what planning logs as a
-   warning (a resource this node lacks, MPS on a pre-Volta GPU);
+2. `warnings`: those of the config (`load_config` and `collect_warnings`, the hooks for the config warnings of the
+   pure core) and what planning logs as a warning (a resource this node lacks, MPS on a pre-Volta GPU);
 3. `notes`: what was assumed (the chart's MPS root when none is given) and, without a node, which checks need one;
 4. `plan`: per MPS resource the memory limit and compute percentage of each client and where the percentage came
    from; on a node, the whole resource plan;
@@ -59,21 +59,22 @@ _REDECODE_MAX_BYTES = 64 * 1024
 # --- the hook for config warnings ----------------------------------------------------------------------------
 
 
-def collect_warnings(config: Config, source: str, settings: Settings | None) -> list[str]:
-    """Warnings about a config that loads: each a line naming the file and the key path, e.g.
-    `config.yaml: $.sharing.timeSlicing.resources[0].devices: upstream ignores devices without rename; ...`.
+def load_config(data: bytes, source: str) -> tuple[Config, list[str]]:
+    """The one place validate parses a config: the config and its warnings, each a line naming the file and the
+    key path (`config.yaml: $.sharing.timeSlicing.resources[0].devices: ...`).
 
-    The hook for the pure core's config warnings (`(config, warnings)` from nvdp.core.config, branch h6-config):
-    connect it here, and make `load_config` below use that loader so that what upstream accepts with a warning
-    is not reported as an error. None today. `settings` is None when the flags or the file's settings are invalid.
+    HOOK for the pure core's config warnings (branch h6-config, a `(config, warnings)` loader in nvdp.core.config):
+    call it here, in its lenient mode: validate lists every warning and applies `--strict` itself
+    (`Report.valid`), so that what upstream accepts is reported as a warning, not an error. No warnings today.
     """
+    return parse_config(data, source), []
+
+
+def collect_warnings(config: Config, source: str, settings: Settings | None) -> list[str]:
+    """HOOK for warnings that need the resolved settings too (`settings` is None when they are invalid), in the
+    same form as `load_config`'s. None today."""
     del config, source, settings
     return []
-
-
-def load_config(data: bytes, source: str) -> Config:
-    """The one place validate parses a config (see `collect_warnings`)."""
-    return parse_config(data, source)
 
 
 # --- the report ----------------------------------------------------------------------------------------------
@@ -157,7 +158,7 @@ def _decode_errors(data: bytes, source: str, first: ConfigError) -> tuple[list[s
         if not _drop(doc, source, str(error)):
             break
         try:
-            return errors, load_config(yaml.safe_dump(doc).encode(), source)
+            return errors, load_config(yaml.safe_dump(doc).encode(), source)[0]
         except ConfigError as exc:
             if str(exc) in errors:
                 break
@@ -495,7 +496,7 @@ def validate_one(data: bytes | None, source: str, cli: Mapping[str, str | None],
         report.error(read_error or f"{source}: cannot read")
         return report
     try:
-        config = load_config(data, source)
+        config, warnings = load_config(data, source)
     except ConfigError as exc:
         errors, rest = _decode_errors(data, source, exc)
         for message in errors:
@@ -505,7 +506,7 @@ def validate_one(data: bytes | None, source: str, cli: Mapping[str, str | None],
         report.notes.append("no plan and no node checks: the config does not decode (fix the errors above first)")
         return report
     settings = _settings(cli, env, config, source, report)
-    for warning in collect_warnings(config, source, settings):
+    for warning in [*warnings, *collect_warnings(config, source, settings)]:
         report.warn(warning)
     if settings is None:
         report.notes.append("no plan and no node checks: the settings are invalid (fix the errors above first)")

@@ -419,3 +419,20 @@ def test_an_unknown_fallback_strategy_is_an_error(tmp_path: Path, capsys: pytest
     monkeypatch.setenv("FALLBACK_STRATEGIES", "named,nearest")
     code, out = run(capsys, write(tmp_path, "version: v1\n"))
     assert code == 1 and "unknown fallback strategy 'nearest'" in out
+
+
+def test_the_loader_hook_warnings_are_listed(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    real = validate.load_config
+
+    def lenient(data: bytes, source: str) -> tuple[object, list[str]]:
+        config, warnings = real(data, source)
+        return config, [*warnings, f"{source}: $.sharing.timeSlicing.resources[0].devices: ignored by upstream"]
+
+    monkeypatch.setattr(validate, "load_config", lenient)
+    path = write(tmp_path, "version: v1\n")
+    code, out = run(capsys, path)
+    assert code == 0 and f"{path}: $.sharing.timeSlicing.resources[0].devices: ignored by upstream" in out
+    assert_verdict_last(out, path, "valid, with 1 warning")
+    code, out = run(capsys, path, "--strict")
+    assert code == 1
