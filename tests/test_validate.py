@@ -436,3 +436,15 @@ def test_the_loader_hook_warnings_are_listed(tmp_path: Path, capsys: pytest.Capt
     assert_verdict_last(out, path, "valid, with 1 warning")
     code, out = run(capsys, path, "--strict")
     assert code == 1
+
+
+def test_validate_accepts_every_flag_of_run() -> None:
+    from nvdp.cli import build_parser
+
+    parser = build_parser()
+    for option in OPTIONS:
+        for flag in option.flags:
+            args = parser.parse_args(["config", "validate", "c.yaml", flag, "x"])
+            assert getattr(args, option.dest) == "x", flag
+            run_args = parser.parse_args(["run", flag, "x"])
+            assert getattr(run_args, option.dest) == "x", flag
