@@ -543,3 +543,61 @@ def test_default_resources_are_the_measured_budget_and_a_users_map_replaces_them
                                                  "limits": {"memory": "256Mi"}}
     mine = {"limits": {"memory": "48Mi"}}
     assert render({"resources": mine}).container["resources"] == mine
+
+
+GPU_NODE_TERMS = [
+    {"matchExpressions": [{"key": "feature.node.kubernetes.io/pci-10de.present", "operator": "In", "values": ["true"]}]},
+    {"matchExpressions": [{"key": "feature.node.kubernetes.io/cpu-model.vendor_id", "operator": "In",
+                           "values": ["NVIDIA"]}]},
+    {"matchExpressions": [{"key": "nvidia.com/gpu.present", "operator": "In", "values": ["true"]}]},
+]
+
+
+def _required_terms(pod: dict) -> list[dict]:
+    return pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+
+
+@pytest.mark.parametrize("values", [{}, {"affinity": {}}, {"mps": {"enabled": True}}])
+def test_default_affinity_is_gpu_nodes_only_as_upstream(render, values):
+    """Upstream's default: any of three labels (one term each, so ORed). An empty map (v0.14's default) keeps it, as
+    Helm merges maps; the MPS host DaemonSet is placed the same way."""
+    r = render(values)
+    for daemonset in r.of_kind("DaemonSet"):
+        pod = daemonset["spec"]["template"]["spec"]
+        assert _required_terms(pod) == GPU_NODE_TERMS, daemonset["metadata"]["name"]
+        assert set(pod["affinity"]) == {"nodeAffinity"}
+    if values.get("mps"):
+        assert r.mps_host is not None
+
+
+def test_affinity_overrides_as_upstream(render):
+    mine = [{"matchExpressions": [{"key": "example.com/gpu", "operator": "Exists"}]}]
+    override = {"affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+        "nodeSelectorTerms": mine}}}, "mps": {"enabled": True}}
+    r = render(override)
+    for daemonset in r.of_kind("DaemonSet"):
+        assert _required_terms(daemonset["spec"]["template"]["spec"]) == mine, "lists are replaced, not appended"
+    # Other affinity kinds are merged with the default (Helm's rule for maps, so upstream's too).
+    anti = {"requiredDuringSchedulingIgnoredDuringExecution": [{"topologyKey": "kubernetes.io/hostname"}]}
+    pod = render({"affinity": {"podAntiAffinity": anti}}).pod
+    assert pod["affinity"]["podAntiAffinity"] == anti and _required_terms(pod) == GPU_NODE_TERMS
+    # null removes it: every node that tolerates the pod.
+    r = render({"affinity": None, "mps": {"enabled": True}})
+    assert all("affinity" not in d["spec"]["template"]["spec"] for d in r.of_kind("DaemonSet"))
+
+
+def test_static_manifest_runs_on_gpu_nodes_only():
+    static = [o for o in yaml.safe_load_all((ROOT / "deploy/static/nvdp.yaml").read_text()) if o]
+    assert _required_terms(static[0]["spec"]["template"]["spec"]) == GPU_NODE_TERMS
+
+
+def test_values_comments_match_the_events_role(render):
+    """values.yaml and the templates' comments say what the Events Role grants: create, nothing else."""
+    role = next(o for o in render({"events": {"enabled": True}}).of_kind("Role") if o["metadata"]["name"].endswith(
+        "-events"))
+    assert role["rules"] == [{"apiGroups": [""], "resources": ["events"], "verbs": ["create"]}]
+    for path in ("deploy/helm/nvdp/values.yaml", "deploy/helm/nvdp/templates/rbac.yaml",
+                 "deploy/helm/nvdp/templates/_helpers.tpl", "docs/deployment.md"):
+        text = (ROOT / path).read_text().lower()
+        for claim in ("create and patch", "create/patch", "patch events", "create, patch"):
+            assert claim not in text, f"{path} says the Events role has patch"

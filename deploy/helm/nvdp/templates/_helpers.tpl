@@ -103,7 +103,7 @@ true
 
 {{/*
 "true" when nvdp may record Events about its Node: it has API access (a config or events.enabled). RBAC then
-allows create/patch on core/v1 events in the `default` namespace, the only one the API server accepts for a Node.
+allows create (only) on core/v1 events in the `default` namespace, the only one the API server accepts for a Node.
 */}}
 {{- define "nvdp.eventsAllowed" -}}
 {{- include "nvdp.apiAccess" . -}}
