@@ -286,7 +286,6 @@ def test_external_config_name(render):
         ({"devicePlugin": {"enabled": False}}, "remove devicePlugin.enabled"),
         ({"legacyDaemonsetAPI": True}, "remove legacyDaemonsetAPI"),
         ({"namespace": "gpu"}, "namespaceOverride"),
-        ({"image": {"repository": "nvcr.io/nvidia/k8s-device-plugin"}}, "remove image.repository"),
         ({"mps": {"userID": 1000}}, "set mps.enabled=true"),
         ({"probes": {"enabled": True}, "metrics": {"enabled": False}}, "needs metrics.enabled=true"),
         # probes are on by default: turning metrics off alone says to turn the probes off too.
@@ -601,3 +600,97 @@ def test_values_comments_match_the_events_role(render):
         text = (ROOT / path).read_text().lower()
         for claim in ("create and patch", "create/patch", "patch events", "create, patch"):
             assert claim not in text, f"{path} says the Events role has patch"
+
+
+NVDP_IMAGE = "ghcr.io/nvdp/nvdp:0.1.0"
+
+
+@pytest.mark.parametrize(
+    "image",
+    [
+        {"repository": "nvcr.io/nvidia/k8s-device-plugin"},
+        {"repository": "nvcr.io/nvidia/k8s-device-plugin", "tag": "v0.17.0"},
+        {"repository": "ghcr.io/nebuly-ai/k8s-device-plugin", "tag": "v0.13.0"},
+        {"repository": "registry.example/mirror/nvidia/k8s-device-plugin", "tag": "v0.14.5-ubi8"},
+        {"tag": "v0.14.5"},
+        {"repository": "ghcr.io/nvdp/nvdp", "tag": "v0.15.0"},
+    ],
+)
+def test_upstream_image_values_run_nvdps_image_and_say_so(render, image):
+    r = render({"image": image, "mps": {"enabled": True}})
+    assert r.container["image"] == NVDP_IMAGE
+    assert r.mps_host["spec"]["template"]["spec"]["containers"][0]["image"] == NVDP_IMAGE
+    assert f"the pods run nvdp's image {NVDP_IMAGE} instead" in r.notes
+    assert image.get("repository", image.get("tag")) in r.notes
+
+
+@pytest.mark.parametrize(
+    ("image", "reference"),
+    [
+        ({}, NVDP_IMAGE),
+        ({"tag": "0.2.0"}, "ghcr.io/nvdp/nvdp:0.2.0"),
+        ({"repository": "registry.example/nvdp", "tag": "v2"}, "registry.example/nvdp:v2"),
+        ({"repository": "registry.example/nvdp"}, "registry.example/nvdp:0.1.0"),
+    ],
+)
+def test_nvdp_image_values_are_used_as_given(render, image, reference):
+    r = render({"image": image})
+    assert r.container["image"] == reference
+    assert "nvdp's image" not in r.notes
+
+
+def test_default_repository_is_the_one_values_name():
+    values = yaml.safe_load((ROOT / "deploy/helm/nvdp/values.yaml").read_text())
+    helpers = (ROOT / "deploy/helm/nvdp/templates/_helpers.tpl").read_text()
+    assert '{{- define "nvdp.defaultRepository" -}}' + values["image"]["repository"] + "{{- end -}}" in helpers
+
+
+def _schema() -> dict:
+    import json
+
+    return json.loads((ROOT / "deploy/helm/nvdp/values.schema.json").read_text())
+
+
+@pytest.mark.parametrize("typo", ["migStrategyy", "tolerration", "nodeselector", "Image", "mig"])
+def test_unknown_top_level_keys_are_refused(render_error, typo):
+    message = render_error({typo: "x"})
+    assert "additional properties" in message and typo in message
+
+
+# Every top-level key of upstream's values.yaml (0.14 to 0.20 and its main branch) and of the fork's.
+UPSTREAM_TOP_LEVEL = {
+    "config", "compatWithCPUManager", "migStrategy", "failOnInitError", "deviceListStrategy", "deviceIDStrategy",
+    "nvidiaDriverRoot", "nvidiaDevRoot", "gdrcopyEnabled", "gdsEnabled", "mofedEnabled", "deviceDiscoveryStrategy",
+    "nameOverride", "fullnameOverride", "namespaceOverride", "selectorLabelsOverride", "componentSelectorLabels",
+    "allowDefaultNamespace", "imagePullSecrets", "image", "updateStrategy", "podAnnotations", "podSecurityContext",
+    "securityContext", "resources", "nodeSelector", "affinity", "tolerations", "priorityClassName",
+    "runtimeClassName", "devicePlugin", "gfd", "nfd", "mps", "cdi", "legacyDaemonsetAPI", "noTimestamp",
+    "sleepInterval",
+}
+
+
+def test_schema_lists_every_nvdp_and_upstream_key_and_nothing_else_passes():
+    schema = _schema()
+    assert schema["additionalProperties"] is False
+    listed = set(schema["properties"])
+    values = yaml.safe_load((ROOT / "deploy/helm/nvdp/values.yaml").read_text())
+    assert set(values) <= listed, "every key of values.yaml is in the schema"
+    assert listed >= UPSTREAM_TOP_LEVEL
+    # What is listed but not nvdp's own is documented as accepted for compatibility.
+    compat = {k for k, v in schema["properties"].items() if "x-compatibility" in v}
+    assert listed - set(values) == compat
+    for key in compat - {"global", "legacyDaemonsetAPI", "namespace"}:
+        assert key in (ROOT / "docs/deployment.md").read_text(), key
+
+
+def test_upstream_only_keys_install_and_are_listed_as_ignored(render):
+    r = render({"componentSelectorLabels": {"enabled": False}, "noTimestamp": None, "sleepInterval": "60s",
+                "global": {"imageRegistry": "r.example"}, "gfd": {"enabled": False}, "cdi": {"featureFlags": None}})
+    assert "componentSelectorLabels" in r.notes and "sleepInterval" in r.notes and "cdi.*" in r.notes
+
+
+@pytest.mark.parametrize("name", ["upstream-values.yaml", "fork-values.yaml"])
+def test_upstream_and_fork_values_files_pass_the_schema(render, values_file, name):
+    values = values_file(name)
+    assert set(values) <= set(_schema()["properties"])
+    assert render(values).daemonset
