@@ -545,7 +545,8 @@ def test_default_resources_are_the_measured_budget_and_a_users_map_replaces_them
 
 
 GPU_NODE_TERMS = [
-    {"matchExpressions": [{"key": "feature.node.kubernetes.io/pci-10de.present", "operator": "In", "values": ["true"]}]},
+    {"matchExpressions": [{"key": "feature.node.kubernetes.io/pci-10de.present", "operator": "In",
+                           "values": ["true"]}]},
     {"matchExpressions": [{"key": "feature.node.kubernetes.io/cpu-model.vendor_id", "operator": "In",
                            "values": ["NVIDIA"]}]},
     {"matchExpressions": [{"key": "nvidia.com/gpu.present", "operator": "In", "values": ["true"]}]},

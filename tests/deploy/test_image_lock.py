@@ -134,4 +134,4 @@ def test_every_third_party_import_is_a_declared_dependency():
         for module in _third_party_imports(path) - EXTRA_ONLY.get(relative, set()):
             owners = {canonicalize_name(d) for d in distributions.get(module, [])}
             assert owners, f"{relative} imports {module}, which no installed distribution provides"
-            assert owners & declared, f"{relative} imports {module} ({', '.join(owners)}): not in [project] dependencies"
+            assert owners & declared, f"{relative} imports {module} ({', '.join(owners)}): not a [project] dependency"
