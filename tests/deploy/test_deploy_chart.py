@@ -695,3 +695,21 @@ def test_upstream_and_fork_values_files_pass_the_schema(render, values_file, nam
     values = values_file(name)
     assert set(values) <= set(_schema()["properties"])
     assert render(values).daemonset
+
+
+def test_upstream_chart_defaults_copied_verbatim_install_nvdp_on_gpu_nodes(render, values_file):
+    values = values_file("upstream-0.20-defaults.yaml")
+    assert set(values) <= set(_schema()["properties"])
+    r = render(values)
+    assert [o["kind"] for o in r.objects] == ["DaemonSet"]
+    assert r.container["image"] == NVDP_IMAGE
+    assert _required_terms(r.pod) == GPU_NODE_TERMS
+    assert r.security_context == DROP_ALL
+    for ignored in ("nfd.*", "cdi.*", "componentSelectorLabels", "devicePlugin.containers"):
+        assert ignored in r.notes, ignored
+    assert "is another plugin's image" in r.notes
+
+
+def test_notes_say_where_the_pods_go(render):
+    assert "GPU nodes only" in render().notes and "nvidia.com/gpu.present=true" in render().notes
+    assert "GPU nodes only" not in render({"affinity": None}).notes
