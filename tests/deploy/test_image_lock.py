@@ -73,19 +73,24 @@ def test_runtime_lock_covers_every_runtime_dependency():
 
 
 def test_runtime_lock_is_closed_under_the_installed_dependencies():
-    """Each locked package's own requirements are locked too (checked against the metadata installed here, which
-    pip --require-hashes would otherwise refuse at build time)."""
+    """Each locked package's own requirements are locked too (pip --require-hashes would refuse the build
+    otherwise), checked against the metadata installed here for the packages installed at the locked version."""
     lock = parse_lock(RUNTIME_LOCK)
-    for name in lock:
+    checked = 0
+    for name, (version, _hashes) in lock.items():
         try:
+            if importlib.metadata.version(name) != version:
+                continue
             requires = importlib.metadata.requires(name) or []
         except importlib.metadata.PackageNotFoundError:
             continue
+        checked += 1
         for text in requires:
             req = Requirement(text)
             if req.marker is not None and not req.marker.evaluate({**ENV, "extra": ""}):
                 continue
             assert canonicalize_name(req.name) in lock, f"{name} needs {req}, not in the lock"
+    assert checked, "no locked package is installed at its locked version here"
 
 
 def test_build_lock_covers_the_build_backend():
