@@ -140,3 +140,14 @@ def test_every_third_party_import_is_a_declared_dependency():
             owners = {canonicalize_name(d) for d in distributions.get(module, [])}
             assert owners, f"{relative} imports {module}, which no installed distribution provides"
             assert owners & declared, f"{relative} imports {module} ({', '.join(owners)}): not a [project] dependency"
+
+
+def test_lock_script_passes_shellcheck_and_is_the_documented_command(tool):
+    import subprocess
+
+    script = ROOT / "deploy/lock.sh"
+    done = subprocess.run([tool("shellcheck"), str(script)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    text = script.read_text()
+    assert "--generate-hashes" in text and "--index-url https://pypi.org/simple" in text and "--no-config" in text
+    assert "deploy/lock.sh" in (ROOT / "docs/deployment.md").read_text()
