@@ -286,7 +286,6 @@ def test_external_config_name(render):
         ({"devicePlugin": {"enabled": False}}, "remove devicePlugin.enabled"),
         ({"legacyDaemonsetAPI": True}, "remove legacyDaemonsetAPI"),
         ({"namespace": "gpu"}, "namespaceOverride"),
-        ({"image": {"repository": "nvcr.io/nvidia/k8s-device-plugin"}}, "remove image.repository"),
         ({"mps": {"userID": 1000}}, "set mps.enabled=true"),
         ({"probes": {"enabled": True}, "metrics": {"enabled": False}}, "needs metrics.enabled=true"),
         # probes are on by default: turning metrics off alone says to turn the probes off too.
@@ -543,3 +542,174 @@ def test_default_resources_are_the_measured_budget_and_a_users_map_replaces_them
                                                  "limits": {"memory": "256Mi"}}
     mine = {"limits": {"memory": "48Mi"}}
     assert render({"resources": mine}).container["resources"] == mine
+
+
+GPU_NODE_TERMS = [
+    {"matchExpressions": [{"key": "feature.node.kubernetes.io/pci-10de.present", "operator": "In",
+                           "values": ["true"]}]},
+    {"matchExpressions": [{"key": "feature.node.kubernetes.io/cpu-model.vendor_id", "operator": "In",
+                           "values": ["NVIDIA"]}]},
+    {"matchExpressions": [{"key": "nvidia.com/gpu.present", "operator": "In", "values": ["true"]}]},
+]
+
+
+def _required_terms(pod: dict) -> list[dict]:
+    return pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+
+
+@pytest.mark.parametrize("values", [{}, {"affinity": {}}, {"mps": {"enabled": True}}])
+def test_default_affinity_is_gpu_nodes_only_as_upstream(render, values):
+    """Upstream's default: any of three labels (one term each, so ORed). An empty map (v0.14's default) keeps it, as
+    Helm merges maps; the MPS host DaemonSet is placed the same way."""
+    r = render(values)
+    for daemonset in r.of_kind("DaemonSet"):
+        pod = daemonset["spec"]["template"]["spec"]
+        assert _required_terms(pod) == GPU_NODE_TERMS, daemonset["metadata"]["name"]
+        assert set(pod["affinity"]) == {"nodeAffinity"}
+    if values.get("mps"):
+        assert r.mps_host is not None
+
+
+def test_affinity_overrides_as_upstream(render):
+    mine = [{"matchExpressions": [{"key": "example.com/gpu", "operator": "Exists"}]}]
+    override = {"affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+        "nodeSelectorTerms": mine}}}, "mps": {"enabled": True}}
+    r = render(override)
+    for daemonset in r.of_kind("DaemonSet"):
+        assert _required_terms(daemonset["spec"]["template"]["spec"]) == mine, "lists are replaced, not appended"
+    # Other affinity kinds are merged with the default (Helm's rule for maps, so upstream's too).
+    anti = {"requiredDuringSchedulingIgnoredDuringExecution": [{"topologyKey": "kubernetes.io/hostname"}]}
+    pod = render({"affinity": {"podAntiAffinity": anti}}).pod
+    assert pod["affinity"]["podAntiAffinity"] == anti and _required_terms(pod) == GPU_NODE_TERMS
+    # null removes it: every node that tolerates the pod.
+    r = render({"affinity": None, "mps": {"enabled": True}})
+    assert all("affinity" not in d["spec"]["template"]["spec"] for d in r.of_kind("DaemonSet"))
+
+
+def test_static_manifest_runs_on_gpu_nodes_only():
+    static = [o for o in yaml.safe_load_all((ROOT / "deploy/static/nvdp.yaml").read_text()) if o]
+    assert _required_terms(static[0]["spec"]["template"]["spec"]) == GPU_NODE_TERMS
+
+
+def test_values_comments_match_the_events_role(render):
+    """values.yaml and the templates' comments say what the Events Role grants: create, nothing else."""
+    role = next(o for o in render({"events": {"enabled": True}}).of_kind("Role") if o["metadata"]["name"].endswith(
+        "-events"))
+    assert role["rules"] == [{"apiGroups": [""], "resources": ["events"], "verbs": ["create"]}]
+    for path in ("deploy/helm/nvdp/values.yaml", "deploy/helm/nvdp/templates/rbac.yaml",
+                 "deploy/helm/nvdp/templates/_helpers.tpl", "docs/deployment.md"):
+        text = (ROOT / path).read_text().lower()
+        for claim in ("create and patch", "create/patch", "patch events", "create, patch"):
+            assert claim not in text, f"{path} says the Events role has patch"
+
+
+NVDP_IMAGE = "ghcr.io/nvdp/nvdp:0.1.0"
+
+
+@pytest.mark.parametrize(
+    "image",
+    [
+        {"repository": "nvcr.io/nvidia/k8s-device-plugin"},
+        {"repository": "nvcr.io/nvidia/k8s-device-plugin", "tag": "v0.17.0"},
+        {"repository": "ghcr.io/nebuly-ai/k8s-device-plugin", "tag": "v0.13.0"},
+        {"repository": "registry.example/mirror/nvidia/k8s-device-plugin", "tag": "v0.14.5-ubi8"},
+        {"tag": "v0.14.5"},
+        {"repository": "ghcr.io/nvdp/nvdp", "tag": "v0.15.0"},
+    ],
+)
+def test_upstream_image_values_run_nvdps_image_and_say_so(render, image):
+    r = render({"image": image, "mps": {"enabled": True}})
+    assert r.container["image"] == NVDP_IMAGE
+    assert r.mps_host["spec"]["template"]["spec"]["containers"][0]["image"] == NVDP_IMAGE
+    assert f"the pods run nvdp's image {NVDP_IMAGE} instead" in r.notes
+    assert image.get("repository", image.get("tag")) in r.notes
+
+
+@pytest.mark.parametrize(
+    ("image", "reference"),
+    [
+        ({}, NVDP_IMAGE),
+        ({"tag": "0.2.0"}, "ghcr.io/nvdp/nvdp:0.2.0"),
+        ({"repository": "registry.example/nvdp", "tag": "v2"}, "registry.example/nvdp:v2"),
+        ({"repository": "registry.example/nvdp"}, "registry.example/nvdp:0.1.0"),
+    ],
+)
+def test_nvdp_image_values_are_used_as_given(render, image, reference):
+    r = render({"image": image})
+    assert r.container["image"] == reference
+    assert "nvdp's image" not in r.notes
+
+
+def test_default_repository_is_the_one_values_name():
+    values = yaml.safe_load((ROOT / "deploy/helm/nvdp/values.yaml").read_text())
+    helpers = (ROOT / "deploy/helm/nvdp/templates/_helpers.tpl").read_text()
+    assert '{{- define "nvdp.defaultRepository" -}}' + values["image"]["repository"] + "{{- end -}}" in helpers
+
+
+def _schema() -> dict:
+    import json
+
+    return json.loads((ROOT / "deploy/helm/nvdp/values.schema.json").read_text())
+
+
+@pytest.mark.parametrize("typo", ["migStrategyy", "tolerration", "nodeselector", "Image", "mig"])
+def test_unknown_top_level_keys_are_refused(render_error, typo):
+    message = render_error({typo: "x"})
+    assert "additional properties" in message and typo in message
+
+
+# Every top-level key of upstream's values.yaml (0.14 to 0.20 and its main branch) and of the fork's.
+UPSTREAM_TOP_LEVEL = {
+    "config", "compatWithCPUManager", "migStrategy", "failOnInitError", "deviceListStrategy", "deviceIDStrategy",
+    "nvidiaDriverRoot", "nvidiaDevRoot", "gdrcopyEnabled", "gdsEnabled", "mofedEnabled", "deviceDiscoveryStrategy",
+    "nameOverride", "fullnameOverride", "namespaceOverride", "selectorLabelsOverride", "componentSelectorLabels",
+    "allowDefaultNamespace", "imagePullSecrets", "image", "updateStrategy", "podAnnotations", "podSecurityContext",
+    "securityContext", "resources", "nodeSelector", "affinity", "tolerations", "priorityClassName",
+    "runtimeClassName", "devicePlugin", "gfd", "nfd", "mps", "cdi", "legacyDaemonsetAPI", "noTimestamp",
+    "sleepInterval",
+}
+
+
+def test_schema_lists_every_nvdp_and_upstream_key_and_nothing_else_passes():
+    schema = _schema()
+    assert schema["additionalProperties"] is False
+    listed = set(schema["properties"])
+    values = yaml.safe_load((ROOT / "deploy/helm/nvdp/values.yaml").read_text())
+    assert set(values) <= listed, "every key of values.yaml is in the schema"
+    assert listed >= UPSTREAM_TOP_LEVEL
+    # What is listed but not nvdp's own is documented as accepted for compatibility.
+    compat = {k for k, v in schema["properties"].items() if "x-compatibility" in v}
+    assert listed - set(values) == compat
+    for key in compat - {"global", "legacyDaemonsetAPI", "namespace"}:
+        assert key in (ROOT / "docs/deployment.md").read_text(), key
+
+
+def test_upstream_only_keys_install_and_are_listed_as_ignored(render):
+    r = render({"componentSelectorLabels": {"enabled": False}, "noTimestamp": None, "sleepInterval": "60s",
+                "global": {"imageRegistry": "r.example"}, "gfd": {"enabled": False}, "cdi": {"featureFlags": None}})
+    assert "componentSelectorLabels" in r.notes and "sleepInterval" in r.notes and "cdi.*" in r.notes
+
+
+@pytest.mark.parametrize("name", ["upstream-values.yaml", "fork-values.yaml"])
+def test_upstream_and_fork_values_files_pass_the_schema(render, values_file, name):
+    values = values_file(name)
+    assert set(values) <= set(_schema()["properties"])
+    assert render(values).daemonset
+
+
+def test_upstream_chart_defaults_copied_verbatim_install_nvdp_on_gpu_nodes(render, values_file):
+    values = values_file("upstream-0.20-defaults.yaml")
+    assert set(values) <= set(_schema()["properties"])
+    r = render(values)
+    assert [o["kind"] for o in r.objects] == ["DaemonSet"]
+    assert r.container["image"] == NVDP_IMAGE
+    assert _required_terms(r.pod) == GPU_NODE_TERMS
+    assert r.security_context == DROP_ALL
+    for ignored in ("nfd.*", "cdi.*", "componentSelectorLabels", "devicePlugin.containers"):
+        assert ignored in r.notes, ignored
+    assert "is another plugin's image" in r.notes
+
+
+def test_notes_say_where_the_pods_go(render):
+    assert "GPU nodes only" in render().notes and "nvidia.com/gpu.present=true" in render().notes
+    assert "GPU nodes only" not in render({"affinity": None}).notes

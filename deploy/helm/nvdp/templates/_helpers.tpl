@@ -46,8 +46,34 @@ app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
 app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end -}}
 
+{{/*
+The image. nvdp's own repository (also the release workflow's, .github/workflows/release.yaml) and tag (appVersion,
+a bare version: nvdp's tags never start with "v") unless the values name another. Upstream values must not produce
+a reference that does not exist, so:
+  - an image.repository whose last path component is k8s-device-plugin (NVIDIA's nvcr.io/nvidia/k8s-device-plugin,
+    the fork's ghcr.io/nebuly-ai/k8s-device-plugin, or a mirror of either) is another plugin's image: nvdp's
+    repository and tag are used instead;
+  - an upstream-style tag ("v0.14.5", "v0.17.0-ubi9") on nvdp's own repository is replaced by appVersion.
+"nvdp.imageReplaced" says what was replaced (for NOTES.txt), empty when the values' image is used as given.
+*/}}
+{{- define "nvdp.defaultRepository" -}}ghcr.io/nvdp/nvdp{{- end -}}
+
+{{- define "nvdp.imageReplaced" -}}
+{{- $repo := toString (.Values.image.repository | default "") -}}
+{{- $tag := toString (.Values.image.tag | default "") -}}
+{{- if eq (last (splitList "/" $repo)) "k8s-device-plugin" -}}
+image.repository={{ $repo }}{{ with $tag }} (image.tag={{ . }}){{ end }} is another plugin's image
+{{- else if and (eq ($repo | default (include "nvdp.defaultRepository" .)) (include "nvdp.defaultRepository" .)) (regexMatch "^v[0-9]" $tag) -}}
+image.tag={{ $tag }} is an upstream tag (nvdp's tags are bare versions)
+{{- end -}}
+{{- end -}}
+
 {{- define "nvdp.image" -}}
-{{- printf "%s:%s" .Values.image.repository (.Values.image.tag | default .Chart.AppVersion | toString) -}}
+{{- if include "nvdp.imageReplaced" . -}}
+{{- printf "%s:%s" (include "nvdp.defaultRepository" .) (.Chart.AppVersion | toString) -}}
+{{- else -}}
+{{- printf "%s:%s" (.Values.image.repository | default (include "nvdp.defaultRepository" .)) (.Values.image.tag | default .Chart.AppVersion | toString) -}}
+{{- end -}}
 {{- end -}}
 
 {{/*
@@ -103,7 +129,7 @@ true
 
 {{/*
 "true" when nvdp may record Events about its Node: it has API access (a config or events.enabled). RBAC then
-allows create/patch on core/v1 events in the `default` namespace, the only one the API server accepts for a Node.
+allows create (only) on core/v1 events in the `default` namespace, the only one the API server accepts for a Node.
 */}}
 {{- define "nvdp.eventsAllowed" -}}
 {{- include "nvdp.apiAccess" . -}}
@@ -182,11 +208,6 @@ Checks that make `helm install` fail with a message naming the value to change.
 {{- end -}}
 {{- if not .Values.devicePlugin.enabled -}}
 {{- fail "devicePlugin.enabled=false asks for a GPU-Feature-Discovery-only install, which nvdp has no mode for: remove devicePlugin.enabled (nvdp writes the sharing labels itself; install GFD's own chart for its other labels)" -}}
-{{- end -}}
-{{- range $other := list "nvcr.io/nvidia/k8s-device-plugin" "ghcr.io/nebuly-ai/k8s-device-plugin" -}}
-{{- if hasPrefix $other (toString $.Values.image.repository) -}}
-{{- fail (printf "image.repository is %s, another plugin's image: remove image.repository and image.tag to run nvdp" $other) -}}
-{{- end -}}
 {{- end -}}
 {{- if .Values.legacyDaemonsetAPI -}}
 {{- fail "legacyDaemonsetAPI=true (extensions/v1beta1) is gone from Kubernetes: remove legacyDaemonsetAPI" -}}
