@@ -5,12 +5,16 @@ with the reason, an Event, applied once fixed)."""
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from nvdp.core.config.load import load_config_file
 from nvdp.core.config.settings import resolve
 from nvdp.daemon import NodeConfig
 from nvdp.node_config import ConfigSources
@@ -161,3 +165,43 @@ async def test_strict_config_refuses_a_live_sources_warnings_until_fixed(
         assert not ready and "errors under strict config (--strict-config)" in why and "$.flags.foo" in why
         (configs / "default").write_text("flags: {}\n")
         assert await wait_for(kubelet, lambda k: count(k) == 1)
+
+
+# -- a static --config-file ----------------------------------------------------------------------------------------
+
+
+async def test_a_static_config_file_with_warnings_is_served_and_reported(
+    tmp_path: Path, kubelet: KubeletEmulator
+) -> None:
+    node = write_node(tmp_path / "node.yaml", [gpu(0), gpu(1)])
+    path = tmp_path / "config.yaml"
+    path.write_text(UPSTREAM)
+    settings = resolve({"simulate": str(node), "kubelet_socket": str(kubelet.socket), "metrics_address": "",
+                        "config_file": str(path)}, {}, load_config_file(path), config_source=str(path))
+    metrics = Metrics()
+    async with daemon(settings, metrics=metrics):
+        assert count(kubelet) == 4
+        paths = sorted(labels["path"] for n, labels, _ in samples(metrics) if n == "nvdp_config_warnings")
+        assert paths == [f"{path}: $.flags.renameByDefault", f"{path}: $.sharing.timeSlicing.resources[0].devices"]
+
+
+@pytest.mark.parametrize(
+    ("content", "args", "env", "fragment"),
+    [
+        pytest.param("flags:\n  foo: 1\n", ["--strict-config"], {}, "$.flags.foo: unknown key `foo`", id="flag"),
+        pytest.param("flags:\n  foo: 1\n", [], {"STRICT_CONFIG": "true"}, "(STRICT_CONFIG)", id="env"),
+        pytest.param("flags:\n  a: 1\n  a: 2\n", [], {}, "line 3: duplicate key `a` (first given at line 2)",
+                     id="duplicate key"),
+        pytest.param("flags: [\n", [], {}, "not valid YAML", id="YAML garbage"),
+    ],
+)
+def test_a_static_config_file_that_is_refused_exits_1(tmp_path: Path, content: str, args: list[str],
+                                                        env: dict[str, str], fragment: str) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text(content)
+    result = subprocess.run([sys.executable, "-m", "nvdp", "--config-file", str(path), "--kubelet-socket", "",
+                             "--metrics-address", "", *args], capture_output=True, text=True, timeout=60,
+                            env={**os.environ, **env}, check=False)
+    assert result.returncode == 1
+    assert fragment in result.stderr and str(path) in result.stderr
+    assert "<byte string>" not in result.stderr and "Traceback" not in result.stderr
