@@ -180,3 +180,21 @@ def test_the_file_api_names_the_path(tmp_path: Path) -> None:
     path.write_text("flags:\n  foo: 1\n")
     _, found = load_config_file_with_warnings(path)
     assert [(w.source, w.path) for w in found] == [(str(path), "$.flags.foo")]
+
+
+def test_time_slicing_beside_mps_on_every_gpu_is_ignored_as_upstream_does() -> None:
+    config, found = parse_config_with_warnings(
+        "sharing:\n  timeSlicing:\n    resources:\n    - name: gpu\n      replicas: 2\n"
+        "  mps:\n    resources:\n    - name: gpu\n      replicas: 2\n", SOURCE)
+    assert [w.path for w in found] == ["$.sharing.timeSlicing"]
+    assert "upstream serves mps and ignores timeSlicing" in found[0].message
+    assert config.sharing is not None and config.sharing.time_slicing is None and config.sharing.mps is not None
+
+
+def test_time_slicing_and_mps_on_named_devices_keep_nvdps_meaning() -> None:
+    config, found = parse_config_with_warnings(
+        "sharing:\n  timeSlicing:\n    resources:\n    - name: gpu\n      rename: ts\n      replicas: 2\n"
+        "      devices: [1]\n  mps:\n    resources:\n    - name: gpu\n      rename: mps\n      replicas: 2\n"
+        "      devices: [0]\n", SOURCE)
+    assert found == ()
+    assert config.sharing is not None and config.sharing.time_slicing is not None

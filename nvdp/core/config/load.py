@@ -257,14 +257,24 @@ def _upstream_meaning(data: dict[Any, Any], source: str, warn: Warn) -> None:
     sharing = data.get("sharing")
     if not isinstance(sharing, dict):
         return
+    listed: dict[str, list[Any]] = {}
     for kind in ("timeSlicing", "mps"):
         section = sharing.get(kind)
         resources = section.get("resources") if isinstance(section, dict) else None
         if not isinstance(resources, list):
             continue
+        listed[kind] = resources
         for i, resource in enumerate(resources):
             if isinstance(resource, dict):
                 _sharing_resource(resource, kind, f"$.sharing.{kind}.resources[{i}]", source, warn)
+    if len(listed) == 2 and not all(isinstance(r, dict) and r.get("devices") not in (None, "all")
+                                    for r in listed["timeSlicing"] + listed["mps"]):
+        # Upstream serves mps and ignores timeSlicing. nvdp applies both only when every entry names its devices
+        # (and so its own GPUs); otherwise both would claim every GPU, which no project serves.
+        del sharing["timeSlicing"]
+        warn(ConfigWarning(source, "$.sharing.timeSlicing", "both timeSlicing and mps are configured: upstream "
+                           "serves mps and ignores timeSlicing, and so does nvdp; to use both on different GPUs, "
+                           "give every entry of both a rename and its devices"))
 
 
 def _sharing_resource(resource: dict[Any, Any], kind: str, path: str, source: str, warn: Warn) -> None:
