@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Protocol
 import trio
 
 from nvdp.core.config.errors import ConfigError
+from nvdp.core.config.load import ConfigWarning
 from nvdp.core.config.schema import Config
 from nvdp.core.config.settings import Settings
 from nvdp.core.health import ALL_GPUS, HealthTracker, XidPolicy
@@ -92,6 +93,10 @@ class DaemonObserver(Protocol):
     ) -> None: ...
 
     def plan_rejected(self, config_name: str, error: str) -> None: ...
+
+    def config_warnings(self, config_name: str, warnings: Sequence[ConfigWarning]) -> None: ...
+
+    def config_blocked(self, config_name: str, error: str) -> None: ...
 
     def label_unknown(self, value: str, fallback: str) -> None: ...
 
@@ -318,10 +323,6 @@ class Controller:
         """Make the running servers, MPS daemons and health watch match `plan`: stop what is gone or changed, then
         start what is new. Servers of MPS resources start only after their daemons answer."""
         assert self.servers is not None
-        if settings.config.resources:
-            # Upstream parses this section (renaming patterns) and ignores it with a warning; so do we.
-            log.warning("the config's `resources` section is ignored (as upstream does); rename shared "
-                        "resources with sharing.*.resources[].rename instead")
         contexts = serving_contexts(plan, inventory, settings)
         self.settings, self.inventory, self.plan = settings, inventory, plan
         await self.servers.stop_unwanted(contexts)
@@ -343,6 +344,8 @@ class Controller:
         self.observer.plan_applied(plan, inventory, self.config_name, self.generation,
                                    trio.current_time() - started, summary)
         log.info("serving (generation %d): %s", self.generation, summary)
+        self.report_warnings(settings)
+        self.servers_changed()  # readiness from this plan (it may follow a refused first config)
         await self.write_labels(settings, inventory, plan)
         if not plan.resources:
             log.warning("No devices found. Waiting indefinitely.")
@@ -373,6 +376,20 @@ class Controller:
             return False
         await self.apply(settings, inventory, plan, started)
         return True
+
+    def report_warnings(self, settings: Settings) -> None:
+        """Once per config load: each warning (upstream's or the fork's meaning served) in the log, and all of
+        them to the observer (a Node Event, the `nvdp_config_warnings` gauge, `nvdp status`)."""
+        for warning in settings.config_warnings:
+            log.warning("config warning: %s", warning)
+        self.observer.config_warnings(self.config_name, settings.config_warnings)
+
+    def serve_nothing(self, settings: Settings, inventory: NodeInventory, exc: Exception) -> None:
+        """The first config of a live source (config directory, ConfigMap) is refused: nothing is served, the probes
+        say why, and the config watch's next choice (the fixed config) is applied as any change is."""
+        self.settings, self.inventory, self.plan = settings, inventory, Plan(resources=())
+        log.error("config %s rejected: %s; serving nothing until it is fixed", self.config_name, exc)
+        self.observer.config_blocked(self.config_name, str(exc))
 
     def reject(self, exc: Exception) -> None:
         log.error("config rejected: %s; keeping the running config", exc)

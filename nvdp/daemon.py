@@ -132,6 +132,8 @@ class Tree:
         self.commands, self._receive = trio.open_memory_channel[Command](16)
         #: The first config the node-config watch chose (None without per-node configs).
         self.first_update: ConfigUpdate | None = None
+        #: Why the live source's first config was refused (None: it was not, or there is no live source).
+        self.first_refused: ConfigError | None = None
         self.controller: Controller | None = None
 
     def __repr__(self) -> str:
@@ -185,17 +187,27 @@ class Tree:
         """The first plan, the servers, the kubelet watch, then the controller's loop until cancelled."""
         settings = self.settings
         started = trio.current_time()
-        try:
-            inventory, plan = await controller.first_plan()
-        except (PlanError, MpsError, ShmError) as exc:
-            raise StartupError(str(exc)) from None
+        refused: Exception | None = self.first_refused
+        inventory, plan = controller.inventory, controller.plan
+        if refused is None:
+            try:
+                inventory, plan = await controller.first_plan()
+            except (ConfigError, PlanError) as exc:
+                if not self.live_source:
+                    raise StartupError(str(exc)) from None
+                refused = exc  # e.g. slices larger than the GPU: the config, not the node, is wrong
+            except (MpsError, ShmError) as exc:
+                raise StartupError(str(exc)) from None
         servers = ResourceServers(
             servers_nursery, host, settings.plugin_dir or Path(tempfile.gettempdir()), settings.kubelet_socket,
             observer=self.observer.metrics, on_change=controller.servers_changed, reporter=self.observer)
         controller.attach(servers)
         if settings.kubelet_socket is not None:
             await node_tasks.start("kubelet-watch", Task(watch_kubelet, (settings.kubelet_socket, self.commands)))
-        await controller.apply(settings, inventory, plan, started)
+        if refused is None:
+            await controller.apply(settings, inventory, plan, started)
+        else:
+            controller.serve_nothing(settings, inventory, refused)
         node.start_soon(report_ready, servers, notify_socket, task_status)
         await controller.run(self._receive)
 
@@ -241,12 +253,25 @@ class Tree:
         assert self.node_config is not None
         try:
             await tasks.start("config-watch", Task(self.watch_config, (sources, client)), first_failure_raises=True)
-            assert self.first_update is not None
-            settings = await self.node_config.settings_for(self.first_update)
         except* ConfigError as group:
             raise StartupError(str(group.exceptions[0])) from None
+        assert self.first_update is not None
         report_config(self.first_update, self.observer)
-        return settings
+        try:
+            return await self.node_config.settings_for(self.first_update)
+        except ConfigError as exc:
+            # A live source: nvdp starts, serves nothing from this config and applies it once it is fixed (the
+            # watch sends the fixed one). The flags and environment alone decide how NVML and the rest start.
+            self.first_refused = exc
+        try:
+            return self.node_config.make_settings(None, "flags and environment")
+        except ConfigError as exc:
+            raise StartupError(str(exc)) from None
+
+    @property
+    def live_source(self) -> bool:
+        """Configs come from a config directory or ConfigMap that can be fixed while nvdp runs."""
+        return self.node_config is not None and self.node_config.sources is not None
 
     async def watch_config(
         self, sources: ConfigSources, client: ApiClient | None, *, task_status: trio.TaskStatus[None]

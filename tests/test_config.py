@@ -85,8 +85,9 @@ def test_an_empty_kubelet_socket_means_do_not_register() -> None:
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        pytest.param("flags:\n  renameByDefault: true\n", "$.flags: object contains unknown field `renameByDefault`",
-                     id="an unknown key names its path"),
+        pytest.param("flags:\n  migStrategy: none\n  migStrategy: mixed\n",
+                     "line 3: duplicate key `migStrategy` (first given at line 2)",
+                     id="a duplicate key names both lines"),
         pytest.param("flags:\n  plugin:\n    passDeviceSpecs: maybe\n", "$.flags.plugin.passDeviceSpecs",
                      id="a wrongly typed value names its path"),
         pytest.param("flags:\n  migStrategy: no\n", "quote the value", id="YAML's no-as-false gets a hint"),
@@ -151,7 +152,7 @@ def test_a_missing_file_is_a_clear_error(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("content", "fragment"),
     [
-        pytest.param("flags:\n  plugin:\n    renameByDefault: true\n", "$.flags.plugin", id="unknown key"),
+        pytest.param("flags:\n  plugin:\n    passDeviceSpecs: maybe\n", "$.flags.plugin", id="wrong type"),
         pytest.param("flags:\n  migStrategy: sometimes\n", "$.flags.migStrategy", id="bad value"),
     ],
 )

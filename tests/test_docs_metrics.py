@@ -37,6 +37,7 @@ def exported() -> set[str]:
     metrics.child_up("server nvidia.com/gpu", True)
     metrics.child_restarted("server nvidia.com/gpu")
     metrics.http_shed("limit")
+    metrics.config_warnings("default", [("c.yaml: $.flags.foo", "unknown key `foo` ignored")])
     names = set()
     for family in text_string_to_metric_families(generate_latest(metrics.registry).decode()):
         for sample in family.samples:

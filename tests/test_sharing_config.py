@@ -289,7 +289,7 @@ def test_mps_root_may_come_from_the_environment() -> None:
         pytest.param({}, "sharing:\n  timeSlicing:\n    resources:\n      - name: gpu\n        replicas: 2\n"
                      "        devices: [x]\n", "c.yaml: $.sharing.timeSlicing.resources[0]: unsupported device",
                      id="a bad device reference names its path"),
-        pytest.param({}, "sharing:\n  timeSlice: {}\n", "unknown field `timeSlice`", id="a misspelt section"),
+        pytest.param({}, "sharing:\n  timeSlicing: {}\n", "no resources specified", id="an empty section"),
     ],
 )
 def test_sharing_errors_say_where_and_what(cli: dict[str, str], text: str, message: str) -> None:

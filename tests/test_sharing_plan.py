@@ -270,8 +270,8 @@ def test_a_count_takes_the_first_gpus_by_index() -> None:
 
 
 def test_a_count_larger_than_the_node_is_refused() -> None:
-    message = refused(ts(entry(replicas=2, devices=3)), a100(0), a100(1))
-    assert "sharing.timeSlicing.resources[0] (nvidia.com/gpu): requested 3 devices to be replicated, but only 2" \
+    message = refused(ts(entry(replicas=2, devices=3, rename="shared")), a100(0), a100(1))
+    assert "sharing.timeSlicing.resources[0] (nvidia.com/shared): requested 3 devices to be replicated, but only 2" \
         in message
 
 
@@ -296,7 +296,7 @@ def test_unknown_device_references_are_errors(devices: str, message: str) -> Non
 
 
 def test_a_device_of_another_resource_is_named() -> None:
-    message = refused(ts(entry("nvidia.com/mig-1g.5gb", replicas=2, devices='["0:2"]')), a100_mig(0),
+    message = refused(ts(entry("nvidia.com/mig-1g.5gb", replicas=2, devices='["0:2"]', rename="s")), a100_mig(0),
                       mig_strategy="mixed")
     assert f"MIG device 0:2 ({MIG_UUIDS[2]}, profile 2g.10gb) is on this node but not part of nvidia.com/mig-1g.5gb" \
         in message
@@ -317,12 +317,13 @@ def test_time_slicing_mig_devices_by_index_uuid_or_parent_gpu() -> None:
 def test_a_resource_the_node_lacks_is_skipped_unless_devices_name_some() -> None:
     text = ts(entry("nvidia.com/mig-1g.5gb", replicas=2))
     assert counts(plan(text, a100(0))) == {"nvidia.com/gpu": 1}
-    message = refused(ts(entry("nvidia.com/mig-1g.5gb", replicas=2, devices=1)), a100(0))
+    message = refused(ts(entry("nvidia.com/mig-1g.5gb", replicas=2, devices=1, rename="s")), a100(0))
     assert "this node has no nvidia.com/mig-1g.5gb devices, but devices 1 asks for some" in message
 
 
 def test_shared_and_whole_devices_never_share_a_name() -> None:
-    message = refused(ts(entry(replicas=2, devices="[0]")), a100(0), a100(1))
+    # Reachable only with an explicit rename to the resource's own name: without rename, devices is ignored.
+    message = refused(ts(entry(replicas=2, devices="[0]", rename="gpu")), a100(0), a100(1))
     assert "nvidia.com/gpu would hold both shared devices and unshared ones" in message
     assert f"GPU 1 ({uuid(1)})" in message and "set rename" in message
 
@@ -364,3 +365,23 @@ def test_the_plan_does_not_depend_on_inventory_order() -> None:
         random.Random(seed).shuffle(gpus)
         assert plan(text, *gpus) == expected
     assert [s.gpu_index for s in expected.mps_daemons] == [0, 2]
+
+
+@pytest.mark.parametrize("section", [ts, mps])
+def test_devices_without_rename_share_every_gpu_as_upstream_does(section: object) -> None:
+    # Issue 15: upstream ignores `devices` (and `rename`) and shares every GPU; nvdp serves that, with a warning.
+    text = section(entry(replicas=2, devices="[0]"))  # type: ignore[operator]
+    settings = resolve({"mps_root": ROOT}, {}, parse_config(text, "c.yaml"), config_source="c.yaml")
+    (warning,) = settings.config_warnings
+    kind = "timeSlicing" if section is ts else "mps"
+    assert (warning.source, warning.path) == ("c.yaml", f"$.sharing.{kind}.resources[0].devices")
+    assert "shares every device" in warning.message
+    assert counts(build_plan(node(a100(0), a100(1)), settings)) == {"nvidia.com/gpu": 4}
+
+
+def test_fork_slices_keep_their_devices_without_rename() -> None:
+    # The fork's dialect (memoryGB) honours `devices` (kept, not dropped): no warning.
+    text = mps(entry(memoryGB=10, replicas=2, devices='["1"]'))
+    settings = resolve({"mps_root": ROOT}, {}, parse_config(text, "c.yaml"), config_source="c.yaml")
+    assert settings.config_warnings == ()
+    assert settings.config.sharing.mps.resources[0].devices == ["1"]  # type: ignore[union-attr,index]

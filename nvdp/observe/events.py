@@ -36,6 +36,8 @@ DEVICE_UNHEALTHY = "DeviceUnhealthy"
 DEVICE_RECOVERED = "DeviceRecovered"
 CONFIG_APPLIED = "ConfigApplied"
 CONFIG_REJECTED = "ConfigRejected"
+#: The config is served, with upstream's or the fork's meaning where nvdp's differs (docs/compatibility.md).
+CONFIG_WARNING = "ConfigWarning"
 CONFIG_LABEL_UNKNOWN = "ConfigLabelUnknown"
 CHILD_RESTARTING = "ChildRestarting"
 #: Reason -> Event type.
@@ -44,6 +46,7 @@ REASONS: Mapping[str, str] = {
     DEVICE_RECOVERED: "Normal",
     CONFIG_APPLIED: "Normal",
     CONFIG_REJECTED: "Warning",
+    CONFIG_WARNING: "Warning",
     CONFIG_LABEL_UNKNOWN: "Warning",
     CHILD_RESTARTING: "Warning",
 }
@@ -137,9 +140,14 @@ class EventRecorder:
         detail = f": {summary}" if summary else ""
         return self.record(CONFIG_APPLIED, f"config {config!r} applied (generation {generation}){detail}", config)
 
-    def config_rejected(self, config: str, error: str) -> bool:
-        return self.record(CONFIG_REJECTED, f"config {config!r} rejected, the running config keeps serving: {error}",
-                           config)
+    def config_rejected(self, config: str, error: str, serving_nothing: bool = False) -> bool:
+        what = ("nothing is served until it is fixed" if serving_nothing else "the running config keeps serving")
+        return self.record(CONFIG_REJECTED, f"config {config!r} rejected, {what}: {error}", config)
+
+    def config_warnings(self, config: str, warnings: list[str]) -> bool:
+        """One Event per config load that has warnings, listing them (cut to the Event's size by `body`)."""
+        return self.record(CONFIG_WARNING, f"config {config!r} is served with {len(warnings)} warning(s) (see "
+                           f"docs/compatibility.md; --strict-config refuses them): " + "; ".join(warnings), config)
 
     def config_label_unknown(self, value: str, fallback: str = "") -> bool:
         using = f"; using {fallback!r}" if fallback else ""

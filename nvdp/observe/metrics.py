@@ -19,7 +19,7 @@ import contextlib
 import threading
 import time
 from collections import Counter as Tally
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -35,6 +35,9 @@ UNHEALTHY = "Unhealthy"
 #: Allocate and GetPreferredAllocation are pure functions over an in-memory plan: they normally take well under a
 #: millisecond, so the buckets start at 100 µs. Anything past a second means the asyncio thread was starved.
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+#: Config warnings exported one series each; more are folded into one series.
+MAX_WARNING_SERIES = 50
 
 #: Results counted by `nvdp_events_total`.
 EVENT_RESULTS = ("posted", "failed", "dropped", "suppressed")
@@ -217,6 +220,21 @@ class Metrics:
         families.append(_gauge("nvdp_config_last_reload_successful",
                                "1 if the last config load or reload was applied, 0 if it was rejected.", value=0))
         self._snapshot.publish("config", families)
+
+    def config_warnings(self, config_name: str, warnings: Sequence[tuple[str, str]]) -> None:
+        """The warnings of the config being served, as (key path, message): one series each, replaced as a whole
+        on every load (so a fixed config leaves no stale series). At most `MAX_WARNING_SERIES`; the rest are
+        counted in one series with path `...`."""
+        family = GaugeMetricFamily(
+            "nvdp_config_warnings", "1 per warning about the config being served: what upstream or the fork accepts "
+            "and nvdp serves with their meaning (count() for the number).", labels=["config", "path", "message"])
+        shown = list(warnings)[:MAX_WARNING_SERIES]
+        for path, message in shown:
+            family.add_metric([config_name, path[:200], message[:300]], 1)
+        if len(warnings) > len(shown):
+            family.add_metric([config_name, "...", f"{len(warnings) - len(shown)} more, see the log"],
+                              len(warnings) - len(shown))
+        self._snapshot.publish("config-warnings", [family])
 
     def mps_daemon(self, gpu_uuid: str, up: bool, probe_seconds: float | None = None) -> None:
         """The result of probing the MPS control daemon of one GPU."""

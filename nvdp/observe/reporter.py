@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 
+from nvdp.core.config.load import ConfigWarning
 from nvdp.core.inventory import NodeInventory
 from nvdp.core.plan.model import Plan
 from nvdp.observe.events import EventRecorder
@@ -29,6 +30,8 @@ class Observer:
         self.events = events
         #: GPU UUID -> (reason, advertised devices) of GPUs with Unhealthy devices, for one Event per GPU.
         self._unhealthy_gpus: dict[str, tuple[str, int]] = {}
+        #: Why no config is served (see `config_blocked`), or None.
+        self._blocked: str | None = None
 
     def __repr__(self) -> str:
         return f"<Observer events={'on' if self.events is not None else 'off'} {self.probes!r}>"
@@ -57,6 +60,7 @@ class Observer:
     def plan_applied(
         self, plan: Plan, inventory: NodeInventory, config_name: str, generation: int, seconds: float, summary: str
     ) -> None:
+        self._blocked = None
         self.metrics.plan_applied(plan, inventory, config_name, generation, seconds)
         if self.events is not None:
             self.events.config_applied(config_name, generation, summary)
@@ -66,6 +70,27 @@ class Observer:
         if self.events is not None:
             self.events.config_rejected(config_name, error)
 
+    def config_warnings(self, config_name: str, warnings: Sequence[ConfigWarning]) -> None:
+        """The config being served (just applied) and what it asks that nvdp serves with upstream's or the fork's
+        meaning; an empty list clears the previous config's warnings."""
+        self.metrics.config_warnings(config_name, [(f"{w.source}: {w.path}", w.message) for w in warnings])
+        if warnings and self.events is not None:
+            self.events.config_warnings(config_name, [str(w) for w in warnings])
+
+    def config_blocked(self, config_name: str, error: str) -> None:
+        """No config is served: a live source's first config is refused. Not ready, with the reason, until a config
+        is applied (`plan_applied`); counted as a rejected load, and a ConfigRejected Event."""
+        self.metrics.reload_failed(config_name, error)
+        self._blocked = f"config {config_name!r} rejected, serving nothing until it is fixed: {error[:500]}"
+        self._show_blocked()
+        if self.events is not None:
+            self.events.config_rejected(config_name, error, serving_nothing=True)
+
+    def _show_blocked(self) -> None:
+        if self._blocked is not None:
+            self.probes.registered = False
+            self.probes.reason = self._blocked
+
     def label_unknown(self, value: str, fallback: str) -> None:
         self.metrics.config_label_unknown(value)
         if self.events is not None:
@@ -74,6 +99,7 @@ class Observer:
     def registration_pending(self, pending: Sequence[str]) -> None:
         """Resources of the plan that are not registered with the kubelet now (empty: all are)."""
         self.probes.set_pending(pending)
+        self._show_blocked()
 
     def nvml_unavailable(self, reason: str) -> None:
         self.probes.set_pending([reason])

@@ -172,6 +172,13 @@ def render(samples: Samples, health: Probe, ready: Probe, source: str = "") -> s
         out += table(["UNHEALTHY DEVICE", "GPU", "REASON"],
                      [[labels["device"], labels["gpu"], labels["reason"]] for labels, _ in unhealthy])
 
+    warnings = samples.get("nvdp_config_warnings")
+    if warnings:
+        # What the config asks that nvdp serves with upstream's or the fork's meaning (docs/compatibility.md).
+        out.append("")
+        out += table(["CONFIG WARNING", "WHAT NVDP DOES"], [[labels["path"], labels["message"]]
+                                                             for labels, _ in warnings])
+
     mps = samples.get("nvdp_mps_daemon_up")
     if mps:
         out.append("")

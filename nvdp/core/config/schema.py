@@ -1,9 +1,11 @@
 """The config file, schema v1, as msgspec structs.
 
-Key names and meaning follow NVIDIA's plugin (`api/config/v1`), so an upstream config file loads unchanged. Unlike
-upstream, an unknown key is an error that names its path: upstream silently ignores, for example, `renameByDefault`
-placed under `flags`. Every leaf is optional (`None` = not set here) so that precedence (flag > env > file >
-default) can tell "not given" from "false".
+Key names and meaning follow NVIDIA's plugin (`api/config/v1`), so an upstream config file loads unchanged. As
+upstream, an unknown key is ignored, but never silently: `nvdp.core.config.load` drops it with a warning that
+names its path (upstream says nothing about, for example, `renameByDefault` placed under `flags`); with
+`--strict-config` it is an error. The structs themselves refuse unknown keys, so nothing reaches them
+unchecked. Every leaf is optional (`None` = not set here) so that precedence (flag > env > file > default) can
+tell "not given" from "false".
 """
 
 from __future__ import annotations
@@ -62,6 +64,8 @@ class Flags(_Struct):
     plugin: PluginFlags | None = None
     #: gpu-feature-discovery's own section; upstream's plugin drops it and so does nvdp.
     gfd: dict[str, Any] | None = None
+    #: nvdp only (upstream ignores it): config warnings are errors (`--strict-config`, env STRICT_CONFIG).
+    strict_config: bool | None = None
 
 
 class Imex(_Struct):
@@ -69,7 +73,10 @@ class Imex(_Struct):
     required: bool | None = None
 
 
-class Config(_Struct):
+class Config(_Struct, dict=True):
+    """The whole file. `dict=True`: the parser attaches the file's warnings (`nvdp.core.config.load.config_warnings`)
+    to the instance without making them a key."""
+
     version: str | None = None
     flags: Flags | None = None
     #: Upstream's renaming patterns: parsed for compatibility, ignored at runtime with a warning, as upstream does.

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from nvdp.core.config.errors import ConfigError
+from nvdp.core.config.load import ConfigWarning, config_warnings
 from nvdp.core.config.schema import Config, yaml_key
 
 DEFAULT_KUBELET_SOCKET = "/var/lib/kubelet/device-plugins/kubelet.sock"
@@ -150,6 +151,9 @@ OPTIONS: tuple[Option, ...] = (
            help="'all', 'xids', or XIDs to ignore besides the defaults"),
     Option("enable_healthchecks", (), ("DP_ENABLE_HEALTHCHECKS",), (), None,
            help="'all' or XIDs to treat as critical even if ignored by default"),
+    Option("strict_config", ("--strict-config",), ("STRICT_CONFIG",), ("flags", "strict_config"), False, "bool",
+           help="treat config warnings (what upstream accepts and nvdp serves with upstream's meaning, e.g. an "
+                "unknown key) as errors"),
     Option("health_quiet_period", ("--health-quiet-period",), ("HEALTH_QUIET_PERIOD",), (), "300", "seconds",
            help="seconds without a new critical XID before an Unhealthy GPU is probed and may return to Healthy"),
 )
@@ -197,12 +201,19 @@ class Settings:
     pod_namespace: str | None = None
     #: None (not written) unless given; the command line's default is NFD's features.d/nvdp.
     nfd_features_file: Path | None = None
+    #: Config warnings are errors (`--strict-config`).
+    strict_config: bool = False
     #: The parsed config file (or an empty one): the sharing sections are read from here.
     config: Config = field(default_factory=Config)
 
     @property
     def plugin_dir(self) -> Path | None:
         return self.kubelet_socket.parent if self.kubelet_socket else None
+
+    @property
+    def config_warnings(self) -> tuple[ConfigWarning, ...]:
+        """What the config file asks that nvdp serves with upstream's or the fork's meaning (docs/compatibility.md)."""
+        return config_warnings(self.config)
 
 
 def _from_file(config: Config, path: tuple[str, ...]) -> Any:
@@ -333,7 +344,17 @@ def resolve(
     values["kubelet_socket"] = Path(values["kubelet_socket"]) if values["kubelet_socket"] else None
     settings = Settings(config=config, **values)
     validate(settings, config_source, origins)
+    check_strict(settings.config_warnings, settings.strict_config, origins.get("strict_config", "default"))
     return settings
+
+
+def check_strict(warnings: Sequence[ConfigWarning], strict: bool, origin: str = "--strict-config") -> None:
+    """Under `--strict-config`, config warnings are one ConfigError listing them all."""
+    if not strict or not warnings:
+        return
+    where = origin if origin != "default" else "--strict-config"
+    raise ConfigError(f"{len(warnings)} config warning(s), errors under strict config ({where}): "
+                      + "; ".join(str(w) for w in warnings))
 
 
 def validate(
