@@ -30,7 +30,7 @@ import msgspec
 import yaml
 
 from nvdp.core.config.errors import ConfigError
-from nvdp.core.config.load import parse_config, read_config_bytes
+from nvdp.core.config.load import parse_config_with_warnings, read_config_bytes
 from nvdp.core.config.schema import Config
 from nvdp.core.config.selection import check_fallbacks
 from nvdp.core.config.settings import OPTIONS, Settings, resolve
@@ -60,19 +60,17 @@ _REDECODE_MAX_BYTES = 64 * 1024
 
 
 def load_config(data: bytes, source: str) -> tuple[Config, list[str]]:
-    """The one place validate parses a config: the config and its warnings, each a line naming the file and the
-    key path (`config.yaml: $.sharing.timeSlicing.resources[0].devices: ...`).
-
-    HOOK for the pure core's config warnings (branch h6-config, a `(config, warnings)` loader in nvdp.core.config):
-    call it here, in its lenient mode: validate lists every warning and applies `--strict` itself
-    (`Report.valid`), so that what upstream accepts is reported as a warning, not an error. No warnings today.
-    """
-    return parse_config(data, source), []
+    """The one place validate parses a config: the config and its warnings (the pure core's, lenient: what upstream
+    or the fork accepts is served with a warning), each a line naming the file and the key path
+    (`config.yaml: $.sharing.timeSlicing.resources[0].devices: ...`). validate applies `--strict` itself
+    (`Report.valid`), after listing every warning."""
+    config, warnings = parse_config_with_warnings(data, source)
+    return config, [str(w) for w in warnings]
 
 
 def collect_warnings(config: Config, source: str, settings: Settings | None) -> list[str]:
-    """HOOK for warnings that need the resolved settings too (`settings` is None when they are invalid), in the
-    same form as `load_config`'s. None today."""
+    """Warnings that need the resolved settings too (`settings` is None when they are invalid), in the same form as
+    `load_config`'s. The core's warnings all come from the file alone today, so there are none."""
     del config, source, settings
     return []
 

@@ -149,20 +149,15 @@ sharing:
         replica: 4
       - name: nvidia.com/gpu
         replicas: 1
-  mps:
-    resources:
-      - name: gpu
-        replicas: 2
-        memoryGB: 0
 """)
     monkeypatch.setenv("DEVICE_ID_STRATEGY", "serial")
     code, out = run(capsys, path, "--device-list-strategy", "cdi-cri", "--metrics-address", "all")
     assert code == 1
     expected = [
-        "$.sharing.timeSlicing.resources[0]: object contains unknown field `replica`",
-        "$.sharing.timeSlicing.resources[0]: no replicas specified",
+        # The misspelt key upstream ignores is named in the error it leads to (no replicas at all).
+        "$.sharing.timeSlicing.resources[0]: no replicas specified; note: $.sharing.timeSlicing.resources[0].replica:"
+        " unknown key `replica` ignored",
         "$.sharing.timeSlicing: resources[1] (nvidia.com/gpu): number of replicas must be >= 2",
-        "$.sharing.mps.resources[0]: memoryGB must be >= 1, got 0",
         "DEVICE_ID_STRATEGY: invalid value 'serial'",
         "--device-list-strategy: device list strategy cdi-cri: CDI strategies are not supported",
         "--metrics-address: invalid address 'all'",
@@ -448,3 +443,24 @@ def test_validate_accepts_every_flag_of_run() -> None:
             assert getattr(args, option.dest) == "x", flag
             run_args = parser.parse_args(["run", flag, "x"])
             assert getattr(run_args, option.dest) == "x", flag
+
+
+def test_what_upstream_ignores_is_a_warning_and_strict_makes_it_an_error(
+        capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """The pure core's warnings reach validate: `devices` without `rename` is served as upstream does (every GPU
+    shared), listed with its key path; exit 0, or 1 with --strict."""
+    path = write(tmp_path, """\
+version: v1
+sharing:
+  timeSlicing:
+    resources:
+      - name: nvidia.com/gpu
+        replicas: 4
+        devices: [0]
+""")
+    code, out = run(capsys, path)
+    assert code == 0, out
+    assert "$.sharing.timeSlicing.resources[0].devices" in out, out
+    code, out = run(capsys, path, "--strict")
+    assert code == 1, out
+    assert "$.sharing.timeSlicing.resources[0].devices" in out, out

@@ -713,3 +713,8 @@ def test_upstream_chart_defaults_copied_verbatim_install_nvdp_on_gpu_nodes(rende
 def test_notes_say_where_the_pods_go(render):
     assert "GPU nodes only" in render().notes and "nvidia.com/gpu.present=true" in render().notes
     assert "GPU nodes only" not in render({"affinity": None}).notes
+
+
+def test_config_strict_sets_strict_config(render):
+    assert "STRICT_CONFIG" not in render({}).env
+    assert render({"config": {"strict": True}}).env["STRICT_CONFIG"] == "true"
