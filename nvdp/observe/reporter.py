@@ -85,8 +85,8 @@ class Observer:
 
     # -- health ----------------------------------------------------------------------------------------------
 
-    def xid(self, gpu_uuid: str, xid: int) -> None:
-        self.metrics.xid(gpu_uuid, xid)
+    def xid(self, gpu_uuid: str, xid: int, critical: bool) -> None:
+        self.metrics.xid(gpu_uuid, xid, critical)
 
     def health_changed(self, plan: Plan, unhealthy: Mapping[str, str], nvml_ok: bool) -> None:
         self.metrics.health_changed(plan, unhealthy)
