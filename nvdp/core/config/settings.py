@@ -370,6 +370,13 @@ def validate(
         raise ConfigError(
             f"{where('device_list_strategy')}: device list strategy {', '.join(unsupported)}: CDI strategies are "
             f"not supported by nvdp; use {' or '.join(SUPPORTED_DEVICE_LIST_STRATEGIES)} (see docs/compatibility.md)")
+    # Checked whether or not per-node configs are in use: a typo must not wait for the day --config-dir is added.
+    from nvdp.core.config.selection import FALLBACK_STRATEGIES
+
+    unknown_fallbacks = [f for f in settings.fallback_strategies if f not in FALLBACK_STRATEGIES]
+    if unknown_fallbacks:
+        raise ConfigError(f"{where('fallback_strategies')}: unknown fallback strategy {unknown_fallbacks[0]!r}: "
+                          f"accepted values are {', '.join(FALLBACK_STRATEGIES)}")
     if settings.metrics_address.strip():
         try:
             parse_address(settings.metrics_address)
