@@ -11,6 +11,7 @@ import dataclasses
 import logging
 import os
 import sys
+import tempfile
 import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -22,7 +23,7 @@ from nvdp import __version__
 from nvdp.core.config.errors import ConfigError
 from nvdp.core.config.load import load_config_file
 from nvdp.core.config.schema import Config
-from nvdp.core.config.settings import OPTIONS, Settings, cli_values, resolve
+from nvdp.core.config.settings import OPTIONS, Option, Settings, cli_values, resolve
 from nvdp.observe.logs import setup_logging
 
 if TYPE_CHECKING:
@@ -41,13 +42,27 @@ DEMO_OWN = ("simulate", "kubelet_socket", "config_dir", "config_map", "node_name
             "fallback_strategies", "kubeconfig")
 
 
+def show_default(option: Option) -> str | None:
+    """An option's default as one would type it (`true`, `envvar`, `3s`); None when it has none (unset)."""
+    value = option.default
+    if value is None or value == "":
+        return None
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, tuple):
+        return ",".join(value)
+    if option.kind == "seconds":
+        return f"{float(value):g}s"
+    return str(value)
+
+
 def _add_options(parser: argparse.ArgumentParser, skip: Sequence[str] = ()) -> None:
     for option in OPTIONS:
         if not option.flags or option.dest in skip:
             continue
         envs = ", ".join(f"${e}" for e in option.envs)
-        default = option.default if not isinstance(option.default, tuple) else ",".join(option.default)
-        help_text = f"{option.help} [env {envs}; default {default!r}]"
+        default = show_default(option)
+        help_text = f"{option.help} [env {envs}" + ("]" if default is None else f"; default {default}]")
         if option.choices:
             help_text += f"; one of {', '.join(option.choices)}"
         if option.kind == "bool":
@@ -296,12 +311,21 @@ def node_config_for(args: argparse.Namespace, env: Mapping[str, str], settings: 
     return NodeConfig(sources, api, make_settings)
 
 
+def warn_about(settings: Settings) -> None:
+    """Settings that are valid but do something the operator may not expect: said once, at start."""
+    if settings.kubelet_socket is None:
+        # Upstream's meaning of an empty --kubelet-socket; the daemon serves its sockets in the temp directory.
+        log.warning("--kubelet-socket is empty: nvdp registers with no kubelet and serves its plugin sockets in %s",
+                    tempfile.gettempdir())
+
+
 def run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     settings = load_settings(args, env)
     from nvdp.daemon import StartupError, run_daemon
 
     setup_logging(settings.log_level, settings.log_format)
     log.info("nvdp %s starting", __version__)
+    warn_about(settings)
     node_config = node_config_for(args, env, settings)
 
     def reload_settings() -> Settings:
