@@ -76,7 +76,10 @@ class Observer:
         self.probes.set_pending(pending)
 
     def nvml_unavailable(self, reason: str) -> None:
-        self.probes.set_pending([reason])
+        """NVML cannot start and failOnInitError is false: nothing to register, so ready, with `reason` as the
+        answer of `/readyz` (200)."""
+        self.probes.set_pending([])
+        self.probes.note = reason
 
     # -- the kubelet -------------------------------------------------------------------------------------------
 
