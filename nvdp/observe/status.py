@@ -197,8 +197,12 @@ def status_main(address: str = DEFAULT_ADDRESS) -> int:
     """Print the status tables; 1 with a message on stderr when the daemon cannot be read."""
     try:
         samples, health, ready = fetch(address)
-    except (StatusError, ValueError) as exc:
+    except ValueError as exc:
         print(f"nvdp status: {exc}", file=sys.stderr)
+        return 1
+    except StatusError as exc:
+        print(f"nvdp status: {exc}; is nvdp running there? --address (or $METRICS_ADDRESS) must be its "
+              "--metrics-address (default :9400)", file=sys.stderr)
         return 1
     sys.stdout.write(render(samples, health, ready, base_url(address)))
     return 0
