@@ -7,9 +7,11 @@ that reads `os.environ`.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
+import tempfile
 import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -21,7 +23,7 @@ from nvdp import __version__
 from nvdp.core.config.errors import ConfigError
 from nvdp.core.config.load import load_config_file
 from nvdp.core.config.schema import Config
-from nvdp.core.config.settings import OPTIONS, Settings, cli_values, parse_bool, resolve
+from nvdp.core.config.settings import OPTIONS, Option, Settings, cli_values, parse_bool, resolve
 from nvdp.observe.logs import setup_logging
 
 if TYPE_CHECKING:
@@ -34,13 +36,33 @@ SUBCOMMANDS = ("run", "demo", "config", "status", "mps-host")
 DEMO_NEEDS = "the kubelet emulator needs grpcio, which is not installed: pip install 'nvdp[emulator]'"
 
 
-def _add_options(parser: argparse.ArgumentParser) -> None:
+#: Run options `nvdp demo` does not take: it brings its own simulated node and kubelet, and has no node to label or
+#: ConfigMap to read.
+DEMO_OWN = ("simulate", "kubelet_socket", "config_dir", "config_map", "node_name", "node_label", "default_config",
+            "fallback_strategies", "kubeconfig")
+
+
+def show_default(option: Option) -> str | None:
+    """An option's default as one would type it (`true`, `envvar`, `3s`); None when it has none (unset)."""
+    value = option.default
+    if value is None or value == "":
+        return None
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, tuple):
+        return ",".join(value)
+    if option.kind == "seconds":
+        return f"{float(value):g}s"
+    return str(value)
+
+
+def _add_options(parser: argparse.ArgumentParser, skip: Sequence[str] = ()) -> None:
     for option in OPTIONS:
-        if not option.flags:
+        if not option.flags or option.dest in skip:
             continue
         envs = ", ".join(f"${e}" for e in option.envs)
-        default = option.default if not isinstance(option.default, tuple) else ",".join(option.default)
-        help_text = f"{option.help} [env {envs}; default {default!r}]"
+        default = show_default(option)
+        help_text = f"{option.help} [env {envs}" + ("]" if default is None else f"; default {default}]")
         if option.choices:
             help_text += f"; one of {', '.join(option.choices)}"
         if option.kind == "bool":
@@ -57,8 +79,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     run = sub.add_parser("run", help="serve the node's GPUs to the kubelet (the default command)")
     _add_options(run)
-    demo = sub.add_parser("demo", help="run nvdp on a simulated GPU node against an embedded kubelet emulator")
+    demo = sub.add_parser(
+        "demo", help="run nvdp on a simulated GPU node against an embedded kubelet emulator",
+        description="Run nvdp on a simulated GPU node against an embedded kubelet emulator. Takes `nvdp run`'s "
+                    "flags (--config-file included; environment variables are not read), so what it shows is what "
+                    "a node with those settings would answer; without flags, a default install's answer.")
     demo.add_argument("--simulate", type=Path, default=None, help="simulated node YAML (default: built-in node)")
+    _add_options(demo, skip=DEMO_OWN)
     status = sub.add_parser("status", help="show what a running nvdp serves (from its metrics endpoint)")
     status.add_argument("--address", default=None,
                         help="the daemon's metrics address [env $METRICS_ADDRESS; default :9400]")
@@ -137,10 +164,72 @@ def load_config_within(path: Path, timeout_s: float | None = None) -> Config:
     return result
 
 
+#: Exceptions that say what is wrong with a file, a flag or the node, by class name (the classes live in modules the
+#: CLI does not import up front): one line on stderr, never a traceback.
+USER_ERRORS = frozenset({
+    "ConfigError", "KubeConfigError", "StartupError", "SimNodeError", "SimBuildError", "MpsError", "ShmError",
+    "StatusError", "RegistrationError",
+})
+#: Set (to anything) to see the traceback of an unexpected error.
+TRACEBACK_ENV = "NVDP_TRACEBACK"
+#: What to do, per kind of error, where the message alone does not say.
+_HINTS = {
+    "SimNodeError": "check the simulated node file (its keys are in docs/simulation.md), or leave --simulate out "
+                    "for the built-in node",
+    "MpsError": "see docs/mps.md",
+    "ShmError": "see docs/mps.md (--mps-shm-size)",
+}
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for inner in exc.exceptions for leaf in _leaves(inner)]
+    return [exc]
+
+
+def explain(exc: BaseException) -> str:
+    """One line for an error that ended a command: the first user error in it (nurseries wrap errors in groups,
+    next to the cancellations they caused), else the unexpected error itself, said to be a bug."""
+    leaves = _leaves(exc)
+    user = next((leaf for leaf in leaves if type(leaf).__name__ in USER_ERRORS), None)
+    if user is not None:
+        name = type(user).__name__
+        text = " ".join(str(user).split()) or name
+        if name in ("ConfigError", "KubeConfigError"):
+            return f"invalid configuration: {text}"
+        hint = _HINTS.get(name)
+        if name == "StartupError" and text.startswith("no config to serve"):
+            hint = "see docs/node-config.md"
+        return f"{text}; {hint}" if hint else text
+    first = leaves[0]
+    text = " ".join(str(first).split())
+    return (f"unexpected error: {type(first).__name__}{': ' + text if text else ''} (a bug in nvdp: please report "
+            f"it; set {TRACEBACK_ENV}=1 to see where it happened)")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """The command line. Whatever goes wrong ends in one line on stderr and a non-zero exit, never a traceback
+    (unless $NVDP_TRACEBACK is set)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or (argv[0] not in SUBCOMMANDS and argv[0] not in ("-h", "--help", "--version")):
         argv.insert(0, "run")
+    command = " ".join(argv[:2]) if argv[0] == "config" and len(argv) > 1 else argv[0]
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        return 130
+    except SystemExit:
+        raise
+    except BaseException as exc:
+        if os.environ.get(TRACEBACK_ENV):
+            raise
+        line = explain(exc)
+        logging.getLogger("nvdp").debug("%s", line, exc_info=exc)
+        print(f"nvdp {command}: {line}", file=sys.stderr)
+        return 1
+
+
+def _main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     env = dict(os.environ)
     try:
@@ -155,7 +244,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return 1
 
             setup_logging("warning", "text")
-            return trio.run(run_demo, args.simulate)
+            return trio.run(run_demo, args.simulate, demo_settings(args))
         if args.command == "status":
             from nvdp.observe.status import status_main
 
@@ -172,7 +261,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def config_validate(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     """`nvdp config validate`: the files named, else the deployed --config-file and every config of --config-dir."""
-    from nvdp.validate import validate_configs
+    from nvdp.validate import NothingValidated, validate_configs
 
     cli = cli_values(args)
     # What the command line names; else what the deployed environment does (`nvdp run` prefers the directory).
@@ -196,10 +285,24 @@ def config_validate(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     except ValueError:
         print(f"nvdp config validate: STRICT_CONFIG {strict_text!r}: expected true or false", file=sys.stderr)
         return 2
-    code, text = validate_configs(files, config_dir, cli, env, Path(simulate_text) if simulate_text else None,
-                                  strict)
+    try:
+        code, text = validate_configs(files, config_dir, cli, env, Path(simulate_text) if simulate_text else None,
+                                      strict)
+    except NothingValidated as exc:
+        print(f"nvdp config validate: {exc}", file=sys.stderr)
+        return 1
     print(text)
     return code
+
+
+def demo_settings(args: argparse.Namespace) -> Settings:
+    """`nvdp demo`'s settings: its flags only (a demo must not pick up the shell's CONFIG_FILE or MIG_STRATEGY), over
+    the defaults of a fresh install."""
+    settings = load_settings(args, {})
+    # Nothing outside the demo's temporary directory unless asked for: no port, no NFD feature file.
+    return dataclasses.replace(
+        settings, metrics_address=args.metrics_address or "",
+        nfd_features_file=settings.nfd_features_file if args.nfd_features_file else None)
 
 
 def mps_host(args: argparse.Namespace, env: Mapping[str, str]) -> int:
@@ -249,12 +352,21 @@ def node_config_for(args: argparse.Namespace, env: Mapping[str, str], settings: 
     return NodeConfig(sources, api, make_settings)
 
 
+def warn_about(settings: Settings) -> None:
+    """Settings that are valid but do something the operator may not expect: said once, at start."""
+    if settings.kubelet_socket is None:
+        # Upstream's meaning of an empty --kubelet-socket; the daemon serves its sockets in the temp directory.
+        log.warning("--kubelet-socket is empty: nvdp registers with no kubelet and serves its plugin sockets in %s",
+                    tempfile.gettempdir())
+
+
 def run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     settings = load_settings(args, env)
     from nvdp.daemon import StartupError, run_daemon
 
     setup_logging(settings.log_level, settings.log_format)
     log.info("nvdp %s starting", __version__)
+    warn_about(settings)
     node_config = node_config_for(args, env, settings)
 
     def reload_settings() -> Settings:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
@@ -36,6 +36,7 @@ from nvdp.core.plan.model import Plan
 from nvdp.kubelet.plugin_server import ServingContext
 from nvdp.kubelet.servers import ResourceServers
 from nvdp.mps import HostLauncher, MpsDaemons, MpsError, NvmlComputeMode, find_control_binary
+from nvdp.mps.control_daemon import DEFAULT_TIMINGS, DaemonTimings
 from nvdp.mps.shm import ShmError, ensure_shm
 from nvdp.nfd import write_features_file
 from nvdp.nvml import adapter as nvml
@@ -104,7 +105,7 @@ class DaemonObserver(Protocol):
 
     def kubelet_restarted(self) -> None: ...
 
-    def xid(self, gpu_uuid: str, xid: int) -> None: ...
+    def xid(self, gpu_uuid: str, xid: int, critical: bool) -> None: ...
 
     def health_changed(self, plan: Plan, unhealthy: Mapping[str, str], nvml_ok: bool) -> None: ...
 
@@ -164,8 +165,17 @@ def report_config(update: ConfigUpdate, observer: DaemonObserver) -> None:
         observer.label_unknown(update.unknown_label, update.name or "built-in defaults")
 
 
+def probe_timings(settings: Settings) -> dict[str, DaemonTimings]:
+    """`timings=` for `MpsDaemons` from `--mps-probe-timeout` and `--mps-probe-failures`; nothing when both are at
+    their defaults, so that the daemons' own defaults (or a test's) apply. Read when the daemons are first set up:
+    changing them takes a restart."""
+    timings = replace(DEFAULT_TIMINGS, probe_timeout_s=settings.mps_probe_timeout,
+                      probe_failures=settings.mps_probe_failures)
+    return {} if timings == DEFAULT_TIMINGS else {"timings": timings}
+
+
 class CountingTracker(HealthTracker):
-    """The health tracker, also reporting every XID per GPU and code."""
+    """The health tracker, also reporting every XID per GPU and code, critical under the health policy or not."""
 
     observer: DaemonObserver
 
@@ -181,7 +191,7 @@ class CountingTracker(HealthTracker):
         return tracker
 
     def on_xid(self, event: XidEvent, now: float) -> bool:
-        self.observer.xid(event.gpu_uuid, event.xid)
+        self.observer.xid(event.gpu_uuid, event.xid, self.is_critical(event))
         return super().on_xid(event, now)
 
 
@@ -312,7 +322,7 @@ class Controller:
             self.mps = MpsDaemons(self._mps_nursery, control, NvmlComputeMode(), self._mps_health,
                                   on_probe=self._mps_probe, path_env=self.search_path,
                                   launcher=HostLauncher(host) if host is not None else None,
-                                  reporter=self.reporter)
+                                  reporter=self.reporter, **probe_timings(settings))
 
     async def release_mps(self) -> None:
         """nvdp is ending: the MPS daemons it owns are removed, the MPS host's are left running."""

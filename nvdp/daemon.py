@@ -79,6 +79,10 @@ __all__ = ["NodeConfig", "StartupError", "run_daemon"]
 log = logging.getLogger(__name__)
 
 
+#: `/readyz`'s answer (200) and the log's, with failOnInitError=false and no usable NVML.
+NO_GPU = "no NVIDIA GPU on this node; serving nothing"
+
+
 class StartupError(Exception):
     """nvdp cannot start serving (bad config, NVML unavailable with failOnInitError, invalid MIG layout)."""
 
@@ -155,7 +159,8 @@ class Tree:
             async with open_asyncio_thread() as host, open_nvml(settings) as session, \
                     trio.open_nursery() as node:
                 if session is None:
-                    observer.nvml_unavailable("NVML is not available (failOnInitError=false)")
+                    # Serving nothing is the intended state: ready (helm --wait, rollout status finish), and says why.
+                    observer.nvml_unavailable(NO_GPU)
                     task_status.started(None)
                     await trio.sleep_forever()
                 node_tasks: Supervisor[str, Task] = Supervisor(node, run_task, reporter=observer)
@@ -326,7 +331,8 @@ async def open_nvml(settings: Settings) -> AsyncIterator[NvmlSession | None]:
                 raise StartupError(
                     f"{message}. If this is not a GPU node, set failOnInitError=false (--fail-on-init-error=false) "
                     "to have nvdp wait instead of exiting.") from None
-            log.error("%s; failOnInitError is false, so nvdp serves no devices and waits", message)
+            # The one line that says so (nothing repeats it): on a node without GPUs this is the intended state.
+            log.warning("%s: %s (failOnInitError is false, so nvdp serves no devices and waits)", message, NO_GPU)
             yield None
             return
         try:

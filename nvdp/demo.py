@@ -7,6 +7,7 @@ gRPC (grpcio) as the kubelet would.
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 import time
 from collections.abc import Callable
@@ -50,19 +51,26 @@ async def _until(kubelet: KubeletEmulator, predicate: Callable[[KubeletEmulator]
     return await trio.to_thread.run_sync(kubelet.wait_for, predicate, limit_s)
 
 
-async def run_demo(simulate: Path | None = None, out: TextIO | None = None) -> int:
+async def run_demo(simulate: Path | None = None, settings: Settings | None = None, out: TextIO | None = None) -> int:
+    """The demo on the node `simulate` (default: the built-in 4-GPU node) with `settings` (default: a fresh
+    install's: envvar device list, no device specs); the kubelet socket and the node are the demo's own."""
     from nvdp import sim
 
     report = Report(out)
     node_file = simulate or sim.default_node_path()
+    # Read first: a bad node file is the user's to fix, and says so before anything starts (sim.SimNodeError).
+    sim.load_node(node_file)
+    base = settings or Settings()
     with tempfile.TemporaryDirectory(prefix="nvdp-demo-") as tmp:
         plugin_dir = Path(tmp) / "device-plugins"
         kubelet = KubeletEmulator(plugin_dir)
         await trio.to_thread.run_sync(kubelet.start)
         try:
-            settings = Settings(simulate=node_file, kubelet_socket=kubelet.socket, pass_device_specs=True,
-                                device_list_strategy=("envvar",))
+            settings = dataclasses.replace(base, simulate=node_file, kubelet_socket=kubelet.socket)
             report.heading(f"nvdp on a simulated node ({node_file})")
+            report.line(f"settings: device list strategy {','.join(settings.device_list_strategy)}, device IDs "
+                        f"{settings.device_id_strategy}, passDeviceSpecs {str(settings.pass_device_specs).lower()}, "
+                        f"MIG strategy {settings.mig_strategy}, config {settings.config_file or 'none (defaults)'}")
             report.line(f"kubelet emulator listening on {kubelet.socket}")
             async with trio.open_nursery() as nursery:
                 started = time.monotonic()
@@ -74,18 +82,31 @@ async def run_demo(simulate: Path | None = None, out: TextIO | None = None) -> i
                 report.heading("What the kubelet sees (ListAndWatch)")
                 _show_devices(report, kubelet)
 
-                devices = list(kubelet.devices(RESOURCE))
-                report.heading(f"Allocate one {RESOURCE} ({devices[0]})")
-                response = await trio.to_thread.run_sync(kubelet.allocate, RESOURCE, devices[:1])
+                resources = list(kubelet.resources())
+                if not resources:
+                    report.line("no resource registered: nothing to allocate")
+                    nursery.cancel_scope.cancel()
+                    return 1
+                # The plain GPU resource where the config keeps it; else the first one (a renamed or MIG one).
+                resource = RESOURCE if RESOURCE in resources else resources[0]
+                devices = list(kubelet.devices(resource))
+                report.heading(f"Allocate one {resource} ({devices[0]})")
+                response = await trio.to_thread.run_sync(kubelet.allocate, resource, devices[:1])
                 container = response.container_responses[0]
                 for key, value in sorted(container.envs.items()):
                     report.line(f"env    {key}={value}")
                 for spec in container.devices:
                     report.line(f"device {spec.container_path} <- {spec.host_path} ({spec.permissions})")
+                for mount in container.mounts:
+                    report.line(f"mount  {mount.container_path} <- {mount.host_path}")
+                if not container.devices:
+                    report.line("device nodes: none in the response (passDeviceSpecs is off, as in a default "
+                                "install; --pass-device-specs to see them)")
 
-                report.heading(f"GetPreferredAllocation: 2 of {len(devices)} GPUs, best connected")
-                preferred = await trio.to_thread.run_sync(kubelet.preferred_allocation, RESOURCE, devices, [], 2)
-                report.line(", ".join(preferred))
+                if len(devices) >= 2:
+                    report.heading(f"GetPreferredAllocation: 2 of {len(devices)} {resource} devices, best connected")
+                    preferred = await trio.to_thread.run_sync(kubelet.preferred_allocation, resource, devices, [], 2)
+                    report.line(", ".join(preferred))
 
                 report.heading("Kubelet restart: sockets wiped, kubelet.sock re-created")
                 before = len(kubelet.registrations)

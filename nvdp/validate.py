@@ -554,6 +554,10 @@ def _configs(files: Sequence[Path], config_dir: Path | None) -> Iterator[tuple[s
             yield str(config_dir / name), data, None
 
 
+class NothingValidated(Exception):
+    """validate could not even start (the simulated node is unreadable): one line on stderr, exit 1."""
+
+
 def validate_configs(files: Sequence[Path], config_dir: Path | None, cli: Mapping[str, str | None],
                      env: Mapping[str, str], simulate: Path | None, strict: bool) -> tuple[int, str]:
     """(exit code, text): 0 when every config is valid (warnings allowed unless `strict`), else 1."""
@@ -565,7 +569,7 @@ def validate_configs(files: Sequence[Path], config_dir: Path | None, cli: Mappin
             inventory = read_simulated_node(simulate)
             node_name = f"the simulated node {simulate}"
         except NodeError as exc:
-            return 1, f"nvdp config validate: {exc}\nnothing validated: fix the node file or leave --simulate out"
+            raise NothingValidated(f"{exc}; nothing validated: fix the node file or leave --simulate out") from None
     # The file is named on the command line: a CONFIG_FILE of this shell must not stand in for it.
     cli = {**cli, "config_file": None, "simulate": None, "config_dir": None}
     env = {k: v for k, v in env.items() if k not in ("CONFIG_FILE", "NVDP_SIMULATE", "CONFIG_FILE_SRCDIR")}

@@ -180,7 +180,8 @@ async def test_a_static_config_file_with_warnings_is_served_and_reported(
                         "config_file": str(path)}, {}, load_config_file(path), config_source=str(path))
     metrics = Metrics()
     async with daemon(settings, metrics=metrics):
-        assert count(kubelet) == 4
+        # Registered is not yet listed: wait for the kubelet's ListAndWatch to carry the devices.
+        assert await wait_for(kubelet, lambda k: count(k) == 4)
         paths = sorted(labels["path"] for n, labels, _ in samples(metrics) if n == "nvdp_config_warnings")
         assert paths == [f"{path}: $.flags.renameByDefault", f"{path}: $.sharing.timeSlicing.resources[0].devices"]
 

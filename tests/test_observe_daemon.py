@@ -20,6 +20,7 @@ from tests.harness import LIMIT_S, settle
 from tests.helpers import gpu, write_node
 
 GPU0 = "GPU-00000000-aaaa-bbbb-cccc-000000000000"
+GPU1 = "GPU-00000001-aaaa-bbbb-cccc-000000000000"
 
 
 def wait_until(predicate: object) -> bool:
@@ -86,11 +87,14 @@ def test_metrics_probes_and_json_logs_follow_the_daemon(tmp_path: Path, no_leaks
             assert value(text, "nvdp_allocate_duration_seconds_count", resource="nvidia.com/gpu") == allocs + 1
 
             with events.open("a") as f:
+                # 13 is ignored by the default health policy: counted, with critical="false", and nothing changes.
+                f.write(f"xid {GPU1} 13\n")
                 f.write(f"xid {GPU0} 48\n")
             assert wait_until(lambda: value(get(base + "/metrics")[1], "nvdp_devices", resource="nvidia.com/gpu",
                                             health="Unhealthy") == 1)
             text = get(base + "/metrics")[1]
-            assert value(text, "nvdp_xid_events_total", uuid=GPU0, xid="48") == 1
+            assert value(text, "nvdp_xid_events_total", uuid=GPU0, xid="48", critical="true") == 1
+            assert value(text, "nvdp_xid_events_total", uuid=GPU1, xid="13", critical="false") == 1
 
             config.write_text("version: v1\nflags:\n  plugin:\n    deviceIDStrategy: index\n")
             process.send_signal(signal.SIGHUP)

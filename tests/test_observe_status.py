@@ -6,10 +6,11 @@ import socket
 
 import pytest
 import trio
+from prometheus_client import generate_latest
 
 from nvdp.observe.http import ProbeState, serve_http
 from nvdp.observe.metrics import Metrics
-from nvdp.observe.status import base_url, status_main
+from nvdp.observe.status import Probe, Samples, base_url, render, status_main
 from tests.observe_fixtures import GPU0, GPU1, inventory, plan
 
 
@@ -25,6 +26,7 @@ async def test_status_prints_what_the_daemon_serves(capsys: pytest.CaptureFixtur
     metrics.allocate_observed("nvidia.com/gpu", 0.001)
     metrics.health_changed(plan(replicas=2, mps=True), {f"{GPU1}::0": "XID 48 (double-bit ECC error)"})
     metrics.xid(GPU1, 48)
+    metrics.xid(GPU0, 13, critical=False)
     metrics.mps_daemon(GPU1, True, 0.0042)
     metrics.reload_failed("broken", "bad")
     state = ProbeState()
@@ -42,9 +44,20 @@ async def test_status_prints_what_the_daemon_serves(capsys: pytest.CaptureFixtur
     assert rows["nvidia.com/gpu.shared"][1:4] == ["1", "1", "0"]
     assert rows["nvidia.com/gpu"][-2:] == ["1", "0"]  # allocate calls, errors
     gpu_rows = {line.split()[1]: line for line in out.splitlines() if line.startswith(("0 ", "1 "))}
-    assert "gpu=1" in gpu_rows[GPU0] and "gpu.shared=2" in gpu_rows[GPU1] and gpu_rows[GPU1].rstrip().endswith("1")
+    assert "gpu=1" in gpu_rows[GPU0] and "gpu.shared=2" in gpu_rows[GPU1] and gpu_rows[GPU1].rstrip().endswith("1 (1)")
+    assert gpu_rows[GPU0].rstrip().endswith("1 (0)")  # every XID counts; in parentheses the critical ones
     assert f"{GPU1}  {GPU1}  XID 48 (double-bit ECC error)" in out
     assert "4.2 ms" in out
+
+
+def test_an_mps_daemon_with_no_probe_yet_says_so() -> None:
+    metrics = Metrics()
+    metrics.plan_applied(plan(replicas=2, mps=True), inventory(), "default", 1, 0.1)
+    metrics.mps_daemon(GPU1, True, None)
+    samples = Samples.parse(generate_latest(metrics.registry).decode())
+    text = render(samples, Probe(True, ""), Probe(True, ""))
+    row = next(line for line in text.splitlines() if line.startswith(GPU1))
+    assert "up, not probed yet" in row
 
 
 async def test_unreachable_is_exit_1_with_a_message(capsys: pytest.CaptureFixture[str]) -> None:

@@ -18,7 +18,8 @@ One life, `run_mps_daemon(spec, ...)`, never returns:
    A daemon that exits or does not answer within `start_timeout_s` is stopped and `DaemonFailed` raised, before
    `task_status.started()`;
 4. healthy: `on_health(uuid, True)`, `task_status.started()`;
-5. probe every `probe_interval_s`; a failed probe reports the GPU unhealthy, an answer healthy again. A hung daemon
+5. probe every `probe_interval_s`; `probe_failures` consecutive failed probes (each bounded by `probe_timeout_s`)
+   report the GPU unhealthy, one answer healthy again. A hung daemon
    is not restarted (its MPS server may still serve running clients); the life ends when the daemon process exits
    (seen through the launcher at once) or its pipe directory is gone (it can never answer again: it is stopped);
 6. raise `DaemonFailed(reason)`: the caller restarts it (a new life, which adopts or starts).
@@ -116,7 +117,12 @@ class DaemonTimings:
 
     probe_interval_s: float = 1.0
     #: Bound on one control command (probe, limit, quit); the control program is killed when it runs over.
-    probe_timeout_s: float = 1.0
+    #: `--mps-probe-timeout` (env MPS_PROBE_TIMEOUT).
+    probe_timeout_s: float = 3.0
+    #: Consecutive failed probes before a running daemon's replicas are reported Unhealthy: one slow answer on a
+    #: busy node is not an outage. `--mps-probe-failures` (env MPS_PROBE_FAILURES). A daemon that exits is
+    #: reported at once, whatever this says.
+    probe_failures: int = 3
     #: How long a freshly started daemon may take to answer before it counts as a failed start.
     start_timeout_s: float = 10.0
     #: After `quit`: how long to wait for the daemon to exit before SIGTERM, and again before SIGKILL.
@@ -435,12 +441,15 @@ class _Daemon:
     async def _probe_until_unreachable(self) -> str:
         """Probe until the daemon cannot be reached any more; returns why. A daemon that is alive but hung stays
         (restarting it would end its clients): only one whose pipe directory is gone (its control socket with it;
-        it can never answer again) is given up."""
+        it can never answer again) is given up. Its replicas turn unhealthy only after `probe_failures` failed probes
+        in a row."""
+        failures = 0
         while True:
             await trio.sleep(self.timings.probe_interval_s)
             began = trio.current_time()
             ok, answer = await self.command("get_default_active_thread_percentage")
             if ok and _parse_number(answer) is not None:
+                failures = 0
                 self.state.last_probe_s = trio.current_time() - began
                 if self.on_probe is not None:
                     self.on_probe(self.paths.gpu_uuid, self.state.last_probe_s)
@@ -448,12 +457,18 @@ class _Daemon:
                     log.info("MPS daemon for %s answers again; its replicas are healthy", self.label)
                 self._set_health(True)
                 continue
-            if self.state.healthy is not False:
-                log.warning("MPS daemon for %s failed a probe (%s); its replicas are unhealthy until it "
-                            "answers", self.label, answer or "no output")
-            self._set_health(False)
+            failures += 1
             if not await trio.Path(self.paths.pipe_dir).is_dir():
+                self._set_health(False)
                 return f"lost its pipe directory {self.paths.pipe_dir}"
+            if failures < self.timings.probe_failures:
+                log.info("MPS daemon for %s failed a probe (%s), %d of %d in a row before its replicas count as "
+                         "unhealthy", self.label, answer or "no output", failures, self.timings.probe_failures)
+                continue
+            if self.state.healthy is not False:
+                log.warning("MPS daemon for %s failed %d probes in a row (last: %s); its replicas are unhealthy "
+                            "until it answers", self.label, failures, answer or "no output")
+            self._set_health(False)
 
     # ------------------------------------------------------------------------------------------- compute mode
 

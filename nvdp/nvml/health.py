@@ -169,10 +169,12 @@ class _Watcher:
         what = "double-bit ECC error" if event.event_type == EVENT_DOUBLE_BIT_ECC else xid_name(event.xid)
         placement = (event.gi, event.ci) if event.gi is not None and event.ci is not None else None
         where = event.gpu_uuid if placement is None else f"{event.gpu_uuid} MIG instance (gi {event.gi}, ci {event.ci})"
-        if not self.tracker.is_critical(event):
+        critical = self.tracker.is_critical(event)
+        # Every event goes to the tracker (which counts it, critical or not); only a critical one changes anything.
+        changed = self.tracker.on_xid(event, now)
+        if not critical:
             log.info("%s on %s: not critical under the health policy; nothing changes", what, where)
             return
-        changed = self.tracker.on_xid(event, now)
         fault = self.tracker.fault(event.gpu_uuid, placement)
         permanent = fault is not None and fault.permanent
         if changed:

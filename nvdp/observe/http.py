@@ -84,6 +84,8 @@ class ProbeState:
     nvml_ok: bool = True
     registered: bool = False
     reason: str = ""
+    #: What `/readyz` answers when ready, instead of "ok" (a node without GPUs: why it serves nothing).
+    note: str = ""
     #: Supervised child -> why it is down (only those down now).
     down: dict[str, str] = field(default_factory=dict)
     #: Supervised child -> restarts since start (for Events and `nvdp status`).
@@ -121,7 +123,7 @@ class ProbeState:
             return False, "restarting after a failure: " + "; ".join(parts)
         if not self.registered:
             return False, self.reason or "not every resource is registered with the kubelet"
-        return True, "ok"
+        return True, self.note or "ok"
 
 
 async def serve_http(

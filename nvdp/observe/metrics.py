@@ -99,7 +99,8 @@ class Metrics:
         self._kubelet_restarts = Counter(
             "nvdp_kubelet_restarts", "Times the kubelet was seen to start again (kubelet.sock created).", registry=r)
         self._xids = Counter(
-            "nvdp_xid_events", "XID events reported by NVML, critical or not.", ["uuid", "xid"], registry=r)
+            "nvdp_xid_events", "XID events reported by NVML, critical or not (label critical: whether the health "
+            "policy marks devices Unhealthy for it).", ["uuid", "xid", "critical"], registry=r)
         self._reloads = Counter(
             "nvdp_config_reloads", "Config reloads after start-up, by config name and result (applied, failed).",
             ["config", "result"], registry=r)
@@ -251,8 +252,8 @@ class Metrics:
     def kubelet_restart(self) -> None:
         self._kubelet_restarts.inc()
 
-    def xid(self, gpu_uuid: str, xid: int) -> None:
-        self._xids.labels(gpu_uuid, str(xid)).inc()
+    def xid(self, gpu_uuid: str, xid: int, critical: bool = True) -> None:
+        self._xids.labels(gpu_uuid, str(xid), "true" if critical else "false").inc()
 
     def mps_restart(self, gpu_uuid: str) -> None:
         self._mps_restarts.labels(gpu_uuid).inc()

@@ -102,7 +102,10 @@ class Observer:
         self._show_blocked()
 
     def nvml_unavailable(self, reason: str) -> None:
-        self.probes.set_pending([reason])
+        """NVML cannot start and failOnInitError is false: nothing to register, so ready, with `reason` as the
+        answer of `/readyz` (200)."""
+        self.probes.set_pending([])
+        self.probes.note = reason
 
     # -- the kubelet -------------------------------------------------------------------------------------------
 
@@ -111,8 +114,8 @@ class Observer:
 
     # -- health ----------------------------------------------------------------------------------------------
 
-    def xid(self, gpu_uuid: str, xid: int) -> None:
-        self.metrics.xid(gpu_uuid, xid)
+    def xid(self, gpu_uuid: str, xid: int, critical: bool) -> None:
+        self.metrics.xid(gpu_uuid, xid, critical)
 
     def health_changed(self, plan: Plan, unhealthy: Mapping[str, str], nvml_ok: bool) -> None:
         self.metrics.health_changed(plan, unhealthy)

@@ -120,6 +120,13 @@ def _when(timestamp: float | None) -> str:
     return datetime.datetime.fromtimestamp(timestamp, tz=datetime.UTC).strftime("%Y-%m-%d %H:%M:%SZ")
 
 
+def _xids(samples: Samples, uuid: str) -> str:
+    """Every XID NVML reported for the GPU, and in parentheses those the health policy counts as critical."""
+    total = samples.total("nvdp_xid_events_total", uuid=uuid)
+    critical = samples.total("nvdp_xid_events_total", uuid=uuid, critical="true")
+    return f"{_cell(total)} ({_cell(critical)})"
+
+
 def render(samples: Samples, health: Probe, ready: Probe, source: str = "") -> str:
     out: list[str] = []
     version = next((labels.get("version", "?") for labels, _ in samples.get("nvdp_build_info")), "?")
@@ -161,10 +168,9 @@ def render(samples: Samples, health: Probe, ready: Probe, source: str = "") -> s
         for labels, value in sorted(samples.get("nvdp_replicas"), key=lambda s: s[0]["resource"]):
             replicas[labels["uuid"]].append(f"{labels['resource'].removeprefix('nvidia.com/')}={_cell(value)}")
         out.append("")
-        out += table(["GPU", "UUID", "NAME", "MIG", "DEVICES", "XIDS"],
+        out += table(["GPU", "UUID", "NAME", "MIG", "DEVICES", "XIDS (CRITICAL)"],
                      [[g["index"], g["uuid"], g["name"], "yes" if g.get("mig") == "true" else "no",
-                       " ".join(replicas.get(g["uuid"], [])) or "-",
-                       samples.total("nvdp_xid_events_total", uuid=g["uuid"])] for g, _ in gpus])
+                       " ".join(replicas.get(g["uuid"], [])) or "-", _xids(samples, g["uuid"])] for g, _ in gpus])
 
     unhealthy = samples.get("nvdp_device_unhealthy")
     if unhealthy:
@@ -186,7 +192,9 @@ def render(samples: Samples, health: Probe, ready: Probe, source: str = "") -> s
         for labels, up in mps:
             uuid = labels["uuid"]
             probe = samples.value("nvdp_mps_probe_duration_seconds", uuid=uuid)
-            rows.append([uuid, "up" if up else "DOWN", "-" if probe is None else f"{probe * 1000:.1f} ms",
+            # Up with no probe yet: the daemon answered when it came up, and its first periodic probe is due.
+            state = ("up" if probe is not None else "up, not probed yet") if up else "DOWN"
+            rows.append([uuid, state, "-" if probe is None else f"{probe * 1000:.1f} ms",
                          samples.value("nvdp_mps_daemon_restarts_total", 0, uuid=uuid)])
         out += table(["MPS DAEMON (GPU)", "STATE", "LAST PROBE", "RESTARTS"], rows)
     return "\n".join(out) + "\n"
@@ -196,8 +204,12 @@ def status_main(address: str = DEFAULT_ADDRESS) -> int:
     """Print the status tables; 1 with a message on stderr when the daemon cannot be read."""
     try:
         samples, health, ready = fetch(address)
-    except (StatusError, ValueError) as exc:
+    except ValueError as exc:
         print(f"nvdp status: {exc}", file=sys.stderr)
+        return 1
+    except StatusError as exc:
+        print(f"nvdp status: {exc}; is nvdp running there? --address (or $METRICS_ADDRESS) must be its "
+              "--metrics-address (default :9400)", file=sys.stderr)
         return 1
     sys.stdout.write(render(samples, health, ready, base_url(address)))
     return 0

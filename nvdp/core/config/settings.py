@@ -67,7 +67,7 @@ class Option:
     #: Path in the config file as attribute names, e.g. ("flags", "plugin", "pass_device_specs"); () = CLI only.
     config_path: tuple[str, ...]
     default: Any
-    #: "str" | "bool" | "list" | "path" | "seconds" | "bytes"
+    #: "str" | "bool" | "list" | "path" | "seconds" | "bytes" | "int"
     kind: str = "str"
     choices: tuple[str, ...] = ()
     help: str = ""
@@ -154,6 +154,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("strict_config", ("--strict-config",), ("STRICT_CONFIG",), ("flags", "strict_config"), False, "bool",
            help="treat config warnings (what upstream accepts and nvdp serves with upstream's meaning, e.g. an "
                 "unknown key) as errors"),
+    Option("mps_probe_timeout", ("--mps-probe-timeout",), ("MPS_PROBE_TIMEOUT",), (), 3.0, "seconds",
+           help="how long one MPS control daemon probe (or control command) may take before it counts as failed"),
+    Option("mps_probe_failures", ("--mps-probe-failures",), ("MPS_PROBE_FAILURES",), (), 3, "int",
+           help="failed MPS probes in a row before a daemon's replicas are reported Unhealthy"),
     Option("health_quiet_period", ("--health-quiet-period",), ("HEALTH_QUIET_PERIOD",), (), "300", "seconds",
            help="seconds without a new critical XID before an Unhealthy GPU is probed and may return to Healthy"),
 )
@@ -184,6 +188,9 @@ class Settings:
     disable_healthchecks: str | None = None
     enable_healthchecks: str | None = None
     health_quiet_period: float = 300.0
+    #: Bound on one MPS control command, and failed probes in a row before a daemon counts as down (docs/mps.md).
+    mps_probe_timeout: float = 3.0
+    mps_probe_failures: int = 3
     mps_shm_size: int | None = None
     #: `nvdp mps-host`'s socket: the daemons are the host's (docs/mps.md); None: nvdp starts them itself.
     mps_host_socket: Path | None = None
@@ -233,9 +240,14 @@ NUMERIC_RANGES: dict[str, tuple[float, float]] = {
     "seconds": (0.0, 7 * 24 * 3600.0),
     # 1 byte to 1 PiB: above any node's RAM, below what overflows anything.
     "bytes": (1.0, float(1 << 50)),
+    "int": (0.0, 1e6),
 }
 #: Per-option ranges that are narrower than their kind's (dest -> (lowest, highest)).
-OPTION_RANGES: dict[str, tuple[float, float]] = {}
+OPTION_RANGES: dict[str, tuple[float, float]] = {
+    # Below 0.1 s no control program answers even on an idle node; above 5 minutes a hung daemon goes unnoticed.
+    "mps_probe_timeout": (0.1, 300.0),
+    "mps_probe_failures": (1.0, 100.0),
+}
 
 
 def _show(text: str) -> str:
@@ -249,8 +261,8 @@ def _check_number(option: Option, value: float, text: str, source: str) -> None:
     if not math.isfinite(value):
         raise ConfigError(f"{source}: invalid value {_show(text)}: expected a finite number")
     if not low <= value <= high:
-        raise ConfigError(f"{source}: invalid value {_show(text)}: out of range, expected {low:g} to {high:g}"
-                          + (" seconds" if option.kind == "seconds" else " bytes"))
+        unit = {"seconds": " seconds", "bytes": " bytes"}.get(option.kind, "")
+        raise ConfigError(f"{source}: invalid value {_show(text)}: out of range, expected {low:g} to {high:g}{unit}")
 
 
 def _parse_text(option: Option, text: str, source: str) -> Any:
@@ -264,6 +276,13 @@ def _parse_text(option: Option, text: str, source: str) -> Any:
             seconds = parse_seconds(text)
             _check_number(option, seconds, text, source)
             return seconds
+        if option.kind == "int":
+            try:
+                number = int(text.strip())
+            except ValueError:
+                raise ValueError("expected a whole number") from None
+            _check_number(option, number, text, source)
+            return number
         if option.kind == "bytes":
             size = _parse_size(text)
             _check_number(option, size, text, source)
@@ -372,6 +391,13 @@ def validate(
         raise ConfigError(
             f"{where('device_list_strategy')}: device list strategy {', '.join(unsupported)}: CDI strategies are "
             f"not supported by nvdp; use {' or '.join(SUPPORTED_DEVICE_LIST_STRATEGIES)} (see docs/compatibility.md)")
+    # Checked whether or not per-node configs are in use: a typo must not wait for the day --config-dir is added.
+    from nvdp.core.config.selection import FALLBACK_STRATEGIES
+
+    unknown_fallbacks = [f for f in settings.fallback_strategies if f not in FALLBACK_STRATEGIES]
+    if unknown_fallbacks:
+        raise ConfigError(f"{where('fallback_strategies')}: unknown fallback strategy {unknown_fallbacks[0]!r}: "
+                          f"accepted values are {', '.join(FALLBACK_STRATEGIES)}")
     if settings.metrics_address.strip():
         try:
             parse_address(settings.metrics_address)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import ClassVar
 
 import msgspec
 
@@ -131,8 +132,8 @@ class ReplicatedResource(_Struct):
         self.devices = _check_devices(self.devices)
         if self.replicas is None:
             raise ValueError("no replicas specified")
-        if self.replicas < 1:
-            raise ValueError(f"number of replicas must be >= 1, got {self.replicas}")
+        if self.min_replicas is not None and self.replicas < self.min_replicas:
+            raise ValueError(f"number of replicas must be >= {self.min_replicas}, got {self.replicas}")
         if self.replicas > MAX_REPLICAS:
             # The kubelet receives ListAndWatch with gRPC's 4 MiB limit (~79 000 devices): thousands of replicas
             # per GPU could never be advertised, and building them would stall the daemon.
@@ -141,6 +142,9 @@ class ReplicatedResource(_Struct):
             raise ValueError(f"memoryGB must be >= 1, got {self.memory_gb}")
         if self.compute_percent is not None and not 1 <= self.compute_percent <= 100:
             raise ValueError(f"computePercent must be between 1 and 100, got {self.compute_percent}")
+
+    #: MPS (and upstream's shared type): 1. None: the section checks it (time-slicing's floor is 2, `TimeSlicing`).
+    min_replicas: ClassVar[int | None] = 1
 
     def selection(self) -> DeviceSelection:
         if isinstance(self.devices, int):
@@ -170,14 +174,22 @@ class _ReplicatedResources(_Struct):
         return resource.name
 
 
+class TimeSlicedResource(ReplicatedResource):
+    """A `sharing.timeSlicing.resources` entry: one time-sliced replica would be the GPU itself under another ID."""
+
+    min_replicas: ClassVar[int | None] = None
+
+
 class TimeSlicing(_ReplicatedResources):
+    resources: list[TimeSlicedResource] | None = None  # type: ignore[assignment]
+
     def __post_init__(self) -> None:
         super().__post_init__()
         for i, resource in enumerate(self.resources or ()):
             where = f"resources[{i}] ({resource.name})"
             if resource.replicas is not None and resource.replicas < 2:
                 # One time-sliced replica would be the GPU itself under another ID.
-                raise ValueError(f"{where}: number of replicas must be >= 2")
+                raise ValueError(f"{where}: number of replicas must be >= 2, got {resource.replicas}")
             for key, value in (("memoryGB", resource.memory_gb), ("computePercent", resource.compute_percent)):
                 if value is not None:
                     raise ValueError(f"{where}: {key} applies to sharing.mps only: time-slicing enforces no limits")
