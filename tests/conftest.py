@@ -77,3 +77,17 @@ async def logs() -> AsyncIterator[LogWatch]:
     """The `nvdp` loggers' records during the test, and `await logs.wait(pattern)` for one to appear."""
     with LogWatch(trio.lowlevel.current_trio_token()).installed() as watch:
         yield watch
+
+
+@pytest.fixture
+def mps_root() -> Iterator[Path]:
+    """A short MPS root (the daemon listens on a Unix socket in the pipe directory); daemons a failed test left
+    running are killed by their verified pid files (they outlive the tasks that start them)."""
+    from tests.test_mps_survival import kill_left_daemons
+
+    with tempfile.TemporaryDirectory(prefix="nvdp-mps-") as directory:
+        root = Path(directory)
+        try:
+            yield root
+        finally:
+            kill_left_daemons(root)

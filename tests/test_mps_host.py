@@ -163,16 +163,6 @@ async def until_async(predicate: Callable[[], bool]) -> None:
 # ------------------------------------------------------------------------------------------- as processes
 
 
-@pytest.fixture
-def mps_root() -> Iterator[Path]:
-    with tempfile.TemporaryDirectory(prefix="nvdp-mps-") as directory:
-        root = Path(directory)
-        try:
-            yield root
-        finally:
-            kill_left_daemons(root)
-
-
 @pytest.mark.slow  # the host and nvdp as processes, each stopped: a long scenario
 def test_nvdp_sigterm_leaves_the_hosts_daemon_and_the_hosts_sigterm_removes_it(
     kubelet: KubeletEmulator, two_gpu_node: Path, mps_root: Path, tmp_path: Path

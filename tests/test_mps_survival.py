@@ -13,7 +13,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -139,17 +138,6 @@ def kill_left_daemons(root: Path) -> None:
         if pid is not None and is_daemon_process(pid, paths):
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(pid, signal.SIGKILL)
-
-
-@pytest.fixture
-def mps_root() -> Iterator[Path]:
-    # The daemon listens on a Unix socket in the pipe directory: keep the path short.
-    with tempfile.TemporaryDirectory(prefix="nvdp-mps-") as directory:
-        root = Path(directory)
-        try:
-            yield root
-        finally:
-            kill_left_daemons(root)
 
 
 @pytest.fixture

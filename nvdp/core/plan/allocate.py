@@ -154,8 +154,8 @@ def describe_ids(ids: Sequence[str]) -> str:
     return f"{shown} and {rest} more" if rest > 0 else shown
 
 
-def _lookup(resource: Resource, device_ids: Sequence[str]) -> list[Device]:
-    """The devices for `device_ids`, in request order; names every unknown ID, not just the first."""
+def split_known(resource: Resource, device_ids: Sequence[str]) -> tuple[list[Device], list[str]]:
+    """(the devices of the IDs the resource has, in request order; the IDs it does not have), in one pass."""
     devices: list[Device] = []
     unknown: list[str] = []
     for device_id in device_ids:
@@ -164,6 +164,12 @@ def _lookup(resource: Resource, device_ids: Sequence[str]) -> list[Device]:
             unknown.append(device_id)
         else:
             devices.append(device)
+    return devices, unknown
+
+
+def _lookup(resource: Resource, device_ids: Sequence[str]) -> list[Device]:
+    """The devices for `device_ids`, in request order; names every unknown ID, not just the first."""
+    devices, unknown = split_known(resource, device_ids)
     if unknown:
         noun = "unknown device" if len(unknown) == 1 else "unknown devices"
         raise AllocationError(_prefix(resource) + f"{noun}: {describe_ids(unknown)}")

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from nvdp.core.inventory import Link, NodeInventory
-from nvdp.core.plan.allocate import describe_ids
+from nvdp.core.plan.allocate import describe_ids, split_known
 from nvdp.core.plan.model import Device, Resource
 
 POLICIES = ("distributed", "packed")
@@ -95,14 +95,9 @@ def preferred_allocation(
 
 
 def _lookup(resource: Resource, device_ids: Sequence[str]) -> list[Device]:
-    devices: dict[str, Device] = {}
-    unknown: list[str] = []
-    for device_id in device_ids:
-        device = resource.device(device_id)
-        if device is None:
-            unknown.append(device_id)
-        else:
-            devices.setdefault(device_id, device)
+    known, unknown = split_known(resource, device_ids)
+    # Duplicates count once, at their first place (the kubelet's lists are sets).
+    devices = {device.id: device for device in known}
     if unknown:
         noun = "unknown device" if len(unknown) == 1 else "unknown devices"
         raise PreferredAllocationError(f"{noun} for {resource.name}: {describe_ids(unknown)}")
