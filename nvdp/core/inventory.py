@@ -25,6 +25,21 @@ class MigDevice:
     memory_mib: int
     gi: int
     ci: int
+    #: NVML GPU-instance profile ID (`nvmlGpuInstanceProfileInfo_t.id`) and the instance's placement start and size
+    #: (memory slices); NVIDIA's DRA driver names MIG devices by the first two.
+    gi_profile_id: int = 0
+    placement_start: int = 0
+    placement_size: int = 0
+    #: What the profile gives the device: streaming multiprocessors, GPU slices of its GPU instance and compute slices
+    #: of its compute instance, and engines (GFD's `.multiprocessors`, `.slices.gi/.ci`, `.engines.*`; DRA capacities).
+    multiprocessors: int = 0
+    slices_gi: int = 0
+    slices_ci: int = 0
+    copy_engines: int = 0
+    decoders: int = 0
+    encoders: int = 0
+    jpeg_engines: int = 0
+    ofa_engines: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +59,14 @@ class Gpu:
     compute_capability: str
     numa_node: int | None = None
     mig_enabled: bool = False
+    #: Whether MIG mode can be switched on (NVML answers the MIG-mode query rather than NOT_SUPPORTED).
+    mig_capable: bool = False
+    #: NVML brand (`nvmlDeviceGetBrand`) and architecture (`nvmlDeviceGetArchitecture`) in NVIDIA's DRA driver's words,
+    #: e.g. `Nvidia`, `Ampere`; "" when the driver does not say.
+    brand: str = ""
+    architecture: str = ""
+    #: Streaming multiprocessors of the whole GPU (0 when unknown).
+    multiprocessors: int = 0
     mig_devices: tuple[MigDevice, ...] = ()
 
 
