@@ -75,6 +75,13 @@ class ContainerAllocation:
     mounts: tuple[Mount, ...]
     device_specs: tuple[DeviceSpec, ...]
     annotations: dict[str, str]
+    #: Fully-qualified CDI device names for the `cdi-cri` strategy (`ContainerAllocateResponse.cdi_devices`).
+    cdi_devices: tuple[str, ...] = ()
+    #: Fully-qualified CDI device names for the `cdi-annotations` strategy. The gRPC layer puts them in one annotation
+    #: `<cdi_annotation_prefix>nvidia-device-plugin_<uuid4>`, a fresh uuid4 per response (as upstream), so this
+    #: value stays cacheable and the key does not.
+    cdi_annotation_names: tuple[str, ...] = ()
+    cdi_annotation_prefix: str = "cdi.k8s.io/"
 
 
 class AllocationError(Exception):
