@@ -357,9 +357,27 @@ class ApiClient:
     async def post(self, path: str, body: Mapping[str, Any]) -> bytes:
         """POST a JSON object (e.g. an Event); raise `ApiError` on an error status, `ApiUnreachable` on transport
         trouble."""
+        return await self._send("POST", path, body, "application/json")
+
+    async def put(self, path: str, body: Mapping[str, Any]) -> bytes:
+        """PUT (replace) an object; its `metadata.resourceVersion`, when set, makes the write conditional (409 on a
+        conflict)."""
+        return await self._send("PUT", path, body, "application/json")
+
+    async def patch(self, path: str, body: Mapping[str, Any], *, merge: bool = True) -> bytes:
+        """PATCH an object: a JSON merge patch (RFC 7386) by default, else a strategic merge patch."""
+        kind = "application/merge-patch+json" if merge else "application/strategic-merge-patch+json"
+        return await self._send("PATCH", path, body, kind)
+
+    async def delete(self, path: str) -> bytes:
+        """DELETE an object; a 404 is the caller's to judge (`ApiError.status`)."""
+        return await self._send("DELETE", path, None, None)
+
+    async def _send(self, method: str, path: str, body: Mapping[str, Any] | None, content_type: str | None) -> bytes:
+        headers = {"Content-Type": content_type} if content_type else None
+        content = msgspec.json.encode(body) if body is not None else None
         try:
-            response = await self.http.post(path, content=msgspec.json.encode(body),
-                                            headers={"Content-Type": "application/json"})
+            response = await self.http.request(method, path, content=content, headers=headers)
         except (httpx.HTTPError, OSError) as exc:
             raise ApiUnreachable.of(exc) from exc
         if response.status_code not in (200, 201, 202):
