@@ -31,19 +31,18 @@ from nvdp.core.health.events import XidEvent
 from nvdp.core.inventory import NodeInventory
 from nvdp.core.plan.allocate import AllocateOptions
 from nvdp.core.plan.build import PlanError, build_plan
-from nvdp.core.plan.labels import sharing_labels
 from nvdp.core.plan.model import Plan
 from nvdp.kubelet.plugin_server import ServingContext
 from nvdp.kubelet.servers import ResourceServers
 from nvdp.mps import HostLauncher, MpsDaemons, MpsError, NvmlComputeMode, find_control_binary
 from nvdp.mps.control_daemon import DEFAULT_TIMINGS, DaemonTimings
 from nvdp.mps.shm import ShmError, ensure_shm
-from nvdp.nfd import write_features_file
 from nvdp.nvml import adapter as nvml
 from nvdp.nvml.health import watch_nvml_health
 from nvdp.supervise import SupervisionReporter, Supervisor, Task
 
 if TYPE_CHECKING:
+    from nvdp.gfd import LabelPublisher
     from nvdp.k8s.client import ApiConfig
     from nvdp.node_config import ConfigSources, ConfigUpdate
 
@@ -208,6 +207,8 @@ class HealthPublisher:
         self.mps_down: set[str] = set()
         self.plan = Plan(resources=())
         self.servers: ResourceServers | None = None
+        #: The GFD label child, told of every health change (None: labels are not published).
+        self.labels: LabelPublisher | None = None
 
     def publish(self) -> None:
         devices = [d for r in self.plan.resources for d in r.devices]
@@ -219,6 +220,8 @@ class HealthPublisher:
         if self.servers is not None:
             self.servers.publish_health(unhealthy)
         self.observer.health_changed(self.plan, unhealthy, self.tracker.fault(ALL_GPUS) is None)
+        if self.labels is not None:
+            self.labels.nudge()
 
 
 # -- the controller ------------------------------------------------------------------------------------------------
@@ -356,23 +359,10 @@ class Controller:
         log.info("serving (generation %d): %s", self.generation, summary)
         self.report_warnings(settings)
         self.servers_changed()  # readiness from this plan (it may follow a refused first config)
-        await self.write_labels(settings, inventory, plan)
+        if self.health.labels is not None:
+            self.health.labels.update(plan, inventory, settings.mig_strategy)
         if not plan.resources:
             log.warning("No devices found. Waiting indefinitely.")
-
-    async def write_labels(self, settings: Settings, inventory: NodeInventory, plan: Plan) -> None:
-        """The sharing labels upstream's GFD would write, as an NFD local feature file (when NFD's directory is
-        there: nvdp does not create it on hosts without node-feature-discovery)."""
-        path = settings.nfd_features_file
-        if path is None:
-            return
-        if not await trio.Path(path.parent).is_dir():
-            log.debug("no node-feature-discovery directory %s: sharing labels not written", path.parent)
-            return
-        try:
-            await trio.to_thread.run_sync(write_features_file, path, sharing_labels(plan, inventory))
-        except OSError as exc:
-            log.warning("cannot write the sharing labels to %s: %s", path, exc.strerror or exc)
 
     async def reload(self, settings: Settings) -> bool:
         """Re-read the node and build the new plan *before* anything stops; on error keep serving as before."""

@@ -16,6 +16,7 @@ the same way)::
         └ node nursery
           ├ [supervised] nvml-health    NVML events -> tracker -> HealthPublisher; new GPUs restart it
           ├ [supervised] kubelet-watch  kubelet.sock created -> KubeletStarted; a socket deleted -> SocketDeleted
+          ├ [supervised] labels         GFD's labels for each applied plan -> NFD file, NodeFeature or Node labels
           ├ report ready                every resource registered -> sd_notify READY=1 (then ends)
           ├ MPS nursery                 [supervised] one control daemon per MPS-shared GPU (nvdp.mps)
           │ └ servers nursery           [supervised] one grpclib server + registration per resource
@@ -139,6 +140,7 @@ class Tree:
         #: Why the live source's first config was refused (None: it was not, or there is no live source).
         self.first_refused: ConfigError | None = None
         self.controller: Controller | None = None
+        self.client: ApiClient | None = None
 
     def __repr__(self) -> str:
         return f"<Tree {self.controller!r} {self.observer!r}>"
@@ -152,7 +154,7 @@ class Tree:
                 await root.start(watch_signals, root.cancel_scope, self.commands)
             root_tasks: Supervisor[str, Task] = Supervisor(root, run_task, reporter=observer)
             await self.start_http(root_tasks)
-            client = await self.start_api(stack, root_tasks)
+            client = self.client = await self.start_api(stack, root_tasks)
             if self.node_config is not None and self.node_config.sources is not None:
                 settings = self.settings = await self.start_config_watch(root_tasks, self.node_config.sources,
                                                                           client)
@@ -209,12 +211,32 @@ class Tree:
         controller.attach(servers)
         if settings.kubelet_socket is not None:
             await node_tasks.start("kubelet-watch", Task(watch_kubelet, (settings.kubelet_socket, self.commands)))
+        await self.start_labels(controller, node_tasks)
         if refused is None:
             await controller.apply(settings, inventory, plan, started)
         else:
             controller.serve_nothing(settings, inventory, refused)
         node.start_soon(report_ready, servers, notify_socket, task_status)
         await controller.run(self._receive)
+
+    async def start_labels(self, controller: Controller, tasks: Supervisor[str, Task]) -> None:
+        """The GFD label child (docs/labels.md), when a sink is configured."""
+        from nvdp.gfd import LabelPublisher, label_sink
+
+        node_name = self.settings.node_name or (self.node_config.sources.node_name if self.node_config is not None
+                                                and self.node_config.sources is not None else None)
+        try:
+            sink = label_sink(self.settings, self.client, node_name)
+        except ValueError as exc:
+            raise StartupError(str(exc)) from None
+        if sink is None:
+            return
+        publisher = LabelPublisher(sink, host_root=controller.session.host_root,
+                                   machine_type_file=self.settings.machine_type_file,
+                                   timestamps=not self.settings.no_timestamp)
+        controller.health.labels = publisher
+        log.info("GPU feature labels go to the %s", sink.description)
+        await tasks.start("labels", Task(publisher.run, ()))
 
     async def start_http(self, tasks: Supervisor[str, Task]) -> None:
         address = self.settings.metrics_address

@@ -110,7 +110,12 @@ def test_inventory_round_trips_the_yaml(start: Callable[[SimNode], SimHandle]) -
         pci_bus_id="00000001:3B:00.0",
         compute_capability="7.5",
         numa_node=0,
+        brand="Nvidia",
+        architecture="Turing",
+        multiprocessors=40,
     )
+    assert (inv.gpus[0].mig_capable, inv.gpus[1].mig_capable) == (True, True)
+    assert (inv.gpus[0].brand, inv.gpus[0].architecture, inv.gpus[0].multiprocessors) == ("Nvidia", "Ampere", 108)
     assert (inv.gpus[0].minor, inv.gpus[0].numa_node, inv.gpus[0].mig_enabled) == (4, 1, True)
     assert inv.control_devices == ("/dev/nvidiactl", "/dev/nvidia-uvm")
     assert inv.mig_minors["gpu4/gi9/access"] == sim.mig_minor(4, 9)
@@ -120,13 +125,37 @@ def test_inventory_round_trips_the_yaml(start: Callable[[SimNode], SimHandle]) -
 def test_mig_devices_skip_index_holes_and_keep_profile_names(start: Callable[[SimNode], SimHandle]) -> None:
     handle = start(mig_node())
     migs = adapter.read_inventory(handle.host_root, handle.host_root).gpus[0].mig_devices
+    one_slice = {"multiprocessors": 14, "slices_gi": 1, "slices_ci": 1, "copy_engines": 1, "placement_size": 1}
+    three = {"multiprocessors": 42, "slices_gi": 3, "slices_ci": 3, "copy_engines": 3, "decoders": 2,
+             "gi_profile_id": 0x2, "placement_start": 4, "placement_size": 4}
     assert migs == (
-        MigDevice(uuid="MIG-aaaa", index=0, profile="1g.10gb", memory_mib=9856, gi=9, ci=0),
-        MigDevice(uuid="MIG-bbbb", index=2, profile="1g.10gb+me", memory_mib=9856, gi=10, ci=0),
-        MigDevice(uuid="MIG-cccc", index=3, profile="1g.20gb", memory_mib=19968, gi=3, ci=0),
-        MigDevice(uuid="MIG-dddd", index=4, profile="3g.40gb", memory_mib=40192, gi=2, ci=0),
-        MigDevice(uuid="MIG-eeee", index=5, profile="3g.40gb", memory_mib=40192, gi=2, ci=1),
+        MigDevice(uuid="MIG-aaaa", index=0, profile="1g.10gb", memory_mib=9856, gi=9, ci=0, **one_slice),
+        # +me: the media engines (a decoder, JPEG, OFA); placements packed in list order, aligned to their size.
+        MigDevice(uuid="MIG-bbbb", index=2, profile="1g.10gb+me", memory_mib=9856, gi=10, ci=0, gi_profile_id=0x7,
+                  placement_start=1, decoders=1, jpeg_engines=1, ofa_engines=1, **one_slice),
+        MigDevice(uuid="MIG-cccc", index=3, profile="1g.20gb", memory_mib=19968, gi=3, ci=0, gi_profile_id=0x9,
+                  placement_start=2, **one_slice),
+        MigDevice(uuid="MIG-dddd", index=4, profile="3g.40gb", memory_mib=40192, gi=2, ci=0, **three),
+        MigDevice(uuid="MIG-eeee", index=5, profile="3g.40gb", memory_mib=40192, gi=2, ci=1, **three),
     )
+
+
+def test_gpu_facts_a_driver_refuses_degrade_to_defaults(start: Callable[[SimNode], SimHandle]) -> None:
+    # brand none: the fake answers NOT_SUPPORTED for brand, architecture and the SM count, as an old driver does.
+    handle = start(mig_node(gpus={1: {"brand": "none"}, 2: {"multiprocessors": 0}}))
+    gpus = adapter.read_inventory(handle.host_root, handle.host_root).gpus
+    assert (gpus[1].brand, gpus[1].architecture, gpus[1].multiprocessors) == ("", "", 0)
+    assert (gpus[2].brand, gpus[2].architecture, gpus[2].multiprocessors) == ("Nvidia", "Turing", 0)
+    assert (gpus[2].mig_capable, gpus[2].mig_enabled) == (False, False)
+
+
+def test_host_facts_come_from_dmi_and_pci_class(start: Callable[[SimNode], SimHandle]) -> None:
+    handle = start(mig_node(machine="ProLiant XL675d Gen10 Plus", gpus={1: {"pciClass": 0x030000}}))
+    gpus = adapter.read_inventory(handle.host_root, handle.host_root).gpus
+    facts = adapter.read_host_facts(handle.host_root, Path("/sys/class/dmi/id/product_name"), gpus)
+    assert facts.machine == "ProLiant XL675d Gen10 Plus"
+    assert dict(facts.pci_classes) == {GPU0: 0x030200, GPU1: 0x030000, GPU2: 0x030200}
+    assert adapter.read_host_facts(handle.host_root, Path("/no/such/file"), ()).machine is None
 
 
 def test_numa_falls_back_to_sysfs(start: Callable[[SimNode], SimHandle]) -> None:
@@ -178,7 +207,9 @@ def test_fake_follows_nvml_semantics(start: Callable[[SimNode], SimHandle]) -> N
     assert code(pynvml.nvmlDeviceGetMigDeviceHandleByIndex, gpu0, 1) == pynvml.NVML_ERROR_NOT_FOUND
     assert code(pynvml.nvmlDeviceGetMigDeviceHandleByIndex, gpu0, 7) == pynvml.NVML_ERROR_INVALID_ARGUMENT
     assert code(pynvml.nvmlDeviceGetDeviceHandleFromMigDeviceHandle, gpu0) == pynvml.NVML_ERROR_INVALID_ARGUMENT
-    assert code(pynvml.nvmlDeviceGetAttributes_v2, gpu0) == pynvml.NVML_ERROR_NOT_SUPPORTED
+    # nvml.h documents attributes for MIG handles only; the fake answers a GPU's SM count when the node gives one
+    # (as drivers that do answer) and NOT_SUPPORTED otherwise (test_gpu_facts_a_driver_refuses_degrade_to_defaults).
+    assert pynvml.nvmlDeviceGetAttributes_v2(gpu0).multiprocessorCount == 108
     assert code(pynvml.nvmlDeviceGetMigMode, t4) == pynvml.NVML_ERROR_NOT_SUPPORTED
     assert code(pynvml.nvmlDeviceGetHandleByIndex, 3) == pynvml.NVML_ERROR_INVALID_ARGUMENT
     assert code(pynvml.nvmlDeviceGetHandleByUUID, "GPU-nope") == pynvml.NVML_ERROR_NOT_FOUND

@@ -12,7 +12,7 @@ import ctypes
 import logging
 import re
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -20,6 +20,7 @@ import pynvml
 
 from nvdp.core.health.events import XidEvent
 from nvdp.core.inventory import CONTROL_DEVICE_NODES, Gpu, Link, MigDevice, NodeInventory
+from nvdp.core.plan.labels import HostFacts
 
 T = TypeVar("T")
 
@@ -172,35 +173,73 @@ def _numa_node(handle: Any, pci_bus_id: str, host_root: Path) -> int | None:
     return node if node >= 0 else None
 
 
-def _mig_profile(parent: Any, mig: Any, gi: int) -> str:
-    """The GPU-instance profile name of a MIG device, as NVML's profile info reports it (`MIG 1g.5gb+me`).
+_BRANDS = {
+    pynvml.NVML_BRAND_UNKNOWN: "Unknown", pynvml.NVML_BRAND_QUADRO: "Quadro", pynvml.NVML_BRAND_TESLA: "Tesla",
+    pynvml.NVML_BRAND_NVS: "NVS", pynvml.NVML_BRAND_GRID: "GRID", pynvml.NVML_BRAND_GEFORCE: "GeForce",
+    pynvml.NVML_BRAND_TITAN: "Titan", pynvml.NVML_BRAND_NVIDIA_VAPPS: "VApps", pynvml.NVML_BRAND_NVIDIA_VPC: "VPC",
+    pynvml.NVML_BRAND_NVIDIA_VCS: "VCS", pynvml.NVML_BRAND_NVIDIA_VWS: "VWS",
+    pynvml.NVML_BRAND_NVIDIA_CLOUD_GAMING: "CloudGaming", pynvml.NVML_BRAND_QUADRO_RTX: "QuadroRTX",
+    pynvml.NVML_BRAND_NVIDIA_RTX: "NvidiaRTX", pynvml.NVML_BRAND_NVIDIA: "Nvidia",
+    pynvml.NVML_BRAND_GEFORCE_RTX: "GeForceRTX", pynvml.NVML_BRAND_TITAN_RTX: "TitanRTX",
+}
+_ARCHITECTURES = {
+    pynvml.NVML_DEVICE_ARCH_KEPLER: "Kepler", pynvml.NVML_DEVICE_ARCH_MAXWELL: "Maxwell",
+    pynvml.NVML_DEVICE_ARCH_PASCAL: "Pascal", pynvml.NVML_DEVICE_ARCH_VOLTA: "Volta",
+    pynvml.NVML_DEVICE_ARCH_TURING: "Turing", pynvml.NVML_DEVICE_ARCH_AMPERE: "Ampere",
+    pynvml.NVML_DEVICE_ARCH_ADA: "Ada", pynvml.NVML_DEVICE_ARCH_HOPPER: "Hopper",
+    pynvml.NVML_DEVICE_ARCH_BLACKWELL: "Blackwell", pynvml.NVML_DEVICE_ARCH_RUBIN: "Rubin",
+}
 
-    Falls back to go-nvlib's derivation from the MIG device's attributes (`<slices>g.<GB>gb`, no attribute suffix)
-    when the driver cannot answer the profile queries.
-    """
+
+def _optional(operation: str, fn: Callable[..., T], *args: Any) -> T | None:
+    """A query whose answer is a nicety (labels, DRA attributes): None when the driver refuses it (old drivers lack
+    the call, VMs answer NOT_SUPPORTED, a binding lays a struct out differently). A lost GPU still raises."""
     try:
-        instance = pynvml.nvmlDeviceGetGpuInstanceById(parent, gi)
-        info = pynvml.nvmlGpuInstanceGetInfo(instance)
-        profile = pynvml.nvmlDeviceGetGpuInstanceProfileInfo(parent, info.profileId, 2)
-        match = _MIG_PROFILE.search(_text(profile.name))
-        if match:
-            return match.group(1)
+        return fn(*args)
     except pynvml.NVMLError as exc:
         if exc.value == ERROR_GPU_IS_LOST:
-            raise NvmlError(exc.value, _message(exc.value), "MIG profile info") from None
-    attrs = _call("nvmlDeviceGetAttributes", pynvml.nvmlDeviceGetAttributes_v2, mig)
-    return f"{attrs.gpuInstanceSliceCount}g.{round(attrs.memorySizeMB / 1024)}gb"
+            raise NvmlError(exc.value, _message(exc.value), operation) from None
+        log.debug("%s: %s (NVML error %s); using the default", operation, _message(int(exc.value)), exc.value)
+    except Exception as exc:  # a ctypes or binding failure: translated at this edge like every other
+        log.debug("%s failed in the NVML binding (%s: %s); using the default", operation, type(exc).__name__, exc)
+    return None
 
 
-def _mig_devices(handle: Any) -> tuple[bool, tuple[MigDevice, ...]]:
+def _gpu_facts(handle: Any) -> tuple[str, str, int]:
+    """(brand, architecture, SMs) in NVIDIA's DRA driver's words; "" and 0 where the driver does not say."""
+    brand = _optional("nvmlDeviceGetBrand", pynvml.nvmlDeviceGetBrand, handle)
+    arch = _optional("nvmlDeviceGetArchitecture", pynvml.nvmlDeviceGetArchitecture, handle)
+    # nvml.h documents nvmlDeviceGetAttributes for MIG handles only; drivers that answer for a GPU give its SMs.
+    attrs = _optional("nvmlDeviceGetAttributes", pynvml.nvmlDeviceGetAttributes_v2, handle)
+    return (_BRANDS.get(int(brand), "Unknown") if brand is not None else "",
+            _ARCHITECTURES.get(int(arch), "Unknown") if arch is not None else "",
+            int(attrs.multiprocessorCount) if attrs is not None else 0)
+
+
+def _gpu_instance(parent: Any, gi: int) -> tuple[str | None, int, int, int]:
+    """(profile name as NVML's profile info reports it without `MIG `/`<n>c.`, GI profile id, placement start,
+    placement size) of GPU instance `gi`; None and zeros where the driver cannot answer."""
+    instance = _optional("nvmlDeviceGetGpuInstanceById", pynvml.nvmlDeviceGetGpuInstanceById, parent, gi)
+    info = _optional("nvmlGpuInstanceGetInfo", pynvml.nvmlGpuInstanceGetInfo, instance) if instance else None
+    if info is None:
+        return None, 0, 0, 0
+    profile_id, start, size = int(info.profileId), int(info.placement.start), int(info.placement.size)
+    profile = _optional("nvmlDeviceGetGpuInstanceProfileInfo", pynvml.nvmlDeviceGetGpuInstanceProfileInfo, parent,
+                        profile_id, 2)
+    match = _MIG_PROFILE.search(_text(profile.name)) if profile is not None else None
+    return (match.group(1) if match else None), profile_id, start, size
+
+
+def _mig_devices(handle: Any) -> tuple[bool, bool, tuple[MigDevice, ...]]:
+    """(MIG capable, MIG enabled, MIG devices). NOT_SUPPORTED for the MIG mode: not a MIG-capable part."""
     try:
         current, _pending = pynvml.nvmlDeviceGetMigMode(handle)
     except pynvml.NVMLError as exc:
         if exc.value == ERROR_NOT_SUPPORTED:
-            return False, ()  # not a MIG-capable part
+            return False, False, ()
         raise NvmlError(exc.value, _message(exc.value), "nvmlDeviceGetMigMode") from None
     if current != pynvml.NVML_DEVICE_MIG_ENABLE:
-        return False, ()
+        return True, False, ()
     devices = []
     for index in range(_call("nvmlDeviceGetMaxMigDeviceCount", pynvml.nvmlDeviceGetMaxMigDeviceCount, handle)):
         try:
@@ -213,17 +252,33 @@ def _mig_devices(handle: Any) -> tuple[bool, tuple[MigDevice, ...]]:
             gi = int(pynvml.nvmlDeviceGetGpuInstanceId(mig))
             ci = int(pynvml.nvmlDeviceGetComputeInstanceId(mig))
             attrs = pynvml.nvmlDeviceGetAttributes_v2(mig)
-            devices.append(
-                MigDevice(
-                    uuid=_text(pynvml.nvmlDeviceGetUUID(mig)),
-                    index=index,
-                    profile=_mig_profile(handle, mig, gi),
-                    memory_mib=int(attrs.memorySizeMB),
-                    gi=gi,
-                    ci=ci,
-                )
+            uuid = _text(pynvml.nvmlDeviceGetUUID(mig))
+        profile, profile_id, start, size = _gpu_instance(handle, gi)
+        if profile is None:
+            # go-nvlib's derivation from the attributes (`<slices>g.<GB>gb`, no attribute suffix).
+            profile = f"{attrs.gpuInstanceSliceCount}g.{round(attrs.memorySizeMB / 1024)}gb"
+        devices.append(
+            MigDevice(
+                uuid=uuid,
+                index=index,
+                profile=profile,
+                memory_mib=int(attrs.memorySizeMB),
+                gi=gi,
+                ci=ci,
+                gi_profile_id=profile_id,
+                placement_start=start,
+                placement_size=size,
+                multiprocessors=int(attrs.multiprocessorCount),
+                slices_gi=int(attrs.gpuInstanceSliceCount),
+                slices_ci=int(attrs.computeInstanceSliceCount),
+                copy_engines=int(attrs.sharedCopyEngineCount),
+                decoders=int(attrs.sharedDecoderCount),
+                encoders=int(attrs.sharedEncoderCount),
+                jpeg_engines=int(attrs.sharedJpegCount),
+                ofa_engines=int(attrs.sharedOfaCount),
             )
-    return True, tuple(devices)
+        )
+    return True, True, tuple(devices)
 
 
 def _nvlinks(handle: Any, index_by_bus: dict[tuple[int, ...], int]) -> dict[int, int]:
@@ -267,6 +322,25 @@ def read_mig_minors(driver_root: Path) -> dict[str, int]:
     return minors
 
 
+def read_host_facts(host_root: Path, machine_type_file: Path | None, gpus: Sequence[Gpu]) -> HostFacts:
+    """What GFD reads besides NVML: the DMI product name (`--machine-type-file`, under `host_root`) and each GPU's
+    PCI class from sysfs. Whatever cannot be read is left out (the labels say `unknown`)."""
+    machine = None
+    if machine_type_file is not None:
+        try:
+            machine = (host_root / str(machine_type_file).lstrip("/")).read_text(errors="replace").strip()
+        except OSError as exc:
+            log.debug("machine type file %s: %s", machine_type_file, exc.strerror or exc)
+    classes = {}
+    for gpu in gpus:
+        try:
+            text = (host_root / "sys/bus/pci/devices" / sysfs_bus_id(gpu.pci_bus_id) / "class").read_text()
+            classes[gpu.uuid] = int(text.strip(), 16)
+        except (OSError, ValueError):
+            continue
+    return HostFacts(machine=machine, pci_classes=classes)
+
+
 def read_inventory(host_root: Path = Path("/"), driver_root: Path = Path("/")) -> NodeInventory:
     """Reads the whole node from NVML (and a few host files). Needs `init()` first."""
     with _translated("system query"):
@@ -285,7 +359,8 @@ def read_inventory(host_root: Path = Path("/"), driver_root: Path = Path("/")) -
                 name = _text(pynvml.nvmlDeviceGetName(handle))
                 memory_mib = int(pynvml.nvmlDeviceGetMemoryInfo(handle).total) // (1024 * 1024)
                 minor_number = int(pynvml.nvmlDeviceGetMinorNumber(handle))
-            mig_enabled, mig_devices = _mig_devices(handle)
+            mig_capable, mig_enabled, mig_devices = _mig_devices(handle)
+            brand, architecture, multiprocessors = _gpu_facts(handle)
         except NvmlError as exc:
             if not exc.gpu_lost:
                 raise
@@ -305,6 +380,10 @@ def read_inventory(host_root: Path = Path("/"), driver_root: Path = Path("/")) -
                 compute_capability=f"{major}.{minor}",
                 numa_node=_numa_node(handle, pci_bus_id, host_root),
                 mig_enabled=mig_enabled,
+                mig_capable=mig_capable,
+                brand=brand,
+                architecture=architecture,
+                multiprocessors=multiprocessors,
                 mig_devices=mig_devices,
             )
         )

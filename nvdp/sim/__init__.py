@@ -51,7 +51,8 @@ class SimHandle:
     """Where an activated simulated node lives, and how to poke it."""
 
     state_file: Path
-    #: Fake `/`: `dev/`, `sys/bus/pci/devices/*/numa_node`, `proc/driver/nvidia-caps/mig-minors`.
+    #: Fake `/`: `dev/`, `sys/bus/pci/devices/*/{numa_node,class}`, `sys/class/dmi/id/product_name`,
+    #: `proc/driver/nvidia-caps/mig-minors`.
     host_root: Path
     #: Tailed by the fake for `xid <uuid> <code>`, `ecc <uuid>` and `lost <uuid>` lines.
     events_file: Path
@@ -115,11 +116,16 @@ def _write_host_root(node: SimNode, host_root: Path) -> None:
         sysfs = host_root / "sys/bus/pci/devices" / gpu.pci_bus_id.lower()[-12:]
         sysfs.mkdir(parents=True)
         (sysfs / "numa_node").write_text(f"{-1 if gpu.numa_node is None else gpu.numa_node}\n")
+        (sysfs / "class").write_text(f"0x{gpu.pci_class:06x}\n")
         for _, mig in mig_slots(gpu):
             lines.append(f"gpu{gpu.minor_number}/gi{mig.gi}/access {mig_minor(gpu.minor_number, mig.gi)}")
             lines.append(
                 f"gpu{gpu.minor_number}/gi{mig.gi}/ci{mig.ci}/access {mig_minor(gpu.minor_number, mig.gi, mig.ci)}"
             )
+    if node.machine is not None:
+        dmi = host_root / "sys/class/dmi/id"
+        dmi.mkdir(parents=True)
+        (dmi / "product_name").write_text(node.machine + "\n")
     caps = host_root / "proc/driver/nvidia-caps"
     caps.mkdir(parents=True)
     # Several CIs can share a GI: list each GI entry once.

@@ -188,6 +188,9 @@ typedef struct nvmlGpuInstanceProfileInfo_v2_st {
 } nvmlGpuInstanceProfileInfo_v2_t;
 
 #define nvmlGpuInstanceProfileInfo_v2 NVML_STRUCT_VERSION(GpuInstanceProfileInfo, 2)
+
+typedef unsigned int nvmlBrandType_t;
+typedef unsigned int nvmlDeviceArchitecture_t;
 #endif
 
 #define EXPORT __attribute__((visibility("default")))
@@ -225,6 +228,8 @@ struct sim_gpu {
     int lost;
     unsigned int nvlink_peer[NVML_NVLINK_MAX_LINKS]; /* peer GPU index per local link */
     unsigned int nvlink_count;
+    int has_info;     /* a `gpuinfo` line was read: brand, architecture and SMs answer; else NOT_SUPPORTED */
+    unsigned int brand, arch, sms;
 };
 
 struct sim_mig {
@@ -238,6 +243,8 @@ struct sim_mig {
     unsigned long long memory_mib;
     unsigned int profile_id;
     unsigned int slices;
+    /* From a `miginfo` line (zero without one): the profile's SMs, CI slices, engines and GI placement. */
+    unsigned int sms, ci_slices, copy, decoders, encoders, jpeg, ofa, placement_start, placement_size;
 };
 
 /* A GPU-instance handle: one per MIG slot, only the first slot of each GI is ever handed out. */
@@ -373,6 +380,35 @@ static int parse_line(char *line, int *fail_init) {
         m.tag = TAG_MIG;
         m.present = 1;
         migs[m.parent][m.index] = m;
+        return 0;
+    }
+    if (strcmp(word, "gpuinfo") == 0) {
+        unsigned int g, brand, arch, sms;
+        if (sscanf(rest, "%u %u %u %u", &g, &brand, &arch, &sms) != 4 || g >= n_gpus)
+            return -1;
+        gpus[g].has_info = 1;
+        gpus[g].brand = brand;
+        gpus[g].arch = arch;
+        gpus[g].sms = sms;
+        return 0;
+    }
+    if (strcmp(word, "miginfo") == 0) {
+        unsigned int g, slot;
+        struct sim_mig x;
+        if (sscanf(rest, "%u %u %u %u %u %u %u %u %u %u %u", &g, &slot, &x.sms, &x.ci_slices, &x.copy, &x.decoders,
+                   &x.encoders, &x.jpeg, &x.ofa, &x.placement_start, &x.placement_size) != 11 ||
+            g >= n_gpus || slot >= MAX_MIG || !migs[g][slot].present)
+            return -1;
+        struct sim_mig *m = &migs[g][slot];
+        m->sms = x.sms;
+        m->ci_slices = x.ci_slices;
+        m->copy = x.copy;
+        m->decoders = x.decoders;
+        m->encoders = x.encoders;
+        m->jpeg = x.jpeg;
+        m->ofa = x.ofa;
+        m->placement_start = x.placement_start;
+        m->placement_size = x.placement_size;
         return 0;
     }
     if (strcmp(word, "nvlink") == 0) {
@@ -834,6 +870,28 @@ EXPORT nvmlReturn_t nvmlDeviceGetCudaComputeCapability(nvmlDevice_t device, int 
     LOCKED(get_cc(device, major, minor));
 }
 
+/* Brand and architecture: NOT_SUPPORTED unless the node names them (old drivers lack the calls). */
+static nvmlReturn_t get_info(nvmlDevice_t device, unsigned int *value, int which) {
+    struct sim_gpu *g;
+    if (value == NULL)
+        return NVML_ERROR_INVALID_ARGUMENT;
+    nvmlReturn_t rc = resolve(device, &g, NULL);
+    if (rc != NVML_SUCCESS)
+        return rc;
+    if (!g->has_info)
+        return NVML_ERROR_NOT_SUPPORTED;
+    *value = which ? g->arch : g->brand;
+    return NVML_SUCCESS;
+}
+
+EXPORT nvmlReturn_t nvmlDeviceGetBrand(nvmlDevice_t device, nvmlBrandType_t *type) {
+    LOCKED(get_info(device, (unsigned int *)type, 0));
+}
+
+EXPORT nvmlReturn_t nvmlDeviceGetArchitecture(nvmlDevice_t device, nvmlDeviceArchitecture_t *arch) {
+    LOCKED(get_info(device, (unsigned int *)arch, 1));
+}
+
 static nvmlReturn_t get_index(nvmlDevice_t device, unsigned int *index) {
     struct sim_gpu *g;
     if (index == NULL)
@@ -1019,13 +1077,24 @@ static nvmlReturn_t get_attributes(nvmlDevice_t device, nvmlDeviceAttributes_t *
     nvmlReturn_t rc = resolve(device, &g, &m);
     if (rc != NVML_SUCCESS)
         return rc;
-    if (m == NULL)
-        return NVML_ERROR_NOT_SUPPORTED; /* nvml.h: only MIG device handles are supported */
     memset(attrs, 0, sizeof *attrs);
-    attrs->multiprocessorCount = 14 * m->slices; /* an A100 slice's worth; nvdp never reads it */
-    attrs->sharedCopyEngineCount = m->slices;
+    if (m == NULL) {
+        /* nvml.h documents MIG handles only; drivers that answer for a whole GPU give its SM count. The fake
+         * answers when the node says how many SMs the GPU has, so both paths of the adapter are exercised. */
+        if (!g->has_info || g->sms == 0)
+            return NVML_ERROR_NOT_SUPPORTED;
+        attrs->multiprocessorCount = g->sms;
+        attrs->memorySizeMB = g->memory_mib;
+        return NVML_SUCCESS;
+    }
+    attrs->multiprocessorCount = m->sms;
+    attrs->sharedCopyEngineCount = m->copy;
+    attrs->sharedDecoderCount = m->decoders;
+    attrs->sharedEncoderCount = m->encoders;
+    attrs->sharedJpegCount = m->jpeg;
+    attrs->sharedOfaCount = m->ofa;
     attrs->gpuInstanceSliceCount = m->slices;
-    attrs->computeInstanceSliceCount = m->slices;
+    attrs->computeInstanceSliceCount = m->ci_slices;
     attrs->memorySizeMB = m->memory_mib;
     return NVML_SUCCESS;
 }
@@ -1070,9 +1139,8 @@ static nvmlReturn_t gi_info(nvmlGpuInstance_t handle, nvmlGpuInstanceInfo_t *inf
     info->device = (nvmlDevice_t)&gpus[gi->parent];
     info->id = m->gi;
     info->profileId = m->profile_id;
-    /* Placement is not modelled; nvdp does not read it. */
-    info->placement.start = 0;
-    info->placement.size = m->slices;
+    info->placement.start = m->placement_start;
+    info->placement.size = m->placement_size;
     return NVML_SUCCESS;
 }
 
@@ -1103,8 +1171,12 @@ static nvmlReturn_t gi_profile_info(nvmlDevice_t device, unsigned int profile, n
         info->isP2pSupported = 0;
         info->sliceCount = m->slices;
         info->instanceCount = m->slices ? 7 / m->slices : 0;
-        info->multiprocessorCount = 14 * m->slices;
-        info->copyEngineCount = m->slices;
+        info->multiprocessorCount = m->sms;
+        info->copyEngineCount = m->copy;
+        info->decoderCount = m->decoders;
+        info->encoderCount = m->encoders;
+        info->jpegCount = m->jpeg;
+        info->ofaCount = m->ofa;
         info->memorySizeMB = m->memory_mib;
         snprintf(info->name, sizeof info->name, "MIG %s", m->profile);
         return NVML_SUCCESS;

@@ -66,6 +66,17 @@ class SimMigDevice(msgspec.Struct, rename="camel", forbid_unknown_fields=True, k
     #: Slot in the parent's MIG index space (`GetMigDeviceHandleByIndex`); defaults to the list position, set it
     #: to leave holes like a destroyed instance does.
     index: int | None = None
+    #: What NVML reports for the device's profile (`nvmlDeviceGetAttributes`); unset: the parent product's real
+    #: values (`mig_defaults`), e.g. an A100's 1g.5gb has 14 SMs, 1 copy engine, no decoder.
+    multiprocessors: int | None = None
+    compute_slices: int | None = None
+    copy_engines: int | None = None
+    decoders: int | None = None
+    encoders: int | None = None
+    jpeg_engines: int | None = None
+    ofa_engines: int | None = None
+    #: GPU-instance placement (memory slices); unset: packed in list order, each aligned to its size.
+    placement_start: int | None = None
 
 
 class SimGpu(msgspec.Struct, rename="camel", forbid_unknown_fields=True, kw_only=True, frozen=True):
@@ -86,6 +97,14 @@ class SimGpu(msgspec.Struct, rename="camel", forbid_unknown_fields=True, kw_only
     compute_mode: int = 0
     #: Lost from the start: every query on it answers GPU_IS_LOST.
     lost: bool = False
+    #: NVML brand and architecture names (`Nvidia`, `Ampere`: NVML_BRAND_*, NVML_DEVICE_ARCH_* in words) and SMs;
+    #: unset: derived from the name and compute capability (`gpu_defaults`). `none` for brand makes NVML answer
+    #: NOT_SUPPORTED for brand, architecture and SMs, as an old driver does.
+    brand: str | None = None
+    architecture: str | None = None
+    multiprocessors: int | None = None
+    #: PCI class in sysfs: 0x030200 (3D controller, compute) or 0x030000 (VGA, graphics).
+    pci_class: int = 0x030200
 
 
 class SimNode(msgspec.Struct, rename="camel", forbid_unknown_fields=True, kw_only=True, frozen=True):
@@ -101,6 +120,81 @@ class SimNode(msgspec.Struct, rename="camel", forbid_unknown_fields=True, kw_onl
     topology: tuple[tuple[int, int, int | None], ...] = ()
     #: Make `nvmlInit` fail with this NVML return code.
     init_error: int | None = None
+    #: DMI product name (`/sys/class/dmi/id/product_name`): GFD's `nvidia.com/gpu.machine`; null: no such file.
+    machine: str | None = "Simulated GPU Node"
+
+
+#: NVML_BRAND_* and NVML_DEVICE_ARCH_* by the names NVIDIA's DRA driver and nvdp's inventory use.
+BRANDS = {"Unknown": 0, "Quadro": 1, "Tesla": 2, "NVS": 3, "GRID": 4, "GeForce": 5, "Titan": 6, "VApps": 7, "VPC": 8,
+          "VCS": 9, "VWS": 10, "CloudGaming": 11, "QuadroRTX": 12, "NvidiaRTX": 13, "Nvidia": 14, "GeForceRTX": 15,
+          "TitanRTX": 16}
+ARCHITECTURES = {"Kepler": 2, "Maxwell": 3, "Pascal": 4, "Volta": 5, "Turing": 6, "Ampere": 7, "Ada": 8, "Hopper": 9,
+                 "Blackwell": 10, "Rubin": 13}
+
+#: Streaming multiprocessors of whole GPUs by a word of their product name, and per MIG slice (7-slice profiles
+#: use fewer than 7 slices' worth: some SMs are kept back).
+_PRODUCT_SMS = (("A100", 108), ("A30", 56), ("H100 PCIe", 114), ("H100", 132), ("H200", 132), ("H20", 78),
+                ("GH200", 132), ("B200", 148), ("V100", 80), ("T4", 40), ("L40S", 142), ("L40", 142), ("L4", 58),
+                ("A10", 72))
+_SLICE_SMS = (("A100", 14, 98), ("A30", 14, 56), ("H100", 16, 132), ("H200", 16, 132), ("H20", 10, 78),
+              ("GH200", 16, 132), ("B200", 18, 148))
+
+
+def architecture_of(compute_capability: str) -> str:
+    major, _, minor = compute_capability.partition(".")
+    if major == "7":
+        return "Volta" if int(minor or 0) < 5 else "Turing"
+    if major == "8":
+        return "Ada" if int(minor or 0) >= 9 else "Ampere"
+    return {"3": "Kepler", "5": "Maxwell", "6": "Pascal", "9": "Hopper", "10": "Blackwell", "12": "Blackwell",
+            "13": "Rubin"}.get(major, "Unknown")
+
+
+def gpu_defaults(gpu: SimGpu) -> tuple[str, str, int]:
+    """(brand, architecture, SMs) as NVML reports them for this product, unless the YAML says otherwise."""
+    sms = next((n for word, n in _PRODUCT_SMS if word in gpu.name), 0)
+    return (gpu.brand or "Nvidia", gpu.architecture or architecture_of(gpu.compute_capability),
+            gpu.multiprocessors if gpu.multiprocessors is not None else sms)
+
+
+def mig_defaults(gpu: SimGpu, mig: SimMigDevice) -> tuple[int, ...]:
+    """(SMs, compute slices, copy engines, decoders, encoders, JPEG, OFA) of a MIG device, from its profile on its
+    product as NVIDIA documents them (A100 1g.5gb: 14 SMs, 1 CE; `+me` adds the media engines)."""
+    match = _PROFILE.match(mig.profile)
+    assert match is not None  # validated
+    slices, attrs = int(match["slices"]), match["attrs"] or ""
+    per_slice, full = next(((s, f) for word, s, f in _SLICE_SMS if word in gpu.name), (14, 98))
+    sms = full if slices >= 7 else per_slice * slices
+    media = slices >= 7 or "+me" in attrs
+    decoders = 5 if slices >= 7 else (1 if "+me" in attrs else slices // 2 + (slices == 3))
+    given = (mig.multiprocessors, mig.compute_slices, mig.copy_engines, mig.decoders, mig.encoders, mig.jpeg_engines,
+             mig.ofa_engines)
+    derived = (sms, slices, slices, decoders, 0, int(media), int(media))
+    return tuple(d if g is None else g for g, d in zip(given, derived, strict=True))
+
+
+def _placement_size(profile: str) -> int:
+    """Memory slices a GPU instance of this profile occupies (3 and 7 compute slices round up to 4 and 8)."""
+    match = _PROFILE.match(profile)
+    assert match is not None  # validated
+    return {3: 4, 7: 8}.get(int(match["slices"]), int(match["slices"]))
+
+
+def placements(gpu: SimGpu) -> dict[int, tuple[int, int]]:
+    """GI id -> (placement start, size): as given, else packed in list order, each aligned to its size."""
+    cursor = 0
+    found: dict[int, tuple[int, int]] = {}
+    for mig in gpu.mig_devices:
+        if mig.gi in found:
+            continue
+        size = _placement_size(mig.profile)
+        if mig.placement_start is not None:
+            start = mig.placement_start
+        else:
+            start = -(-cursor // size) * size
+        found[mig.gi] = (start, size)
+        cursor = max(cursor, start + size)
+    return found
 
 
 def _lookup(raw: Any, path: str) -> Any:
@@ -216,6 +310,12 @@ def _validate(node: SimNode, source: str) -> None:
         check(1 <= gpu.max_mig_devices <= 8, f"{at}.maxMigDevices", gpu.max_mig_devices, "must be 1 to 8")
         check(0 <= gpu.compute_mode <= 3, f"{at}.computeMode", gpu.compute_mode, "must be an NVML compute mode 0-3")
         check(gpu.mig_capable or not gpu.mig_enabled, f"{at}.migEnabled", gpu.mig_enabled, "needs migCapable")
+        check(gpu.brand is None or gpu.brand in BRANDS or gpu.brand == "none", f"{at}.brand", gpu.brand,
+              f"must be one of {', '.join(BRANDS)} or none")
+        check(gpu.architecture is None or gpu.architecture in ARCHITECTURES, f"{at}.architecture", gpu.architecture,
+              f"must be one of {', '.join(ARCHITECTURES)}")
+        check(gpu.multiprocessors is None or gpu.multiprocessors >= 0, f"{at}.multiprocessors", gpu.multiprocessors,
+              "must not be negative")
         check(
             gpu.mig_enabled or not gpu.mig_devices,
             f"{at}.migDevices",
@@ -304,7 +404,11 @@ def render_state(node: SimNode, events_file: Path, compute_mode_log: Path) -> st
             f"{int(gpu.mig_capable)} {int(gpu.mig_enabled)} {gpu.max_mig_devices} {int(gpu.events_supported)} "
             f"{gpu.compute_mode} {gpu.name}"
         )
+        if gpu.brand != "none":
+            brand, arch, sms = gpu_defaults(gpu)
+            lines.append(f"gpuinfo {g} {BRANDS[brand]} {ARCHITECTURES.get(arch, 0xFFFFFFFF)} {sms}")
         siblings = {m.profile: m.memory_mib for m in gpu.mig_devices}
+        placed = placements(gpu)
         for slot, mig in mig_slots(gpu):
             match = _PROFILE.match(mig.profile)
             assert match is not None  # validated
@@ -312,6 +416,8 @@ def render_state(node: SimNode, events_file: Path, compute_mode_log: Path) -> st
             lines.append(
                 f"mig {g} {slot} {mig.uuid} {mig.gi} {mig.ci} {mig.memory_mib} {pid} {match['slices']} {mig.profile}"
             )
+            start, size = placed[mig.gi]
+            lines.append(f"miginfo {g} {slot} {' '.join(map(str, mig_defaults(gpu, mig)))} {start} {size}")
         if gpu.lost:
             lines.append(f"lost {gpu.uuid}")
     lines.extend(f"nvlink {a} {b} {count}" for a, b, count in node.nvlinks)

@@ -131,10 +131,22 @@ OPTIONS: tuple[Option, ...] = (
     Option("kubeconfig", ("--kubeconfig",), ("KUBECONFIG",), (), None,
            help="kubeconfig for the API (default: in-cluster service account)"),
     Option("pod_namespace", (), ("POD_NAMESPACE",), (), None, help="the pod's namespace (for --config-map NAME)"),
-    Option("nfd_features_file", ("--nfd-features-file",), ("NFD_FEATURES_FILE",), (),
+    Option("nfd_features_file", ("--nfd-features-file", "--output-file"), ("NFD_FEATURES_FILE", "GFD_OUTPUT_FILE"), (),
            "/etc/kubernetes/node-feature-discovery/features.d/nvdp", "path",
            help="node-feature-discovery local feature file for the sharing labels (written when its directory "
                 "exists; empty disables)"),
+    # GPU Feature Discovery in the same process (docs/labels.md): upstream GFD's flags where they apply.
+    Option("label_sink", ("--label-sink",), ("LABEL_SINK",), (), "auto",
+           choices=("auto", "file", "node-feature-api", "node", "none"),
+           help="where the GFD labels go: the NFD local feature file, NFD's NodeFeature API, the Node's own labels, "
+                "nowhere; auto: the NodeFeature API with --use-node-feature-api, else the file"),
+    Option("use_node_feature_api", ("--use-node-feature-api",), ("GFD_USE_NODE_FEATURE_API", "USE_NODE_FEATURE_API"),
+           (), False, "bool", help="publish the labels as an NFD NodeFeature object (with --label-sink auto)"),
+    Option("no_timestamp", ("--no-timestamp",), ("GFD_NO_TIMESTAMP",), (), False, "bool",
+           help="leave out nvidia.com/gfd.timestamp"),
+    Option("machine_type_file", ("--machine-type-file",), ("GFD_MACHINE_TYPE_FILE",), (),
+           "/sys/class/dmi/id/product_name", "path", help="file holding the machine type (nvidia.com/gpu.machine)"),
+    Option("pod_name", (), ("POD_NAME",), (), None, help="the pod's name (owner of the NodeFeature object)"),
     Option("log_level", ("--log-level",), ("LOG_LEVEL",), (), "info", choices=("debug", "info", "warning", "error"),
            help="log level"),
     Option("mps_shm_size", ("--mps-shm-size",), ("MPS_SHM_SIZE",), (), None, "bytes",
@@ -210,6 +222,12 @@ class Settings:
     nfd_features_file: Path | None = None
     #: Config warnings are errors (`--strict-config`).
     strict_config: bool = False
+    #: GPU Feature Discovery's labels (docs/labels.md): where they go, and GFD's options.
+    label_sink: str = "auto"
+    use_node_feature_api: bool = False
+    no_timestamp: bool = False
+    machine_type_file: Path | None = None
+    pod_name: str | None = None
     #: The parsed config file (or an empty one): the sharing sections are read from here.
     config: Config = field(default_factory=Config)
 
@@ -352,7 +370,8 @@ def resolve(
     if isinstance(values["health_quiet_period"], str):
         values["health_quiet_period"] = parse_seconds(values["health_quiet_period"])
     values["fallback_strategies"] = tuple(parse_list(values["fallback_strategies"] or ""))
-    for dest in ("driver_root", "dev_root", "config_file", "simulate", "config_dir", "nfd_features_file"):
+    for dest in ("driver_root", "dev_root", "config_file", "simulate", "config_dir", "nfd_features_file",
+                 "machine_type_file"):
         if values[dest] not in (None, ""):
             values[dest] = Path(values[dest])
         else:
