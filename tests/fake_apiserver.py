@@ -101,6 +101,9 @@ class FakeApiServer:
         self._nursery: trio.Nursery | None = None
         #: (path, body) of every Event POSTed.
         self.posted_events: list[tuple[str, dict[str, Any]]] = []
+        #: GFD labels (`_gfd_routes`): NodeFeature objects by (namespace, name), and Pods by (namespace, name).
+        self.node_features: dict[tuple[str, str], dict[str, Any]] = {}
+        self.pods: dict[tuple[str, str], dict[str, Any]] = {}
 
     # -- the test's side --------------------------------------------------------------------------------------
 
@@ -297,6 +300,8 @@ class FakeApiServer:
             self.posted_events.append((path, json.loads(body)))
             await _respond(send, 201, json.loads(body))
             return
+        if await self._gfd_routes(scope, receive, send, request):
+            return
         collection = path if path == NODES or (path.startswith("/api/v1/namespaces/")
                                                and path.endswith("/configmaps")) else None
         if collection is None or scope["method"] != "GET":
@@ -378,6 +383,90 @@ class FakeApiServer:
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
             self._watches.discard(watch)
+
+
+    # -- GFD labels: NodeFeature CRUD, one Node's GET and merge-PATCH, one Pod's GET ---------------------------------
+    # Request kinds: "get", "post", "put", "patch", "delete" (lists and watches keep theirs).
+
+    async def _gfd_routes(self, scope: Scope, receive: Receive, send: Send, request: Request) -> bool:
+        path: str = scope["path"]
+        method: str = scope["method"]
+        parts = path.strip("/").split("/")
+        feature = (len(parts) in (6, 7) and parts[:3] == ["apis", "nfd.k8s-sigs.io", "v1alpha1"]
+                   and parts[3] == "namespaces" and parts[5] == "nodefeatures")
+        node = len(parts) == 4 and parts[:3] == ["api", "v1", "nodes"]
+        pod = len(parts) == 6 and parts[:3] == ["api", "v1", "namespaces"] and parts[4] == "pods"
+        if not (feature or node or pod) or (node and method not in ("GET", "PATCH")) or (pod and method != "GET"):
+            return False
+        request.kind = method.lower()
+        body = await _read_body(receive) if method in ("POST", "PUT", "PATCH") else {}
+
+        async def answer(status: int, obj: dict[str, Any]) -> bool:
+            request.status = status
+            await _respond(send, status, obj)
+            return True
+
+        def missing(what: str) -> Awaitable[bool]:
+            return answer(404, _status(404, "NotFound", f"{what} not found"))
+
+        if pod:
+            found = self.pods.get((parts[3], parts[5]))
+            return await (answer(200, copy.deepcopy(found)) if found else missing(f'pods "{parts[5]}"'))
+        if node:
+            key = (NODES, parts[3])
+            if key not in self.objects:
+                return await missing(f'nodes "{parts[3]}"')
+            if method == "PATCH":
+                headers = dict(scope["headers"])
+                if headers.get(b"content-type") != b"application/merge-patch+json":
+                    return await answer(415, _status(415, "UnsupportedMediaType", "expected a merge patch"))
+                obj = copy.deepcopy(self.objects[key])
+                for field in ("labels", "annotations"):
+                    target = obj["metadata"].setdefault(field, {})
+                    for name, value in (body.get("metadata", {}).get(field) or {}).items():
+                        if value is None:
+                            target.pop(name, None)
+                        else:
+                            target[name] = value
+                self._put(NODES, parts[3], obj)
+            return await answer(200, copy.deepcopy(self.objects[key]))
+        namespace = parts[4]
+        if method == "POST" and len(parts) == 6:
+            name = body["metadata"]["name"]
+            if (namespace, name) in self.node_features:
+                return await answer(409, _status(409, "AlreadyExists", f'nodefeatures "{name}" already exists'))
+            self.rv += 1
+            body["metadata"].update(namespace=namespace, resourceVersion=str(self.rv), uid=f"uid-{self.rv}")
+            self.node_features[(namespace, name)] = body
+            return await answer(201, copy.deepcopy(body))
+        if len(parts) != 7:
+            return False
+        name = parts[6]
+        current = self.node_features.get((namespace, name))
+        if current is None:
+            return await missing(f'nodefeatures "{name}"')
+        if method == "GET":
+            return await answer(200, copy.deepcopy(current))
+        if method == "DELETE":
+            del self.node_features[(namespace, name)]
+            return await answer(200, copy.deepcopy(current))
+        if method == "PUT":
+            if body.get("metadata", {}).get("resourceVersion") not in (None, current["metadata"]["resourceVersion"]):
+                return await answer(409, _status(409, "Conflict", "the object has been modified"))
+            self.rv += 1
+            body["metadata"].update(resourceVersion=str(self.rv), uid=current["metadata"]["uid"])
+            self.node_features[(namespace, name)] = body
+            return await answer(200, copy.deepcopy(body))
+        return False
+
+
+async def _read_body(receive: Receive) -> dict[str, Any]:
+    data = b""
+    while True:
+        message = await receive()
+        data += message.get("body", b"")
+        if not message.get("more_body"):
+            return json.loads(data) if data else {}
 
 
 async def _copy(source: trio.SocketStream, sink: trio.SocketStream, scope: trio.CancelScope) -> None:

@@ -233,6 +233,8 @@ def _slice_labels(plan: Plan, inventory: NodeInventory, mig_strategy: str) -> di
         info = _SharingInfo(replicas, Sharing.MPS, suffix=False)
         count = len({d.physical_id for d in resource.devices})
         labels.update(_base(resource.short_name, count, _product(gpu.name), info))
+        # A slice is served through MPS even alone on its GPU (one 20gb slice of a 40 GB GPU).
+        labels[f"{RESOURCE_PREFIX}{resource.short_name}.sharing-strategy"] = str(Sharing.MPS)
         # Slices of one resource have one size; the smallest is what a pod can count on.
         memory = min(d.mps.memory_limit_mib for d in resource.devices if d.mps is not None)
         labels[f"{RESOURCE_PREFIX}{resource.short_name}.memory"] = str(memory)
