@@ -233,7 +233,8 @@ class Tree:
             return
         publisher = LabelPublisher(sink, host_root=controller.session.host_root,
                                    machine_type_file=self.settings.machine_type_file,
-                                   timestamps=not self.settings.no_timestamp)
+                                   timestamps=not self.settings.no_timestamp,
+                                   min_interval_s=self.settings.label_interval)
         controller.health.labels = publisher
         log.info("GPU feature labels go to the %s", sink.description)
         await tasks.start("labels", Task(publisher.run, ()))

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import trio
 
 from nvdp.core.config.settings import Settings
-from nvdp.core.inventory import NodeInventory
+from nvdp.core.inventory import Gpu, NodeInventory
 from nvdp.core.plan.labels import TIMESTAMP, HostFacts, LabelError, node_labels
 from nvdp.core.plan.model import Plan
 from nvdp.nfd import write_features_file
@@ -36,12 +36,13 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: At most one write per this many seconds, whatever the rate of reloads and health changes.
+#: At most one write per this many seconds (`--label-interval`), whatever the rate of reloads and health changes.
 MIN_INTERVAL_S = 5.0
 
 
 class LabelSink(Protocol):
-    description: str
+    @property
+    def description(self) -> str: ...
 
     async def publish(self, labels: Mapping[str, str]) -> bool:
         """Make the sink hold exactly `labels`; True when something was written."""
@@ -143,6 +144,8 @@ class LabelPublisher:
         #: What the sink holds, without the timestamp (None: nothing published by this process yet).
         self.published: dict[str, str] | None = None
         self.writes = 0
+        #: Host facts are read again only for another set of GPUs: DMI and PCI classes do not change under us.
+        self._facts: tuple[tuple[Gpu, ...], HostFacts] | None = None
 
     def __repr__(self) -> str:
         count = "nothing" if self.published is None else f"{len(self.published)} labels"
@@ -169,8 +172,7 @@ class LabelPublisher:
             self._pending = trio.Event()
             current = self._input
             assert current is not None
-            facts: HostFacts = await trio.to_thread.run_sync(
-                nvml.read_host_facts, self.host_root, self.machine_type_file, current.inventory.gpus)
+            facts = await self._host_facts(current.inventory.gpus)
             try:
                 labels = node_labels(current.plan, current.inventory, mig_strategy=current.mig_strategy, host=facts)
             except LabelError as exc:
@@ -185,3 +187,9 @@ class LabelPublisher:
                 self.writes += 1
             self.published = labels
             await trio.sleep(self.min_interval_s)
+
+    async def _host_facts(self, gpus: tuple[Gpu, ...]) -> HostFacts:
+        if self._facts is None or self._facts[0] != gpus:
+            facts = await trio.to_thread.run_sync(nvml.read_host_facts, self.host_root, self.machine_type_file, gpus)
+            self._facts = (gpus, facts)
+        return self._facts[1]

@@ -188,10 +188,7 @@ def placements(gpu: SimGpu) -> dict[int, tuple[int, int]]:
         if mig.gi in found:
             continue
         size = _placement_size(mig.profile)
-        if mig.placement_start is not None:
-            start = mig.placement_start
-        else:
-            start = -(-cursor // size) * size
+        start = mig.placement_start if mig.placement_start is not None else -(-cursor // size) * size
         found[mig.gi] = (start, size)
         cursor = max(cursor, start + size)
     return found

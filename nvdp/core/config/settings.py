@@ -146,6 +146,8 @@ OPTIONS: tuple[Option, ...] = (
            help="leave out nvidia.com/gfd.timestamp"),
     Option("machine_type_file", ("--machine-type-file",), ("GFD_MACHINE_TYPE_FILE",), (),
            "/sys/class/dmi/id/product_name", "path", help="file holding the machine type (nvidia.com/gpu.machine)"),
+    Option("label_interval", ("--label-interval",), ("LABEL_INTERVAL",), (), 5.0, "seconds",
+           help="at least this long between two label writes (reloads and health changes in between are batched)"),
     Option("pod_name", (), ("POD_NAME",), (), None, help="the pod's name (owner of the NodeFeature object)"),
     Option("log_level", ("--log-level",), ("LOG_LEVEL",), (), "info", choices=("debug", "info", "warning", "error"),
            help="log level"),
@@ -227,6 +229,7 @@ class Settings:
     use_node_feature_api: bool = False
     no_timestamp: bool = False
     machine_type_file: Path | None = None
+    label_interval: float = 5.0
     pod_name: str | None = None
     #: The parsed config file (or an empty one): the sharing sections are read from here.
     config: Config = field(default_factory=Config)
