@@ -474,8 +474,11 @@ def test_pod_placement_values_pass_through(render):
     assert r.security_context == {"privileged": True}, "a given securityContext is used verbatim"
 
 
-def test_upstream_values_file_keeps_its_meaning(render, values_file):
+def test_upstream_values_file_keeps_its_meaning(render, render_error, values_file):
     values = values_file("upstream-values.yaml")
+    # nfd.enabled asks for upstream's NFD subchart, which is not bundled: refused, naming the value and what to do.
+    assert "nfd.enabled=true" in render_error(values) and "install NFD from its own chart" in render_error(values)
+    del values["nfd"]["enabled"]
     r = render(values)
     env = r.env
     assert env["MIG_STRATEGY"] == "mixed"
@@ -494,7 +497,8 @@ def test_upstream_values_file_keeps_its_meaning(render, values_file):
     assert r.pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
     assert r.container["resources"] == {"limits": {"memory": "256Mi"}}
     assert len(r.of_kind("DaemonSet")) == 1, "no GFD, NFD or MPS DaemonSet"
-    assert "gfd.enabled" in r.notes and "nfd.*" in r.notes and "cdi.*" in r.notes
+    assert env["LABEL_SINK"] == "node-feature-api", "gfd.enabled: nvdp publishes GFD's labels itself"
+    assert "nfd.*" in r.notes and "cdi.*" in r.notes
 
 
 def test_fork_values_file_keeps_its_meaning(render, values_file):
@@ -694,6 +698,7 @@ def test_upstream_only_keys_install_and_are_listed_as_ignored(render):
 def test_upstream_and_fork_values_files_pass_the_schema(render, values_file, name):
     values = values_file(name)
     assert set(values) <= set(_schema()["properties"])
+    values.get("nfd", {}).pop("enabled", None)  # refused by the templates, not the schema (see above)
     assert render(values).daemonset
 
 
@@ -718,3 +723,71 @@ def test_notes_say_where_the_pods_go(render):
 def test_config_strict_sets_strict_config(render):
     assert "STRICT_CONFIG" not in render({}).env
     assert render({"config": {"strict": True}}).env["STRICT_CONFIG"] == "true"
+
+
+# -- GPU Feature Discovery's labels (docs/labels.md) -------------------------------------------------------------------
+
+
+def test_gfd_enabled_publishes_node_features_from_the_plugin_pod(render):
+    r = render({"gfd": {"enabled": True, "noTimestamp": True}})
+    assert len(r.of_kind("DaemonSet")) == 1, "no second DaemonSet"
+    env = r.env
+    assert env["LABEL_SINK"] == "node-feature-api"
+    assert env["GFD_NO_TIMESTAMP"] == "true"
+    assert env["POD_NAME"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+    assert env["POD_NAMESPACE"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
+    assert r.pod["serviceAccountName"] == "nvdp" and "automountServiceAccountToken" not in r.pod
+    roles = {o["metadata"]["name"]: o for o in r.of_kind("Role")}
+    labels_role = roles["nvdp-labels"]
+    assert labels_role["metadata"]["namespace"] == "nvdp"
+    assert labels_role["rules"] == [
+        {"apiGroups": ["nfd.k8s-sigs.io"], "resources": ["nodefeatures"], "verbs": ["get", "create", "update"]},
+        {"apiGroups": [""], "resources": ["pods"], "verbs": ["get"]}]
+    assert r.one("ClusterRole")["rules"] == [{"apiGroups": [""], "resources": ["nodes"], "verbs": ["list", "watch"]}]
+    assert not r.of_kind("ValidatingAdmissionPolicy")
+    assert "NodeFeature objects nvdp/nvidia-features-for-<node>" in r.notes
+
+
+def test_labels_direct_patches_only_its_own_node(render):
+    r = render({"labels": {"direct": True}, "noTimestamp": False})
+    assert r.env["LABEL_SINK"] == "node"
+    assert r.env["GFD_NO_TIMESTAMP"] == "false", "upstream's top-level noTimestamp is read too"
+    node_rules = [rule for rule in r.one("ClusterRole")["rules"] if "patch" in rule["verbs"]]
+    assert node_rules == [{"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "patch"]}]
+    assert "nvdp-labels" not in {o["metadata"]["name"] for o in r.of_kind("Role")}, "no NodeFeature rights"
+    policy = r.one("ValidatingAdmissionPolicy")
+    assert policy["spec"]["matchConditions"][0]["expression"] == \
+        'request.userInfo.username == "system:serviceaccount:nvdp:nvdp"'
+    validations = " ".join(v["expression"] for v in policy["spec"]["validations"])
+    assert "authentication.kubernetes.io/node-name" in " ".join(v["expression"] for v in policy["spec"]["variables"])
+    assert "variables.podNode == object.metadata.name" in validations
+    assert "startsWith('nvidia.com/')" in validations and "nvdp/gfd-labels" in validations
+    binding = r.one("ValidatingAdmissionPolicyBinding")
+    assert binding["spec"] == {"policyName": policy["metadata"]["name"], "validationActions": ["Deny"]}
+    assert not render({"labels": {"direct": True, "admissionPolicy": False}}).of_kind("ValidatingAdmissionPolicy")
+
+
+def test_the_annotation_the_policy_allows_is_the_one_nvdp_writes():
+    from nvdp.k8s.nodefeatures import OWNED_ANNOTATION
+
+    assert f"k == '{OWNED_ANNOTATION}'" in (ROOT / "deploy/helm/nvdp/templates/rbac.yaml").read_text()
+
+
+def test_without_gfd_no_label_sink_and_no_api_access(render):
+    r = render({"noTimestamp": True})
+    assert "LABEL_SINK" not in r.env and "GFD_NO_TIMESTAMP" not in r.env
+    assert not r.of_kind("ClusterRole")
+    assert "noTimestamp (used with gfd.enabled or labels.direct only)" in r.notes
+
+
+@pytest.mark.parametrize("values", [
+    {"nfd": {"enabled": True}},
+    {"gfd": {"enabled": True}, "nfd": {"enabled": True}},
+])
+def test_nfd_enabled_is_refused_with_what_to_do(render_error, values):
+    message = render_error(values)
+    assert "nfd.enabled=true" in message and "labels.direct=true" in message
+
+
+def test_schema_refuses_unknown_labels_keys(render_error):
+    assert "additional properties" in render_error({"labels": {"directly": True}})

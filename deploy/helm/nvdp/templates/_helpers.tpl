@@ -124,7 +124,17 @@ true
 
 {{/* "true" when nvdp talks to the Kubernetes API (and so gets a service account). */}}
 {{- define "nvdp.apiAccess" -}}
-{{- if or (include "nvdp.configMapName" .) .Values.events.enabled -}}true{{- end -}}
+{{- if or (include "nvdp.configMapName" .) .Values.events.enabled (include "nvdp.labelSink" .) -}}true{{- end -}}
+{{- end -}}
+
+{{/*
+Where the GFD labels go through the API (docs/labels.md): "node" (labels.direct), "node-feature-api" (gfd.enabled),
+or "" (no API: the NFD feature file of sharingLabels, as before).
+*/}}
+{{- define "nvdp.labelSink" -}}
+{{- if dig "labels" "direct" false (.Values | toJson | fromJson) -}}node
+{{- else if dig "gfd" "enabled" false (.Values | toJson | fromJson) -}}node-feature-api
+{{- end -}}
 {{- end -}}
 
 {{/*
@@ -208,6 +218,9 @@ Checks that make `helm install` fail with a message naming the value to change.
 {{- end -}}
 {{- if not .Values.devicePlugin.enabled -}}
 {{- fail "devicePlugin.enabled=false asks for a GPU-Feature-Discovery-only install, which nvdp has no mode for: remove devicePlugin.enabled (nvdp writes the sharing labels itself; install GFD's own chart for its other labels)" -}}
+{{- end -}}
+{{- if dig "nfd" "enabled" false (.Values | toJson | fromJson) -}}
+{{- fail "nfd.enabled=true asks for upstream's node-feature-discovery subchart, which this chart does not bundle: install NFD from its own chart (oci://registry.k8s.io/nfd/charts/node-feature-discovery) and remove nfd.enabled, or set labels.direct=true to have nvdp label its Node without NFD" -}}
 {{- end -}}
 {{- if .Values.legacyDaemonsetAPI -}}
 {{- fail "legacyDaemonsetAPI=true (extensions/v1beta1) is gone from Kubernetes: remove legacyDaemonsetAPI" -}}
