@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import random
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -379,3 +380,56 @@ def test_features_file_is_replaced_atomically(tmp_path: Path) -> None:
 
 def test_render_is_sorted_key_value_lines() -> None:
     assert render_features({"b": "2", "a": "1"}) == "a=1\nb=2\n"
+
+
+# -- docs/labels.md stays true -----------------------------------------------------------------------------------------
+
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "labels.md"
+
+
+def _documented_patterns() -> list[re.Pattern[str]]:
+    """The label names of the table in docs/labels.md, `<res>` as any resource, `.x` short for the row's first name
+    with its last components replaced."""
+    text = DOCS.read_text()
+    table = text[text.index("| Label | Value |"):text.index("\n\n", text.index("| Label | Value |"))]
+    patterns = []
+    for row in table.splitlines()[2:]:
+        names = re.findall(r"`([^`]+)`", row.split("|")[1])
+        first = names[0]
+        for name in names:
+            if name.startswith("."):
+                name = first.rsplit(".", name.count("."))[0] + name
+            patterns.append(re.compile(re.escape(name).replace(re.escape("<res>"), r"[a-z0-9.-]+")))
+    return patterns
+
+
+@pytest.mark.parametrize(("config", "gpus", "strategy"), [
+    pytest.param(ts(), (a100(0),), "none", id="time-sliced"),
+    pytest.param("sharing:\n  mps:\n    resources:\n      - name: nvidia.com/gpu\n        rename: gpu-10gb\n"
+                 "        memoryGB: 10\n        replicas: 2\n", (a100(0),), "none", id="MPS slices"),
+    pytest.param("", (mig_gpu(0, mig("MIG-a", 0, "1g.10gb+me", memory=9856)), a100(1)), "mixed", id="mixed"),
+    pytest.param("", (mig_gpu(0, mig("MIG-a", 0)),), "single", id="single"),
+])
+def test_every_label_is_in_the_docs_table(config: str, gpus: tuple[Gpu, ...], strategy: str) -> None:
+    patterns = _documented_patterns()
+    labels = labels_for(config, *gpus, mig_strategy=strategy, timestamp=1)
+    undocumented = [k for k in labels if not any(p.fullmatch(k) for p in patterns)]
+    assert not undocumented
+
+
+def test_the_docs_name_only_real_flags_and_the_real_defaults() -> None:
+    from nvdp.core.config.settings import OPTIONS, OPTIONS_BY_DEST
+    from nvdp.k8s.nodefeatures import NAME_PREFIX, OWNED_ANNOTATION
+
+    text = DOCS.read_text()
+    flags = {f for o in OPTIONS for f in o.flags}
+    envs = {e for o in OPTIONS for e in o.envs}
+    # GFD's flags nvdp does not take are named as such.
+    mentioned = set(re.findall(r"`(--[a-z-]+)", text)) - {"--oneshot", "--sleep-interval"}
+    assert mentioned and mentioned <= flags
+    for env in ("LABEL_SINK", "GFD_USE_NODE_FEATURE_API", "USE_NODE_FEATURE_API", "GFD_OUTPUT_FILE", "LABEL_INTERVAL",
+                "GFD_NO_TIMESTAMP", "POD_NAME", "POD_NAMESPACE"):
+        assert env in envs and env in text, env
+    assert f"default `{OPTIONS_BY_DEST['label_interval'].default:g}s`" in text
+    assert f"default `{OPTIONS_BY_DEST['machine_type_file'].default}`" in text
+    assert f"annotation `{OWNED_ANNOTATION}`" in text and f"{NAME_PREFIX}-<node>" in text
