@@ -337,3 +337,15 @@ async def test_xid_events_reach_a_waiting_thread(start: Callable[[SimNode], SimH
         adapter.XidEvent(gpu_uuid=GPU0, event_type=xid, xid=94, gi=2, ci=1),
         adapter.XidEvent(gpu_uuid=GPU0, event_type=xid, xid=79),  # fell off the bus
     ]
+
+
+def test_a_driver_without_the_mig_mode_call_means_not_mig_capable(start: Callable[[SimNode], SimHandle],
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    handle = start(mig_node())
+
+    def missing(_handle: object) -> None:
+        raise pynvml.NVMLError(pynvml.NVML_ERROR_FUNCTION_NOT_FOUND)
+
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetMigMode", missing)
+    gpus = adapter.read_inventory(handle.host_root, handle.host_root).gpus
+    assert [(g.mig_capable, g.mig_enabled, g.mig_devices) for g in gpus] == [(False, False, ())] * 3

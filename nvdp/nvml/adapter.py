@@ -235,8 +235,8 @@ def _mig_devices(handle: Any) -> tuple[bool, bool, tuple[MigDevice, ...]]:
     try:
         current, _pending = pynvml.nvmlDeviceGetMigMode(handle)
     except pynvml.NVMLError as exc:
-        if exc.value == ERROR_NOT_SUPPORTED:
-            return False, False, ()
+        if exc.value in (ERROR_NOT_SUPPORTED, ERROR_FUNCTION_NOT_FOUND):
+            return False, False, ()  # a part (or a driver older than MIG) with no MIG mode at all
         raise NvmlError(exc.value, _message(exc.value), "nvmlDeviceGetMigMode") from None
     if current != pynvml.NVML_DEVICE_MIG_ENABLE:
         return True, False, ()
