@@ -8,16 +8,19 @@ from what it last published, at most once per `MIN_INTERVAL_S` (docs/labels.md).
 - `node-feature-api`: the node's NodeFeature object (`nvdp.k8s.nodefeatures`);
 - `node`: the Node's own labels, merge-patched, stale ones removed.
 
-A failed write raises: the supervisor restarts the child with backoff, and the restarted child publishes again.
+A failed write (`LabelSinkError`: the API server unreachable, NFD's CRD missing, RBAC, a full disk) is logged and
+retried by the child itself, 1 s doubling to 60 s, with the labels current at that time; nvdp stays ready, since it
+serves its devices regardless.
 `nvidia.com/gfd.timestamp` is the time the label set last changed (upstream rewrites it every minute; nvdp writes
 only on a change, so a node's labels never churn).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -38,6 +41,13 @@ log = logging.getLogger(__name__)
 
 #: At most one write per this many seconds (`--label-interval`), whatever the rate of reloads and health changes.
 MIN_INTERVAL_S = 5.0
+#: Retries of a failed write: the first after this long, doubling up to `MAX_RETRY_S`.
+FIRST_RETRY_S = 1.0
+MAX_RETRY_S = 60.0
+
+
+class LabelSinkError(Exception):
+    """A sink could not be written (the message says why and, where it can, what to do); the write is retried."""
 
 
 class LabelSink(Protocol):
@@ -62,7 +72,10 @@ class FileSink:
         if not await trio.Path(self.path.parent).is_dir():
             log.debug("no node-feature-discovery directory %s: labels not written", self.path.parent)
             return False
-        return await trio.to_thread.run_sync(write_features_file, self.path, dict(labels))
+        try:
+            return await trio.to_thread.run_sync(write_features_file, self.path, dict(labels))
+        except OSError as exc:
+            raise LabelSinkError(f"cannot write {self.path}: {exc.strerror or exc}") from None
 
 
 @dataclass
@@ -80,9 +93,12 @@ class NodeFeatureSink:
     async def publish(self, labels: Mapping[str, str]) -> bool:
         from nvdp.k8s.nodefeatures import owner_references, publish_node_feature
 
-        if self._owners is None:
-            self._owners = await owner_references(self.client, self.namespace, self.pod_name)
-        return await publish_node_feature(self.client, self.namespace, self.node_name, labels, self._owners)
+        async with _api_errors(self.description, missing="is node-feature-discovery installed (its NodeFeature CRD)?",
+                               forbidden="nvdp needs get, create and update on nodefeatures.nfd.k8s-sigs.io in "
+                                         f"namespace {self.namespace} (Helm: gfd.enabled grants them)"):
+            if self._owners is None:
+                self._owners = await owner_references(self.client, self.namespace, self.pod_name)
+            return await publish_node_feature(self.client, self.namespace, self.node_name, labels, self._owners)
 
 
 @dataclass
@@ -97,7 +113,25 @@ class NodeLabelSink:
     async def publish(self, labels: Mapping[str, str]) -> bool:
         from nvdp.k8s.nodefeatures import publish_node_labels
 
-        return await publish_node_labels(self.client, self.node_name, labels)
+        async with _api_errors(self.description, missing=f"no node {self.node_name}: check --node-name",
+                               forbidden="nvdp needs get and patch on its Node (Helm: labels.direct grants them)"):
+            return await publish_node_labels(self.client, self.node_name, labels)
+
+
+@contextlib.asynccontextmanager
+async def _api_errors(description: str, *, missing: str, forbidden: str) -> AsyncIterator[None]:
+    """The API client's errors as LabelSinkError, with a hint for the two an operator must fix."""
+    import msgspec
+
+    from nvdp.k8s.client import ApiError, ApiUnreachable
+
+    try:
+        yield
+    except ApiError as exc:
+        hint = {404: f"; {missing}", 403: f"; {forbidden}"}.get(exc.status, "")
+        raise LabelSinkError(f"{description}: {exc}{hint}") from None
+    except (ApiUnreachable, msgspec.DecodeError) as exc:
+        raise LabelSinkError(f"{description}: {exc}") from None
 
 
 def label_sink(settings: Settings, client: ApiClient | None, node_name: str | None) -> LabelSink | None:
@@ -144,12 +178,15 @@ class LabelPublisher:
         #: What the sink holds, without the timestamp (None: nothing published by this process yet).
         self.published: dict[str, str] | None = None
         self.writes = 0
+        self.failures = 0
+        self._retry_s = FIRST_RETRY_S
         #: Host facts are read again only for another set of GPUs: DMI and PCI classes do not change under us.
         self._facts: tuple[tuple[Gpu, ...], HostFacts] | None = None
 
     def __repr__(self) -> str:
         count = "nothing" if self.published is None else f"{len(self.published)} labels"
-        return f"<LabelPublisher {self.sink.description}: {count} published, {self.writes} writes>"
+        return (f"<LabelPublisher {self.sink.description}: {count} published, {self.writes} writes, "
+                f"{self.failures} failed>")
 
     def update(self, plan: Plan, inventory: NodeInventory, mig_strategy: str) -> None:
         """A new plan is served (start, reload, per-node config change). Never blocks."""
@@ -183,8 +220,17 @@ class LabelPublisher:
             stamped = dict(labels)
             if self.timestamps:
                 stamped[TIMESTAMP] = str(int(self.clock()))
-            if await self.sink.publish(stamped):
-                self.writes += 1
+            try:
+                wrote = await self.sink.publish(stamped)
+            except LabelSinkError as exc:
+                delay, self._retry_s = self._retry_s, min(self._retry_s * 2, MAX_RETRY_S)
+                self.failures += 1
+                log.warning("GPU feature labels not written: %s; retrying in %.0f s", exc, delay)
+                await trio.sleep(delay)
+                self._pending.set()
+                continue
+            self._retry_s = FIRST_RETRY_S
+            self.writes += wrote
             self.published = labels
             await trio.sleep(self.min_interval_s)
 

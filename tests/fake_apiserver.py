@@ -104,6 +104,8 @@ class FakeApiServer:
         #: GFD labels (`_gfd_routes`): NodeFeature objects by (namespace, name), and Pods by (namespace, name).
         self.node_features: dict[tuple[str, str], dict[str, Any]] = {}
         self.pods: dict[tuple[str, str], dict[str, Any]] = {}
+        #: False: NFD's CRD is not installed; the nodefeatures paths answer 404.
+        self.node_feature_api = True
 
     # -- the test's side --------------------------------------------------------------------------------------
 
@@ -398,6 +400,8 @@ class FakeApiServer:
         pod = len(parts) == 6 and parts[:3] == ["api", "v1", "namespaces"] and parts[4] == "pods"
         if not (feature or node or pod) or (node and method not in ("GET", "PATCH")) or (pod and method != "GET"):
             return False
+        if feature and not self.node_feature_api:
+            return False  # the generic 404 below, as for any path the server does not serve
         request.kind = method.lower()
         body = await _read_body(receive) if method in ("POST", "PUT", "PATCH") else {}
 

@@ -16,7 +16,7 @@ from nvdp.core.config.settings import Settings, resolve
 from nvdp.core.inventory import Gpu, NodeInventory
 from nvdp.core.plan.model import Device, Plan, Resource, Sharing
 from nvdp.daemon import NodeConfig
-from nvdp.gfd import FileSink, LabelPublisher, NodeFeatureSink, NodeLabelSink, label_sink
+from nvdp.gfd import FileSink, LabelPublisher, LabelSinkError, NodeFeatureSink, NodeLabelSink, label_sink
 from nvdp.k8s.client import open_client
 from nvdp.k8s.nodefeatures import OWNED_ANNOTATION, publish_node_feature, publish_node_labels
 from nvdp.node_config import ConfigSources
@@ -160,7 +160,47 @@ async def test_labels_are_written_on_change_only_at_a_bounded_rate(
     else:
         assert "nvidia.com/gfd.timestamp" not in first
     assert repr(publisher) == f"<LabelPublisher memory: {len(sink.writes[-1][1]) - timestamps} labels published, " \
-        "3 writes>"
+        "3 writes, 0 failed>"
+
+
+class FlakySink(MemorySink):
+    def __init__(self, failures: int) -> None:
+        super().__init__()
+        self.failures = failures
+        self.attempts: list[float] = []
+
+    async def publish(self, labels: Mapping[str, str]) -> bool:
+        self.attempts.append(trio.current_time())
+        if len(self.attempts) <= self.failures:
+            raise LabelSinkError("NodeFeature x: HTTP 503 Service Unavailable")
+        return await super().publish(labels)
+
+
+async def test_a_failed_write_is_retried_with_backoff_and_the_child_stays_up(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    sink = FlakySink(failures=3)
+    publisher = LabelPublisher(sink, host_root=tmp_path, machine_type_file=None, timestamps=False)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(publisher.run)
+        start = trio.current_time()
+        publisher.update(*_node(1), "none")
+        await sink.changed.wait()
+        nursery.cancel_scope.cancel()
+    # 1 s, 2 s, 4 s between attempts; the labels written are the ones current at the last attempt.
+    assert [round(t - start, 6) for t in sink.attempts] == [0, 1, 3, 7]
+    assert len(sink.writes) == 1 and publisher.failures == 3
+    assert "GPU feature labels not written: NodeFeature x: HTTP 503 Service Unavailable; retrying in 4 s" \
+        in caplog.messages
+
+
+async def test_api_errors_say_what_to_fix() -> None:
+    async with open_fake_apiserver(token=None) as fake, open_client(fake.api_config()) as client:
+        fake.node_feature_api = False
+        with pytest.raises(LabelSinkError, match=r"404 .*is node-feature-discovery installed"):
+            await NodeFeatureSink(client, NAMESPACE, NODE).publish({"a": "1"})
+        with pytest.raises(LabelSinkError, match=r"404 .*no node gpu-node-1: check --node-name"):
+            await NodeLabelSink(client, NODE).publish({"a": "1"})
 
 
 # -- the daemon --------------------------------------------------------------------------------------------------------
