@@ -281,3 +281,21 @@ async def test_the_daemon_labels_its_own_node_directly(tmp_path: Path, kubelet: 
             assert labels()["team"] == "ml"
             assert labels()["nvidia.com/gpu.family"] == "ampere"
             assert "nvidia.com/gfd.timestamp" not in labels()
+
+
+async def test_the_daemon_writes_the_feature_file_with_the_simulated_hosts_machine(
+    tmp_path: Path, kubelet: KubeletEmulator
+) -> None:
+    node = write_node(tmp_path / "node.yaml", [gpu(0)])
+    features = tmp_path / "features.d" / "nvdp"
+    features.parent.mkdir()
+    # The machine-type file's default path is read under the simulated host root, as it is under / on a GPU node.
+    settings = resolve({"simulate": str(node), "kubelet_socket": str(kubelet.socket), "metrics_address": "",
+                        "nfd_features_file": str(features), "machine_type_file": "/sys/class/dmi/id/product_name"},
+                       {})
+    async with daemon(settings):
+        await eventually(features.exists)
+        lines = dict(line.split("=", 1) for line in features.read_text().splitlines())
+    assert lines["nvidia.com/gpu.machine"] == "Simulated-GPU-Node"
+    assert lines["nvidia.com/gpu.count"] == "1" and lines["nvidia.com/gpu.mode"] == "compute"
+    assert lines["nvidia.com/gfd.timestamp"].isdigit()

@@ -133,8 +133,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("pod_namespace", (), ("POD_NAMESPACE",), (), None, help="the pod's namespace (for --config-map NAME)"),
     Option("nfd_features_file", ("--nfd-features-file", "--output-file"), ("NFD_FEATURES_FILE", "GFD_OUTPUT_FILE"), (),
            "/etc/kubernetes/node-feature-discovery/features.d/nvdp", "path",
-           help="node-feature-discovery local feature file for the sharing labels (written when its directory "
-                "exists; empty disables)"),
+           help="node-feature-discovery local feature file for the GPU feature labels (written when its "
+                "directory exists; empty disables)"),
     # GPU Feature Discovery in the same process (docs/labels.md): upstream GFD's flags where they apply.
     Option("label_sink", ("--label-sink",), ("LABEL_SINK",), (), "auto",
            choices=("auto", "file", "node-feature-api", "node", "none"),
