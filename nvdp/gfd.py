@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -166,12 +166,11 @@ class LabelPublisher:
     """Latest input in, labels out to one sink (see the module docstring)."""
 
     def __init__(self, sink: LabelSink, *, host_root: Path, machine_type_file: Path | None, timestamps: bool,
-                 clock: Callable[[], float] = time.time, min_interval_s: float = MIN_INTERVAL_S) -> None:
+                 min_interval_s: float = MIN_INTERVAL_S) -> None:
         self.sink = sink
         self.host_root = host_root
         self.machine_type_file = machine_type_file
         self.timestamps = timestamps
-        self.clock = clock
         self.min_interval_s = min_interval_s
         self._input: LabelInput | None = None
         self._pending = trio.Event()
@@ -219,7 +218,8 @@ class LabelPublisher:
                 continue
             stamped = dict(labels)
             if self.timestamps:
-                stamped[TIMESTAMP] = str(int(self.clock()))
+                # Wall-clock time, as upstream's: the label is read by people and tools outside this process.
+                stamped[TIMESTAMP] = str(int(time.time()))
             try:
                 wrote = await self.sink.publish(stamped)
             except LabelSinkError as exc:
