@@ -433,3 +433,12 @@ def test_the_docs_name_only_real_flags_and_the_real_defaults() -> None:
     assert f"default `{OPTIONS_BY_DEST['label_interval'].default:g}s`" in text
     assert f"default `{OPTIONS_BY_DEST['machine_type_file'].default}`" in text
     assert f"annotation `{OWNED_ANNOTATION}`" in text and f"{NAME_PREFIX}-<node>" in text
+
+
+def test_with_several_products_the_lowest_index_whole_gpu_wins() -> None:
+    h100 = {"name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0", "memory_mib": 81559}
+    labels = labels_for("", mig_gpu(0, mig("MIG-a", 0)), a100(1, **h100), a100(2))
+    assert (labels["nvidia.com/gpu.product"], labels["nvidia.com/gpu.count"]) == ("NVIDIA-H100-80GB-HBM3", "1")
+    assert labels["nvidia.com/gpu.family"] == "hopper"
+    only_mig = labels_for("", mig_gpu(0, mig("MIG-a", 0)), mig_gpu(1, mig("MIG-b", 0)), mig_strategy="mixed")
+    assert (only_mig["nvidia.com/gpu.count"], only_mig["nvidia.com/gpu.replicas"]) == ("2", "0")

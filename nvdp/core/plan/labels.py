@@ -181,7 +181,7 @@ def _invalid_single(gpu: Gpu) -> dict[str, str]:
 def _gpu_labels(gpus: list[Gpu], sharing: Mapping[tuple[str, bool], _SharingInfo]) -> dict[str, str]:
     """`nvidia.com/gpu.*` for whole GPUs. MIG-enabled GPUs are labelled without sharing, and whole GPUs of the same
     product override them (upstream's order). Upstream picks among several products in map order; nvdp lets the
-    lowest-index GPU's product win, so the labels describe GPU 0's kind and never flap."""
+    lowest-index whole GPU win (the lowest-index MIG-enabled one when there is no whole GPU), so they never flap."""
     counts = Counter(g.name for g in gpus)
     labels: dict[str, str] = {}
     ordered = sorted(gpus, key=lambda g: (not g.mig_enabled, -g.index))
