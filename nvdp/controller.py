@@ -145,6 +145,8 @@ def serving_contexts(plan: Plan, inventory: NodeInventory, settings: Settings) -
         gdrcopy_enabled=settings.gdrcopy_enabled,
         gds_enabled=settings.gds_enabled,
         mofed_enabled=settings.mofed_enabled,
+        cdi_annotation_prefix=settings.cdi_annotation_prefix,
+        imex_channels=plan.imex_channels,
     )
     return [ServingContext(r, options, inventory, settings.shared_devices_allocation_policy) for r in plan.resources]
 
@@ -228,10 +230,13 @@ class HealthPublisher:
 class NvmlSession:
     host_root: Path
     driver_root: Path
+    #: Where the host's device nodes are seen besides `host_root` (IMEX channels); None: nowhere else.
+    dev_root: Path | None = None
 
 
 async def discover(session: NvmlSession) -> NodeInventory:
-    inventory = await trio.to_thread.run_sync(nvml.read_inventory, session.host_root, session.driver_root)
+    inventory = await trio.to_thread.run_sync(nvml.read_inventory, session.host_root, session.driver_root,
+                                              session.dev_root)
     log.info("driver %s, CUDA %s, %d GPU(s)", inventory.driver_version, inventory.cuda_driver_version,
              len(inventory.gpus))
     for gpu in inventory.gpus:
