@@ -110,7 +110,7 @@ def test_cdi_annotation_prefix_from_each_source() -> None:
         pytest.param("x" * 254, "expected at most 253 printable ASCII characters", id="too long"),
     ],
 )
-def test_a_prefix_that_cannot_start_an_annotation_key_is_refused(prefix: str, message: str) -> None:
+def test_deliberately_unlike_upstream_a_prefix_that_cannot_start_an_annotation_key_is_refused(prefix: str, message: str) -> None:
     with pytest.raises(ConfigError) as error:
         settings(cdi_annotation_prefix=prefix)
     assert str(error.value).startswith("--cdi-annotation-prefix: ") and message in str(error.value)
@@ -216,3 +216,23 @@ def test_the_simulated_node_has_the_channels_it_declares(
 def test_a_simulated_channel_number_is_checked() -> None:
     with pytest.raises(sim.SimNodeError, match=r"node\.yaml: \$\.imexChannels\[0\]: must be a channel number"):
         sim.parse_node("driverVersion: '1'\ncudaDriverVersion: 1\nimexChannels: [-1]\n", "node.yaml")
+
+
+def test_tegra_discovery_is_still_refused_naming_the_value() -> None:
+    with pytest.raises(ConfigError, match=r"^DEVICE_DISCOVERY_STRATEGY: invalid value 'tegra': accepted values are "
+                                          r"auto, nvml"):
+        settings(env={"DEVICE_DISCOVERY_STRATEGY": "tegra"})
+
+
+def test_the_readme_flags_table_lists_the_cdi_and_imex_options() -> None:
+    from nvdp.core.config.settings import OPTIONS_BY_DEST
+
+    rows = [line for line in (Path(__file__).resolve().parent.parent / "README.md").read_text().splitlines()
+            if line.startswith("| `--")]
+    for dest in ("cdi_annotation_prefix", "imex_channel_ids", "imex_required"):
+        option = OPTIONS_BY_DEST[dest]
+        (row,) = [r for r in rows if f"`{option.flags[0]}`" in r]
+        assert f"`{option.envs[0]}`" in row, row
+    (row,) = [r for r in rows if "`--device-list-strategy`" in r]
+    assert all(f"`{s}`" in row for s in ("cdi-annotations", "cdi-cri")), row
+    assert f"`{OPTIONS_BY_DEST['cdi_annotation_prefix'].default}`" in next(r for r in rows if "prefix" in r)

@@ -66,7 +66,7 @@ async def test_a_missing_required_channel_stops_the_start_with_upstreams_message
     assert kubelet.registrations == []
 
 
-async def test_a_live_source_refuses_a_required_missing_channel_and_keeps_serving(
+async def test_deliberately_unlike_upstream_a_live_source_refuses_a_missing_required_channel_and_keeps_serving(
     tmp_path: Path, kubelet: KubeletEmulator
 ) -> None:
     configs = tmp_path / "configs"
