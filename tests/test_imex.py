@@ -110,7 +110,9 @@ def test_cdi_annotation_prefix_from_each_source() -> None:
         pytest.param("x" * 254, "expected at most 253 printable ASCII characters", id="too long"),
     ],
 )
-def test_deliberately_unlike_upstream_a_prefix_that_cannot_start_an_annotation_key_is_refused(prefix: str, message: str) -> None:
+def test_deliberately_unlike_upstream_a_prefix_that_cannot_start_an_annotation_key_is_refused(
+    prefix: str, message: str
+) -> None:
     with pytest.raises(ConfigError) as error:
         settings(cdi_annotation_prefix=prefix)
     assert str(error.value).startswith("--cdi-annotation-prefix: ") and message in str(error.value)

@@ -748,7 +748,8 @@ def test_config_strict_sets_strict_config(render):
         pytest.param({"deviceListStrategy": ["volume-mounts", "cdi-annotations"]}, id="a YAML list"),
         pytest.param({"config": {"map": {"default": "flags:\n  plugin:\n    deviceListStrategy: [cdi-cri]\n"}}},
                      id="an inline config"),
-        pytest.param({"config": {"name": "mine"}, "cdi": {"enabled": True}}, id="cdi.enabled for an external ConfigMap"),
+        pytest.param({"config": {"name": "mine"}, "cdi": {"enabled": True}},
+                     id="cdi.enabled for an external ConfigMap"),
     ],
 )
 def test_a_cdi_strategy_mounts_the_cdi_root_and_the_driver_root(render, values):
