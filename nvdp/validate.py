@@ -49,6 +49,7 @@ NODE_CHECKS = (
     "MPS slices fit each GPU's memory and its MPS client limit (48, or 16 before Volta)",
     "the node's MIG layout suits the MIG strategy",
     "the resource plan: resources, device IDs, MPS daemons and each slice's limits on real GPUs",
+    "requested IMEX channels exist on the node (imex.channelIDs; a missing one is an error with imex.required)",
 )
 
 #: Stop decoding again after this many errors, or for files larger than this (each pass parses the whole file).
@@ -481,6 +482,8 @@ def format_plan(plan: Plan) -> str:
                      f"pinned memory limit {daemon.pinned_mem_limit_mib} MiB, "
                      f"active thread percentage {daemon.active_thread_percentage}%, "
                      f"pipe {daemon.pipe_dir}, log {daemon.log_dir}")
+    if plan.imex_channels:
+        lines.append("IMEX channels given to every container: " + ", ".join(str(c) for c in plan.imex_channels))
     return "\n".join(lines)
 
 

@@ -238,3 +238,22 @@ def test_the_readme_flags_table_lists_the_cdi_and_imex_options() -> None:
     (row,) = [r for r in rows if "`--device-list-strategy`" in r]
     assert all(f"`{s}`" in row for s in ("cdi-annotations", "cdi-cri")), row
     assert f"`{OPTIONS_BY_DEST['cdi_annotation_prefix'].default}`" in next(r for r in rows if "prefix" in r)
+
+
+@pytest.mark.parametrize(("channels", "code", "says"), [
+    ([0], 0, "IMEX channels given to every container: 0"),
+    ([], 1, "requested IMEX channel channel0 does not exist"),
+])
+def test_config_validate_checks_a_required_channel_on_the_simulated_node(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, channels: list[int],
+    code: int, says: str
+) -> None:
+    from nvdp.cli import main
+    from tests.helpers import write_node
+
+    monkeypatch.setenv(sim.STATE_ENV, os.environ.get(sim.STATE_ENV, ""))
+    node = write_node(tmp_path / "node.yaml", [gpu(0)], imexChannels=channels)
+    config = tmp_path / "config.yaml"
+    config.write_text("version: v1\nimex:\n  channelIDs: [0]\n  required: true\n")
+    assert main(["config", "validate", str(config), "--simulate", str(node)]) == code
+    assert says in capsys.readouterr().out
