@@ -111,6 +111,14 @@ OPTIONS: tuple[Option, ...] = (
            help="set NVIDIA_GDS=enabled in containers"),
     Option("mofed_enabled", ("--mofed-enabled",), ("MOFED_ENABLED",), ("flags", "mofed_enabled"), False, "bool",
            help="set NVIDIA_MOFED=enabled in containers"),
+    # CDI device lists and IMEX channels (upstream's flags, variables and config keys; docs/compatibility.md).
+    Option("cdi_annotation_prefix", ("--cdi-annotation-prefix",), ("CDI_ANNOTATION_PREFIX",),
+           ("flags", "plugin", "cdi_annotation_prefix"), DEFAULT_CDI_ANNOTATION_PREFIX,
+           help="prefix of the CDI annotation key with the cdi-annotations device list strategy"),
+    Option("imex_channel_ids", ("--imex-channel-ids",), ("IMEX_CHANNEL_IDS",), ("imex", "channel_ids"), None, "ints",
+           help="IMEX channels given to every container that gets GPUs: none, or 0"),
+    Option("imex_required", ("--imex-required",), ("IMEX_REQUIRED",), ("imex", "required"), False, "bool",
+           help="refuse to serve when a requested IMEX channel does not exist on the node"),
     Option("mps_root", ("--mps-root",), ("MPS_ROOT",), ("flags", "mps_root"), "", "str",
            help="host directory for MPS pipes, logs and shm"),
     Option("shared_devices_allocation_policy", ("--shared-devices-allocation-policy",),
@@ -169,14 +177,6 @@ OPTIONS: tuple[Option, ...] = (
            help="failed MPS probes in a row before a daemon's replicas are reported Unhealthy"),
     Option("health_quiet_period", ("--health-quiet-period",), ("HEALTH_QUIET_PERIOD",), (), "300", "seconds",
            help="seconds without a new critical XID before an Unhealthy GPU is probed and may return to Healthy"),
-    # CDI device lists and IMEX channels (upstream's flags, variables and config keys; docs/compatibility.md).
-    Option("cdi_annotation_prefix", ("--cdi-annotation-prefix",), ("CDI_ANNOTATION_PREFIX",),
-           ("flags", "plugin", "cdi_annotation_prefix"), DEFAULT_CDI_ANNOTATION_PREFIX,
-           help="prefix of the CDI annotation key with the cdi-annotations device list strategy"),
-    Option("imex_channel_ids", ("--imex-channel-ids",), ("IMEX_CHANNEL_IDS",), ("imex", "channel_ids"), None, "ints",
-           help="IMEX channels given to every container that gets GPUs: none, or 0"),
-    Option("imex_required", ("--imex-required",), ("IMEX_REQUIRED",), ("imex", "required"), False, "bool",
-           help="refuse to serve when a requested IMEX channel does not exist on the node"),
 )
 
 OPTIONS_BY_DEST = {o.dest: o for o in OPTIONS}
@@ -378,6 +378,7 @@ def resolve(
     if isinstance(values["health_quiet_period"], str):
         values["health_quiet_period"] = parse_seconds(values["health_quiet_period"])
     values["fallback_strategies"] = tuple(parse_list(values["fallback_strategies"] or ""))
+    values["imex_channel_ids"] = tuple(values["imex_channel_ids"] or ())
     for dest in ("driver_root", "dev_root", "config_file", "simulate", "config_dir", "nfd_features_file"):
         if values[dest] not in (None, ""):
             values[dest] = Path(values[dest])
@@ -387,7 +388,6 @@ def resolve(
     # Upstream: an unset or empty dev root means the driver root.
     values["dev_root"] = values["dev_root"] or values["driver_root"]
     values["kubelet_socket"] = Path(values["kubelet_socket"]) if values["kubelet_socket"] else None
-    values["imex_channel_ids"] = tuple(values["imex_channel_ids"] or ())
     settings = Settings(config=config, **values)
     validate(settings, config_source, origins)
     check_strict(settings.config_warnings, settings.strict_config, origins.get("strict_config", "default"))
