@@ -37,6 +37,7 @@ from nvdp.core.config.settings import OPTIONS, Settings, resolve
 from nvdp.core.config.sharing import Mps, ReplicatedResource, TimeSlicing
 from nvdp.core.inventory import NodeInventory
 from nvdp.core.plan.build import PlanError, build_plan
+from nvdp.core.plan.imex import select_imex_channels
 from nvdp.core.plan.model import Device, Plan, Sharing
 from nvdp.core.plan.sharing import gb
 
@@ -482,8 +483,6 @@ def format_plan(plan: Plan) -> str:
                      f"pinned memory limit {daemon.pinned_mem_limit_mib} MiB, "
                      f"active thread percentage {daemon.active_thread_percentage}%, "
                      f"pipe {daemon.pipe_dir}, log {daemon.log_dir}")
-    if plan.imex_channels:
-        lines.append("IMEX channels given to every container: " + ", ".join(str(c) for c in plan.imex_channels))
     return "\n".join(lines)
 
 
@@ -530,6 +529,9 @@ def validate_one(data: bytes | None, source: str, cli: Mapping[str, str | None],
         return report
     report.plan.append(f"on {node_name}:")
     report.plan += [f"  {line}" for line in format_plan(plan).splitlines()]
+    imex = select_imex_channels(inventory, settings)
+    if imex:
+        report.plan.append("  IMEX channels given to every container: " + ", ".join(str(c) for c in imex))
     per_client = mps_lines(plan, config, inventory)
     if per_client:
         report.plan.append("MPS, per client:")

@@ -17,13 +17,13 @@ from nvdp.core.config.load import parse_config
 from nvdp.core.config.settings import Settings, resolve
 from nvdp.core.inventory import NodeInventory
 from nvdp.core.plan.build import PlanError, build_plan
+from nvdp.core.plan.imex import select_imex_channels
 from nvdp.nvml import adapter
 from nvdp.sim import SimHandle, SimNode
 from tests.helpers import gpu
 
 SOURCE = "c.yaml"
 CHANNEL = "dev/nvidia-caps-imex-channels/channel0"
-NODE = NodeInventory("580.82.07", 13000, ())
 
 
 def settings(file: str = "", env: dict[str, str] | None = None, **cli: str) -> Settings:
@@ -126,33 +126,40 @@ def node_with(*channels: int) -> NodeInventory:
 
 
 def test_a_present_channel_is_selected() -> None:
-    plan = build_plan(node_with(0), settings("imex:\n  channelIDs: [0]\n"))
-    assert plan.imex_channels == (0,)
+    assert select_imex_channels(node_with(0), settings("imex:\n  channelIDs: [0]\n")) == (0,)
 
 
 def test_no_channel_requested_none_selected_even_if_present() -> None:
-    assert build_plan(node_with(0), settings()).imex_channels == ()
+    assert select_imex_channels(node_with(0), settings()) == ()
 
 
 def test_a_missing_channel_is_skipped_with_upstreams_warning(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING, logger="nvdp.core.plan.imex")
-    plan = build_plan(node_with(), settings("imex:\n  channelIDs: [0]\n", {"NVIDIA_DEV_ROOT": "/run/nvidia/driver"}))
-    assert plan.imex_channels == ()
+    optional = settings("imex:\n  channelIDs: [0]\n", {"NVIDIA_DEV_ROOT": "/run/nvidia/driver"})
+    build_plan(node_with(), optional)  # not refused
+    assert select_imex_channels(node_with(), optional) == ()
     (record,) = caplog.records
     assert record.getMessage().startswith("Ignoring requested IMEX channel channel0 (no character device "
                                           "/dev/nvidia-caps-imex-channels/channel0 under the dev root "
                                           "/run/nvidia/driver)")
 
 
-def test_a_missing_required_channel_refuses_the_config_with_upstreams_message() -> None:
+def test_a_missing_required_channel_refuses_the_plan_with_upstreams_message() -> None:
     with pytest.raises(PlanError) as error:
         build_plan(node_with(), settings("imex:\n  channelIDs: [0]\n  required: true\n"))
     assert str(error.value).startswith("requested IMEX channel channel0 does not exist")
     assert "--imex-required" in str(error.value)
 
 
+def test_a_present_required_channel_builds_the_plan() -> None:
+    required = settings("imex:\n  channelIDs: [0]\n  required: true\n")
+    assert build_plan(node_with(0), required).resources == ()
+    assert select_imex_channels(node_with(0), required) == (0,)
+
+
 def test_required_without_channels_requires_nothing() -> None:
-    assert build_plan(node_with(), settings("imex:\n  required: true\n")).imex_channels == ()
+    assert select_imex_channels(node_with(), settings("imex:\n  required: true\n")) == ()
+    build_plan(node_with(), settings("imex:\n  required: true\n"))
 
 
 # --- presence: a character device under the dev root or at the plain path ---------------------------------------

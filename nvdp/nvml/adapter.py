@@ -263,20 +263,6 @@ def _topology_level(a: Any, b: Any) -> int | None:
         raise NvmlError(exc.value, _message(exc.value), "nvmlDeviceGetTopologyCommonAncestor") from None
 
 
-def read_mig_minors(driver_root: Path) -> dict[str, int]:
-    """`/proc/driver/nvidia-caps/mig-minors` as `{"gpu0/gi1/access": 12, ...}`; empty when absent."""
-    try:
-        text = (driver_root / "proc/driver/nvidia-caps/mig-minors").read_text()
-    except OSError:
-        return {}
-    minors = {}
-    for line in text.splitlines():
-        parts = line.split()
-        if len(parts) == 2 and parts[1].isdigit():
-            minors[parts[0]] = int(parts[1])
-    return minors
-
-
 def find_imex_channels(roots: tuple[Path, ...]) -> tuple[int, ...]:
     """The IMEX channels whose device node is a character device under one of `roots` (upstream looks under the dev
     root, then at the plain path: a channel injected into nvdp's own container is there)."""
@@ -294,6 +280,20 @@ def find_imex_channels(roots: tuple[Path, ...]) -> tuple[int, ...]:
                 break
             log.debug("IMEX channel %d: %s is not a character device", channel, path)
     return tuple(found)
+
+
+def read_mig_minors(driver_root: Path) -> dict[str, int]:
+    """`/proc/driver/nvidia-caps/mig-minors` as `{"gpu0/gi1/access": 12, ...}`; empty when absent."""
+    try:
+        text = (driver_root / "proc/driver/nvidia-caps/mig-minors").read_text()
+    except OSError:
+        return {}
+    minors = {}
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[1].isdigit():
+            minors[parts[0]] = int(parts[1])
+    return minors
 
 
 def read_inventory(host_root: Path = Path("/"), driver_root: Path = Path("/"),

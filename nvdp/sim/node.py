@@ -93,6 +93,8 @@ class SimNode(msgspec.Struct, rename="camel", forbid_unknown_fields=True, kw_onl
     cuda_driver_version: int
     events_file: str | None = None
     control_devices: tuple[str, ...] = DEFAULT_CONTROL_DEVICES
+    #: IMEX channels whose device node exists (`/dev/nvidia-caps-imex-channels/channel<N>`); upstream uses 0 only.
+    imex_channels: tuple[int, ...] = ()
     gpus: tuple[SimGpu, ...] = ()
     #: `[gpu index, gpu index, number of NVLinks]`.
     nvlinks: tuple[tuple[int, int, int], ...] = ()
@@ -101,8 +103,6 @@ class SimNode(msgspec.Struct, rename="camel", forbid_unknown_fields=True, kw_onl
     topology: tuple[tuple[int, int, int | None], ...] = ()
     #: Make `nvmlInit` fail with this NVML return code.
     init_error: int | None = None
-    #: IMEX channels whose device node exists (`/dev/nvidia-caps-imex-channels/channel<N>`); upstream uses 0 only.
-    imex_channels: tuple[int, ...] = ()
 
 
 def _lookup(raw: Any, path: str) -> Any:

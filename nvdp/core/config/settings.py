@@ -194,6 +194,11 @@ class Settings:
     gdrcopy_enabled: bool = False
     gds_enabled: bool = False
     mofed_enabled: bool = False
+    #: Upstream's: the key of the one CDI annotation is `<prefix>nvidia-device-plugin_<uuid4>`.
+    cdi_annotation_prefix: str = DEFAULT_CDI_ANNOTATION_PREFIX
+    #: IMEX channels to pass (only `()` or `(0,)`, as upstream), and whether a missing one refuses the config.
+    imex_channel_ids: tuple[int, ...] = ()
+    imex_required: bool = False
     mps_root: str = ""
     shared_devices_allocation_policy: str = "distributed"
     device_discovery_strategy: str = "auto"
@@ -227,11 +232,6 @@ class Settings:
     nfd_features_file: Path | None = None
     #: Config warnings are errors (`--strict-config`).
     strict_config: bool = False
-    #: Upstream's: the key of the one CDI annotation is `<prefix>nvidia-device-plugin_<uuid4>`.
-    cdi_annotation_prefix: str = DEFAULT_CDI_ANNOTATION_PREFIX
-    #: IMEX channels to pass (only `()` or `(0,)`, as upstream), and whether a missing one refuses the config.
-    imex_channel_ids: tuple[int, ...] = ()
-    imex_required: bool = False
     #: The parsed config file (or an empty one): the sharing sections are read from here.
     config: Config = field(default_factory=Config)
 
@@ -285,6 +285,33 @@ def _check_number(option: Option, value: float, text: str, source: str) -> None:
     if not low <= value <= high:
         unit = {"seconds": " seconds", "bytes": " bytes"}.get(option.kind, "")
         raise ConfigError(f"{source}: invalid value {_show(text)}: out of range, expected {low:g} to {high:g}{unit}")
+
+
+#: What nvdp refuses in a CDI annotation prefix (upstream takes any text): nothing that cannot start an
+#: annotation key the runtime reads back as one (whitespace, control characters), nor a prefix so long that the
+#: key could not be stored.
+MAX_CDI_ANNOTATION_PREFIX = 253
+
+
+def check_cdi_annotation_prefix(prefix: str, where: str) -> None:
+    if not prefix:
+        raise ConfigError(f"{where}: the CDI annotation prefix is empty: leave it unset for "
+                          f"{DEFAULT_CDI_ANNOTATION_PREFIX!r}, the prefix container runtimes read")
+    if len(prefix) > MAX_CDI_ANNOTATION_PREFIX or not prefix.isascii() or not prefix.isprintable() \
+            or any(c.isspace() for c in prefix):
+        raise ConfigError(f"{where}: invalid CDI annotation prefix {_show(prefix)}: expected at most "
+                          f"{MAX_CDI_ANNOTATION_PREFIX} printable ASCII characters without spaces, e.g. "
+                          f"{DEFAULT_CDI_ANNOTATION_PREFIX!r}")
+
+
+def check_imex_channel_ids(ids: Sequence[int], where: str) -> None:
+    """Upstream's rule and words (`AssertChannelIDsValid`): only channel 0 exists to be asked for."""
+    if len(ids) == 0 or tuple(ids) == (0,):
+        return
+    # Go prints an []int as `[0 1]`; users search for upstream's message.
+    found = "[" + " ".join(str(i) for i in ids) + "]"
+    raise ConfigError(f"{where}: invalid IMEX channel IDs: invalid IMEX config: channelIDs must be [] or [0]; "
+                      f"found {found}")
 
 
 def _parse_text(option: Option, text: str, source: str) -> Any:
@@ -375,10 +402,10 @@ def resolve(
         origins[option.dest] = origin
         values[option.dest] = value
 
+    values["imex_channel_ids"] = tuple(values["imex_channel_ids"] or ())
     if isinstance(values["health_quiet_period"], str):
         values["health_quiet_period"] = parse_seconds(values["health_quiet_period"])
     values["fallback_strategies"] = tuple(parse_list(values["fallback_strategies"] or ""))
-    values["imex_channel_ids"] = tuple(values["imex_channel_ids"] or ())
     for dest in ("driver_root", "dev_root", "config_file", "simulate", "config_dir", "nfd_features_file"):
         if values[dest] not in (None, ""):
             values[dest] = Path(values[dest])
@@ -444,33 +471,6 @@ def validate(
             raise ConfigError(
                 f"{config_source}: $.sharing.mps: using --mig-strategy=mixed is not supported with MPS "
                 "(MPS shares whole GPUs; use migStrategy none or single)")
-
-
-#: What nvdp refuses in a CDI annotation prefix (upstream takes any text): nothing that cannot start an
-#: annotation key the runtime reads back as one (whitespace, control characters), nor a prefix so long that the
-#: key could not be stored.
-MAX_CDI_ANNOTATION_PREFIX = 253
-
-
-def check_cdi_annotation_prefix(prefix: str, where: str) -> None:
-    if not prefix:
-        raise ConfigError(f"{where}: the CDI annotation prefix is empty: leave it unset for "
-                          f"{DEFAULT_CDI_ANNOTATION_PREFIX!r}, the prefix container runtimes read")
-    if len(prefix) > MAX_CDI_ANNOTATION_PREFIX or not prefix.isascii() or not prefix.isprintable() \
-            or any(c.isspace() for c in prefix):
-        raise ConfigError(f"{where}: invalid CDI annotation prefix {_show(prefix)}: expected at most "
-                          f"{MAX_CDI_ANNOTATION_PREFIX} printable ASCII characters without spaces, e.g. "
-                          f"{DEFAULT_CDI_ANNOTATION_PREFIX!r}")
-
-
-def check_imex_channel_ids(ids: Sequence[int], where: str) -> None:
-    """Upstream's rule and words (`AssertChannelIDsValid`): only channel 0 exists to be asked for."""
-    if len(ids) == 0 or tuple(ids) == (0,):
-        return
-    # Go prints an []int as `[0 1]`; users search for upstream's message.
-    found = "[" + " ".join(str(i) for i in ids) + "]"
-    raise ConfigError(f"{where}: invalid IMEX channel IDs: invalid IMEX config: channelIDs must be [] or [0]; "
-                      f"found {found}")
 
 
 def cli_values(namespace: Any, options: Sequence[Option] = OPTIONS) -> dict[str, str | None]:

@@ -115,10 +115,11 @@ def build_plan(inventory: NodeInventory, settings: Settings) -> Plan:
     """
     if settings.mig_strategy not in ("none", "single", "mixed"):
         raise PlanError(f"unknown MIG strategy: {settings.mig_strategy}")
-    # Imported here: these modules raise this module's PlanError, so a top-level import would be circular.
-    from nvdp.core.plan.imex import select_imex_channels
+    from nvdp.core.plan.imex import require_imex_channels
+
+    require_imex_channels(inventory, settings)
+    # Imported here: nvdp.core.plan.sharing raises this module's PlanError, so a top-level import would be circular.
     from nvdp.core.plan.sharing import apply_sharing
 
-    imex_channels = select_imex_channels(inventory, settings)
     resources, mps_daemons = apply_sharing(whole_and_mig_devices(inventory, settings), inventory, settings)
-    return Plan(tuple(sorted(resources, key=lambda r: r.name)), mps_daemons, imex_channels)
+    return Plan(tuple(sorted(resources, key=lambda r: r.name)), mps_daemons)

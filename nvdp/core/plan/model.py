@@ -115,8 +115,6 @@ class Plan:
     resources: tuple[Resource, ...]
     #: Ordered by GPU index.
     mps_daemons: tuple[MpsDaemonSpec, ...] = ()
-    #: IMEX channels every container that gets devices also gets (requested and present on the node).
-    imex_channels: tuple[int, ...] = ()
 
     def resource(self, name: str) -> Resource | None:
         for resource in self.resources:
