@@ -29,9 +29,9 @@ from nvdp.core.config.settings import Settings
 from nvdp.core.health import ALL_GPUS, HealthTracker, XidPolicy
 from nvdp.core.health.events import XidEvent
 from nvdp.core.inventory import NodeInventory
+from nvdp.core.plan import imex
 from nvdp.core.plan.allocate import AllocateOptions
 from nvdp.core.plan.build import PlanError, build_plan
-from nvdp.core.plan.imex import select_imex_channels
 from nvdp.core.plan.labels import sharing_labels
 from nvdp.core.plan.model import Plan
 from nvdp.kubelet.plugin_server import ServingContext
@@ -147,7 +147,7 @@ def serving_contexts(plan: Plan, inventory: NodeInventory, settings: Settings) -
         gds_enabled=settings.gds_enabled,
         mofed_enabled=settings.mofed_enabled,
         cdi_annotation_prefix=settings.cdi_annotation_prefix,
-        imex_channels=select_imex_channels(inventory, settings),
+        imex_channels=imex.select_imex_channels(inventory, settings),
     )
     return [ServingContext(r, options, inventory, settings.shared_devices_allocation_policy) for r in plan.resources]
 

@@ -529,13 +529,13 @@ def validate_one(data: bytes | None, source: str, cli: Mapping[str, str | None],
         return report
     report.plan.append(f"on {node_name}:")
     report.plan += [f"  {line}" for line in format_plan(plan).splitlines()]
-    imex = select_imex_channels(inventory, settings)
-    if imex:
-        report.plan.append("  IMEX channels given to every container: " + ", ".join(str(c) for c in imex))
     per_client = mps_lines(plan, config, inventory)
     if per_client:
         report.plan.append("MPS, per client:")
         report.plan += [f"  {line}" for line in per_client]
+    imex = select_imex_channels(inventory, settings)
+    if imex:
+        report.plan.append("IMEX channels given to every container: " + ", ".join(str(c) for c in imex))
     return report
 
 

@@ -122,6 +122,33 @@ true
 {{- end -}}
 {{- end -}}
 
+{{/* "true" when nvdp talks to the Kubernetes API (and so gets a service account). */}}
+{{- define "nvdp.apiAccess" -}}
+{{- if or (include "nvdp.configMapName" .) .Values.events.enabled -}}true{{- end -}}
+{{- end -}}
+
+{{/*
+"true" when nvdp may record Events about its Node: it has API access (a config or events.enabled). RBAC then
+allows create (only) on core/v1 events in the `default` namespace, the only one the API server accepts for a Node.
+*/}}
+{{- define "nvdp.eventsAllowed" -}}
+{{- include "nvdp.apiAccess" . -}}
+{{- end -}}
+
+{{/* The pod's annotations: podAnnotations over the Prometheus scrape annotations (metrics.scrapeAnnotations). */}}
+{{- define "nvdp.podAnnotations" -}}
+{{- $annotations := dict -}}
+{{- if and .Values.metrics.enabled .Values.metrics.scrapeAnnotations -}}
+{{- $_ := set $annotations "prometheus.io/scrape" "true" -}}
+{{- $_ := set $annotations "prometheus.io/port" (toString .Values.metrics.port) -}}
+{{- $_ := set $annotations "prometheus.io/path" "/metrics" -}}
+{{- end -}}
+{{- $annotations = merge (deepCopy (.Values.podAnnotations | default dict)) $annotations -}}
+{{- if $annotations -}}
+{{- toYaml $annotations -}}
+{{- end -}}
+{{- end -}}
+
 {{/*
 "true" when nvdp may use a CDI device list strategy (and so needs the host's CDI directory and driver root): the
 top-level deviceListStrategy names one (env beats file); else an inline config does; else cdi.enabled says so (an
@@ -169,33 +196,6 @@ the host's / (another dev or driver root is mounted whole already).
 {{- $devRoot := .Values.nvidiaDevRoot | default .Values.nvidiaDriverRoot | default "/" | toString -}}
 {{- if and $wanted (eq $devRoot "/") -}}
 /dev/nvidia-caps-imex-channels
-{{- end -}}
-{{- end -}}
-
-{{/* "true" when nvdp talks to the Kubernetes API (and so gets a service account). */}}
-{{- define "nvdp.apiAccess" -}}
-{{- if or (include "nvdp.configMapName" .) .Values.events.enabled -}}true{{- end -}}
-{{- end -}}
-
-{{/*
-"true" when nvdp may record Events about its Node: it has API access (a config or events.enabled). RBAC then
-allows create (only) on core/v1 events in the `default` namespace, the only one the API server accepts for a Node.
-*/}}
-{{- define "nvdp.eventsAllowed" -}}
-{{- include "nvdp.apiAccess" . -}}
-{{- end -}}
-
-{{/* The pod's annotations: podAnnotations over the Prometheus scrape annotations (metrics.scrapeAnnotations). */}}
-{{- define "nvdp.podAnnotations" -}}
-{{- $annotations := dict -}}
-{{- if and .Values.metrics.enabled .Values.metrics.scrapeAnnotations -}}
-{{- $_ := set $annotations "prometheus.io/scrape" "true" -}}
-{{- $_ := set $annotations "prometheus.io/port" (toString .Values.metrics.port) -}}
-{{- $_ := set $annotations "prometheus.io/path" "/metrics" -}}
-{{- end -}}
-{{- $annotations = merge (deepCopy (.Values.podAnnotations | default dict)) $annotations -}}
-{{- if $annotations -}}
-{{- toYaml $annotations -}}
 {{- end -}}
 {{- end -}}
 
@@ -262,12 +262,6 @@ Checks that make `helm install` fail with a message naming the value to change.
 {{- if .Values.legacyDaemonsetAPI -}}
 {{- fail "legacyDaemonsetAPI=true (extensions/v1beta1) is gone from Kubernetes: remove legacyDaemonsetAPI" -}}
 {{- end -}}
-{{- $featureFlags := dig "featureFlags" "" (.Values.cdi | default dict) | default "" -}}
-{{- range (ternary $featureFlags (splitList "," (toString $featureFlags)) (kindIs "slice" $featureFlags)) -}}
-{{- if and (trim .) (not (has (trim .) (list "disable-ipc-discoverer" "disable-nvsandboxutils"))) -}}
-{{- fail (printf "cdi.featureFlags=%s: nvdp knows the CDI feature flags disable-ipc-discoverer and disable-nvsandboxutils only; remove the others" (trim .)) -}}
-{{- end -}}
-{{- end -}}
 {{- if and .Values.deviceDiscoveryStrategy (not (has .Values.deviceDiscoveryStrategy (list "auto" "nvml"))) -}}
 {{- fail (printf "deviceDiscoveryStrategy=%s: nvdp discovers GPUs through NVML only; remove deviceDiscoveryStrategy or set it to auto or nvml" .Values.deviceDiscoveryStrategy) -}}
 {{- end -}}
@@ -310,6 +304,12 @@ Checks that make `helm install` fail with a message naming the value to change.
 {{- end -}}
 {{- if and .Values.metrics.scrapeAnnotations (not .Values.metrics.enabled) -}}
 {{- fail "metrics.scrapeAnnotations=true needs metrics.enabled=true: there is nothing to scrape" -}}
+{{- end -}}
+{{- $featureFlags := dig "featureFlags" "" (.Values.cdi | default dict) | default "" -}}
+{{- range (ternary $featureFlags (splitList "," (toString $featureFlags)) (kindIs "slice" $featureFlags)) -}}
+{{- if and (trim .) (not (has (trim .) (list "disable-ipc-discoverer" "disable-nvsandboxutils"))) -}}
+{{- fail (printf "cdi.featureFlags=%s: nvdp knows the CDI feature flags disable-ipc-discoverer and disable-nvsandboxutils only; remove the others" (trim .)) -}}
+{{- end -}}
 {{- end -}}
 {{- end -}}
 
