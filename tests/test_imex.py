@@ -18,6 +18,7 @@ from nvdp.core.config.settings import Settings, resolve
 from nvdp.core.inventory import NodeInventory
 from nvdp.core.plan.build import PlanError, build_plan
 from nvdp.core.plan.imex import select_imex_channels
+from nvdp.core.plan.model import Plan, Resource
 from nvdp.nvml import adapter
 from nvdp.sim import SimHandle, SimNode
 from tests.helpers import gpu
@@ -264,3 +265,17 @@ def test_config_validate_checks_a_required_channel_on_the_simulated_node(
     config.write_text("version: v1\nimex:\n  channelIDs: [0]\n  required: true\n")
     assert main(["config", "validate", str(config), "--simulate", str(node)]) == code
     assert says in capsys.readouterr().out
+
+
+def test_each_resource_server_gets_the_cdi_prefix_and_the_present_channels() -> None:
+    from nvdp.controller import serving_contexts
+    from tests.test_allocate import gpu as device
+
+    chosen = settings("imex:\n  channelIDs: [0]\n", {"DEVICE_LIST_STRATEGY": "envvar,cdi-annotations",
+                                                      "CDI_ANNOTATION_PREFIX": "custom.cdi.k8s.io/"})
+    plan = Plan((Resource("nvidia.com/gpu", (device("GPU-a", 0),)),))
+    (present,) = serving_contexts(plan, node_with(0), chosen)
+    assert (present.options.device_list_strategy, present.options.cdi_annotation_prefix,
+            present.options.imex_channels) == (("envvar", "cdi-annotations"), "custom.cdi.k8s.io/", (0,))
+    (absent,) = serving_contexts(plan, node_with(), chosen)
+    assert absent.options.imex_channels == ()
