@@ -29,6 +29,7 @@ from nvdp.core.config.settings import Settings
 from nvdp.core.health import ALL_GPUS, HealthTracker, XidPolicy
 from nvdp.core.health.events import XidEvent
 from nvdp.core.inventory import NodeInventory
+from nvdp.core.plan import imex
 from nvdp.core.plan.allocate import AllocateOptions
 from nvdp.core.plan.build import PlanError, build_plan
 from nvdp.core.plan.labels import sharing_labels
@@ -145,6 +146,8 @@ def serving_contexts(plan: Plan, inventory: NodeInventory, settings: Settings) -
         gdrcopy_enabled=settings.gdrcopy_enabled,
         gds_enabled=settings.gds_enabled,
         mofed_enabled=settings.mofed_enabled,
+        cdi_annotation_prefix=settings.cdi_annotation_prefix,
+        imex_channels=imex.select_imex_channels(inventory, settings),
     )
     return [ServingContext(r, options, inventory, settings.shared_devices_allocation_policy) for r in plan.resources]
 
@@ -228,10 +231,13 @@ class HealthPublisher:
 class NvmlSession:
     host_root: Path
     driver_root: Path
+    #: Where the host's device nodes are seen besides `host_root` (IMEX channels); None: nowhere else.
+    dev_root: Path | None = None
 
 
 async def discover(session: NvmlSession) -> NodeInventory:
-    inventory = await trio.to_thread.run_sync(nvml.read_inventory, session.host_root, session.driver_root)
+    inventory = await trio.to_thread.run_sync(nvml.read_inventory, session.host_root, session.driver_root,
+                                              session.dev_root)
     log.info("driver %s, CUDA %s, %d GPU(s)", inventory.driver_version, inventory.cuda_driver_version,
              len(inventory.gpus))
     for gpu in inventory.gpus:

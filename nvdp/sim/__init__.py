@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+from nvdp.core.inventory import IMEX_CHANNELS_DIR
 from nvdp.sim.build import SimBuildError, build_fake_nvml
 from nvdp.sim.node import SimGpu, SimMigDevice, SimNode, SimNodeError, load_node, mig_slots, parse_node, render_state
 
@@ -108,6 +109,12 @@ def _write_host_root(node: SimNode, host_root: Path) -> None:
     dev.mkdir(parents=True)
     for path in node.control_devices:
         (host_root / path.lstrip("/")).touch()
+    if node.imex_channels:
+        channels = host_root / IMEX_CHANNELS_DIR.lstrip("/")
+        channels.mkdir(parents=True)
+        for channel in node.imex_channels:
+            # nvdp checks that a channel is a character device; /dev/null is one that any user may point at.
+            (channels / f"channel{channel}").symlink_to("/dev/null")
     lines = ["config 1", "monitor 2"]
     for gpu in node.gpus:
         (dev / f"nvidia{gpu.minor_number}").touch()

@@ -19,7 +19,8 @@ from nvdp.core.config.schema import Config, yaml_key
 
 DEFAULT_KUBELET_SOCKET = "/var/lib/kubelet/device-plugins/kubelet.sock"
 DEVICE_LIST_STRATEGIES = ("envvar", "volume-mounts", "cdi-annotations", "cdi-cri")
-SUPPORTED_DEVICE_LIST_STRATEGIES = ("envvar", "volume-mounts")
+#: Upstream's default (the CDI spec's own `cdi.k8s.io/`): container runtimes read annotations with this prefix.
+DEFAULT_CDI_ANNOTATION_PREFIX = "cdi.k8s.io/"
 
 
 def parse_bool(text: str) -> bool:
@@ -57,6 +58,14 @@ def parse_list(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
+def parse_int_list(text: str) -> list[int]:
+    """Whole numbers, comma-separated (upstream's int-slice flags): `0`, `0,1`; empty text is an empty list."""
+    try:
+        return [int(part) for part in parse_list(text)]
+    except ValueError:
+        raise ValueError("expected whole numbers separated by commas, e.g. 0") from None
+
+
 @dataclass(frozen=True, slots=True)
 class Option:
     """One setting and every place it can come from."""
@@ -67,7 +76,7 @@ class Option:
     #: Path in the config file as attribute names, e.g. ("flags", "plugin", "pass_device_specs"); () = CLI only.
     config_path: tuple[str, ...]
     default: Any
-    #: "str" | "bool" | "list" | "path" | "seconds" | "bytes" | "int"
+    #: "str" | "bool" | "list" | "path" | "seconds" | "bytes" | "int" | "ints"
     kind: str = "str"
     choices: tuple[str, ...] = ()
     help: str = ""
@@ -102,6 +111,14 @@ OPTIONS: tuple[Option, ...] = (
            help="set NVIDIA_GDS=enabled in containers"),
     Option("mofed_enabled", ("--mofed-enabled",), ("MOFED_ENABLED",), ("flags", "mofed_enabled"), False, "bool",
            help="set NVIDIA_MOFED=enabled in containers"),
+    # CDI device lists and IMEX channels (upstream's flags, variables and config keys; docs/compatibility.md).
+    Option("cdi_annotation_prefix", ("--cdi-annotation-prefix",), ("CDI_ANNOTATION_PREFIX",),
+           ("flags", "plugin", "cdi_annotation_prefix"), DEFAULT_CDI_ANNOTATION_PREFIX,
+           help="prefix of the CDI annotation key with the cdi-annotations device list strategy"),
+    Option("imex_channel_ids", ("--imex-channel-ids",), ("IMEX_CHANNEL_IDS",), ("imex", "channel_ids"), None, "ints",
+           help="IMEX channels given to every container that gets GPUs: none, or 0"),
+    Option("imex_required", ("--imex-required",), ("IMEX_REQUIRED",), ("imex", "required"), False, "bool",
+           help="refuse to serve when a requested IMEX channel does not exist on the node"),
     Option("mps_root", ("--mps-root",), ("MPS_ROOT",), ("flags", "mps_root"), "", "str",
            help="host directory for MPS pipes, logs and shm"),
     Option("shared_devices_allocation_policy", ("--shared-devices-allocation-policy",),
@@ -177,6 +194,11 @@ class Settings:
     gdrcopy_enabled: bool = False
     gds_enabled: bool = False
     mofed_enabled: bool = False
+    #: Upstream's: the key of the one CDI annotation is `<prefix>nvidia-device-plugin_<uuid4>`.
+    cdi_annotation_prefix: str = DEFAULT_CDI_ANNOTATION_PREFIX
+    #: IMEX channels to pass (only `()` or `(0,)`, as upstream), and whether a missing one refuses the config.
+    imex_channel_ids: tuple[int, ...] = ()
+    imex_required: bool = False
     mps_root: str = ""
     shared_devices_allocation_policy: str = "distributed"
     device_discovery_strategy: str = "auto"
@@ -265,6 +287,33 @@ def _check_number(option: Option, value: float, text: str, source: str) -> None:
         raise ConfigError(f"{source}: invalid value {_show(text)}: out of range, expected {low:g} to {high:g}{unit}")
 
 
+#: What nvdp refuses in a CDI annotation prefix (upstream takes any text): nothing that cannot start an
+#: annotation key the runtime reads back as one (whitespace, control characters), nor a prefix so long that the
+#: key could not be stored.
+MAX_CDI_ANNOTATION_PREFIX = 253
+
+
+def check_cdi_annotation_prefix(prefix: str, where: str) -> None:
+    if not prefix:
+        raise ConfigError(f"{where}: the CDI annotation prefix is empty: leave it unset for "
+                          f"{DEFAULT_CDI_ANNOTATION_PREFIX!r}, the prefix container runtimes read")
+    if len(prefix) > MAX_CDI_ANNOTATION_PREFIX or not prefix.isascii() or not prefix.isprintable() \
+            or any(c.isspace() for c in prefix):
+        raise ConfigError(f"{where}: invalid CDI annotation prefix {_show(prefix)}: expected at most "
+                          f"{MAX_CDI_ANNOTATION_PREFIX} printable ASCII characters without spaces, e.g. "
+                          f"{DEFAULT_CDI_ANNOTATION_PREFIX!r}")
+
+
+def check_imex_channel_ids(ids: Sequence[int], where: str) -> None:
+    """Upstream's rule and words (`AssertChannelIDsValid`): only channel 0 exists to be asked for."""
+    if len(ids) == 0 or tuple(ids) == (0,):
+        return
+    # Go prints an []int as `[0 1]`; users search for upstream's message.
+    found = "[" + " ".join(str(i) for i in ids) + "]"
+    raise ConfigError(f"{where}: invalid IMEX channel IDs: invalid IMEX config: channelIDs must be [] or [0]; "
+                      f"found {found}")
+
+
 def _parse_text(option: Option, text: str, source: str) -> Any:
     """Parse a value given as text (a flag or an env var)."""
     try:
@@ -272,6 +321,8 @@ def _parse_text(option: Option, text: str, source: str) -> Any:
             return parse_bool(text)
         if option.kind == "list":
             return parse_list(text)
+        if option.kind == "ints":
+            return parse_int_list(text)
         if option.kind == "seconds":
             seconds = parse_seconds(text)
             _check_number(option, seconds, text, source)
@@ -315,6 +366,8 @@ def _check(option: Option, value: Any, source: str) -> Any:
         raise ConfigError(f"{source}: invalid value {value!r}: accepted values are {', '.join(option.choices)}")
     if option.kind == "bool" and not isinstance(value, bool):
         raise ConfigError(f"{source}: invalid value {value!r}: expected true or false")
+    if option.kind == "ints":
+        return tuple(value)
     if option.kind in NUMERIC_RANGES and isinstance(value, int | float) and not isinstance(value, bool):
         _check_number(option, float(value), str(value), source)
     return value
@@ -349,6 +402,7 @@ def resolve(
         origins[option.dest] = origin
         values[option.dest] = value
 
+    values["imex_channel_ids"] = tuple(values["imex_channel_ids"] or ())
     if isinstance(values["health_quiet_period"], str):
         values["health_quiet_period"] = parse_seconds(values["health_quiet_period"])
     values["fallback_strategies"] = tuple(parse_list(values["fallback_strategies"] or ""))
@@ -386,11 +440,8 @@ def validate(
     def where(dest: str) -> str:
         return origins.get(dest) or next(o.flags[0] for o in OPTIONS if o.dest == dest)
 
-    unsupported = [s for s in settings.device_list_strategy if s not in SUPPORTED_DEVICE_LIST_STRATEGIES]
-    if unsupported:
-        raise ConfigError(
-            f"{where('device_list_strategy')}: device list strategy {', '.join(unsupported)}: CDI strategies are "
-            f"not supported by nvdp; use {' or '.join(SUPPORTED_DEVICE_LIST_STRATEGIES)} (see docs/compatibility.md)")
+    check_cdi_annotation_prefix(settings.cdi_annotation_prefix, where("cdi_annotation_prefix"))
+    check_imex_channel_ids(settings.imex_channel_ids, where("imex_channel_ids"))
     # Checked whether or not per-node configs are in use: a typo must not wait for the day --config-dir is added.
     from nvdp.core.config.selection import FALLBACK_STRATEGIES
 
@@ -406,9 +457,6 @@ def validate(
     config = settings.config
     if config.version not in (None, "", "v1"):
         raise ConfigError(f"{config_source}: $.version: unknown version {config.version!r}: accepted values are v1")
-    if config.imex is not None and (config.imex.channel_ids or config.imex.required):
-        raise ConfigError(
-            f"{config_source}: $.imex: IMEX channels are not supported by nvdp; remove the imex section")
     mps = config.sharing.mps if config.sharing is not None else None
     if mps is not None:
         # Checks that need no node; those that do (GPU exists, slices fit its memory) are in nvdp.core.plan.sharing.
