@@ -163,11 +163,17 @@ def hook_args(name: str, args: Sequence[str], hook_path: str) -> tuple[str, ...]
 
 def make_hook(name: str, args: Sequence[str], options: CdiOptions) -> Hook | None:
     """One createContainer hook through `--nvidia-cdi-hook-path`, or None when disabled (`--cdi-disable-hooks`
-    names it or says `all`) or pointless (create-symlinks with no link)."""
+    names it or says `all`) or pointless (create-symlinks with no link). `args` of create-symlinks are
+    `target::link` values and of update-ldcache folders: each gets its flag (`--link`, `--folder`)."""
     if name in options.disabled_hooks or "all" in options.disabled_hooks:
         return None
     if name == HOOK_CREATE_SYMLINKS and not args:
         return None
+    # The hooks take their list arguments one flag each, as nvidia-ctk's CLI wants.
+    if name == HOOK_CREATE_SYMLINKS:
+        args = [a for link in args for a in ("--link", link)]
+    elif name == HOOK_UPDATE_LDCACHE:
+        args = [a for folder in args for a in ("--folder", folder)]
     return Hook(hook_name="createContainer", path=options.hook_path, args=hook_args(name, args, options.hook_path),
                 env=("NVIDIA_CTK_DEBUG=false",))
 
@@ -207,8 +213,7 @@ def common_edits(files: DriverFiles, options: CdiOptions) -> ContainerEdits:
     hooks = _hooks(
         make_hook(HOOK_CREATE_SYMLINKS, _symlinks(files), options),
         make_hook(HOOK_ENABLE_CUDA_COMPAT, [f"--host-driver-version={version}"] if version else [], options),
-        make_hook(HOOK_UPDATE_LDCACHE, [a for d in files.library_dirs for a in ("--folder", d)], options)
-        if files.library_dirs else None,
+        make_hook(HOOK_UPDATE_LDCACHE, files.library_dirs, options) if files.library_dirs else None,
         make_hook(HOOK_DISABLE_DEVICE_NODE_MODIFICATION, [], options),
     )
     edits = ContainerEdits(env=tuple(env), device_nodes=nodes.device_nodes, mounts=tuple(dict.fromkeys(mounts)),
