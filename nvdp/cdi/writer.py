@@ -107,13 +107,9 @@ def owned_files(directory: Path, prefix: str) -> list[str]:
         return []
     except OSError as exc:
         raise CdiError(f"cannot list the CDI directory {directory}: {_reason(exc)}") from None
-    owned = []
-    for name in sorted(names):
-        if name.startswith(prefix) and name.endswith((".json", ".yaml")):
-            owned.append(name)
-        elif name.startswith(f".{prefix}") and name.endswith(_TMP_SUFFIX):
-            owned.append(name)
-    return owned
+    spec = [n for n in names if n.startswith(prefix) and n.endswith((".json", ".yaml"))]
+    leftovers = [n for n in names if n.startswith(f".{prefix}") and n.endswith(_TMP_SUFFIX)]
+    return sorted(spec + leftovers)
 
 
 def render_all(specs: Mapping[str, Spec]) -> dict[str, str]:
