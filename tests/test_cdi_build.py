@@ -198,7 +198,8 @@ def test_claim_spec_names_devices_by_claim_uid() -> None:
     spec = claim_spec(uid, [("gpu-0", gpu_edits(GPU1, FILES, OPTIONS)), ("gpu-0-mig-1", mig_edits(GPU0, MIG_A, FILES,
                                                                                                    OPTIONS))], common)
     assert spec.kind == "k8s.gpu.nvidia.com/claim"
-    assert spec.qualified_names == (f"k8s.gpu.nvidia.com/claim={uid}-gpu-0", f"k8s.gpu.nvidia.com/claim={uid}-gpu-0-mig-1")
+    assert spec.qualified_names == (f"k8s.gpu.nvidia.com/claim={uid}-gpu-0",
+                                    f"k8s.gpu.nvidia.com/claim={uid}-gpu-0-mig-1")
     assert spec.container_edits == common
     assert claim_spec_filename(uid) == f"k8s.gpu.nvidia.com-claim_{uid}.json"
     assert json.loads(render(spec))["cdiVersion"] == "0.7.0"

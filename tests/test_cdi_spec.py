@@ -156,7 +156,8 @@ def test_transform_moves_host_paths_by_kind_and_keeps_container_paths() -> None:
     edits = ContainerEdits(
         device_nodes=(DeviceNode("/dev/nvidia0", host_path="/driver-root/dev/nvidia0"),),
         mounts=(Mount("/driver-root/usr/lib/libcuda.so.1", "/usr/lib/libcuda.so.1"),),
-        hooks=(Hook("createContainer", "/driver-root/usr/bin/nvidia-ctk", ("nvidia-ctk", "--link", "a::/driver-root/b")),
+        hooks=(Hook("createContainer", "/driver-root/usr/bin/nvidia-ctk",
+                    ("nvidia-ctk", "--link", "a::/driver-root/b")),
                Hook("createRuntime", "/driver-root/usr/bin/x", ("x", "/driver-root/t::/driver-root/l"))),
     )
     out = transform_edits(edits, driver=("/driver-root", "/run/nvidia/driver"), dev=("/driver-root", "/"))
