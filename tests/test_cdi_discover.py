@@ -158,3 +158,22 @@ def test_roots_upstreams_mount_or_nvdps_own_paths(tmp_path: Path) -> None:
 async def test_discovery_runs_off_the_event_loop(tmp_path: Path) -> None:
     files = await discover_driver_files(sim_roots(sim_root(tmp_path)), inventory())
     assert files.driver_version == VERSION
+
+
+def test_an_oversized_ld_so_cache_is_not_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from nvdp.cdi import discover
+
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "etc/ld.so.cache").write_bytes(ldcache.encode([("libcuda.so.1", "/x/libcuda.so.1")]))
+    monkeypatch.setattr(discover, "LDCACHE_MAX_BYTES", 16)
+    files = scan_driver_files(ScanRoots(tmp_path, tmp_path), inventory())
+    assert any("is larger than 16 bytes: not read" in n for n in files.notes)
+
+
+def test_a_symlink_loop_ends_the_search_for_that_path(tmp_path: Path) -> None:
+    lib = tmp_path / "usr/lib64"
+    lib.mkdir(parents=True)
+    (lib / f"libcuda.so.{VERSION}").symlink_to(f"libnvidia-ml.so.{VERSION}")
+    (lib / f"libnvidia-ml.so.{VERSION}").symlink_to(f"libcuda.so.{VERSION}")
+    files = scan_driver_files(ScanRoots(tmp_path, tmp_path), inventory())
+    assert files.libraries == () and files.library_dirs == ()
