@@ -365,6 +365,8 @@ class Controller:
     async def write_cdi(self, settings: Settings, inventory: NodeInventory, plan: Plan) -> None:
         """The device plugin's CDI spec files follow every plan (docs/cdi.md); a failure is logged and serving goes
         on. They stay when nvdp stops: containers created while it restarts still need them."""
+        if settings.cdi_root is None:
+            return
         from nvdp.cdi.plugin_specs import update_device_plugin_specs
 
         simulated = self.session.driver_root if settings.simulate is not None else None

@@ -177,3 +177,25 @@ def test_a_symlink_loop_ends_the_search_for_that_path(tmp_path: Path) -> None:
     (lib / f"libnvidia-ml.so.{VERSION}").symlink_to(f"libcuda.so.{VERSION}")
     files = scan_driver_files(ScanRoots(tmp_path, tmp_path), inventory())
     assert files.libraries == () and files.library_dirs == ()
+
+
+async def test_a_dra_claim_spec_from_the_simulated_driver_root(tmp_path: Path) -> None:
+    """The path DRA's claim preparer takes: driver files and options, per-device edits, one spec file per claim."""
+    import json
+
+    from nvdp.cdi.plugin_specs import load_driver_files
+    from nvdp.cdi.writer import write_spec
+    from nvdp.core.cdi.build import claim_spec, claim_spec_filename, common_edits, gpu_edits
+    from nvdp.core.config.settings import Settings
+
+    root = sim_root(tmp_path)
+    inv = inventory()
+    files, options = await load_driver_files(Settings(), inv, root)
+    uid = "0b6c1d2e-0000-4c1e-9a55-3f1c2a9e7d2b"
+    spec = claim_spec(uid, [("gpu-1", gpu_edits(inv.gpus[1], files, options))], common_edits(files, options))
+    assert await write_spec(tmp_path / "cdi", claim_spec_filename(uid), spec)
+    written = json.loads((tmp_path / "cdi" / f"k8s.gpu.nvidia.com-claim_{uid}.json").read_text())
+    assert written["kind"] == "k8s.gpu.nvidia.com/claim" and written["cdiVersion"] == "0.5.0"
+    (device,) = written["devices"]
+    assert device["name"] == f"{uid}-gpu-1"
+    assert device["containerEdits"]["deviceNodes"][0]["hostPath"] == f"{root}/dev/nvidia1"

@@ -80,6 +80,8 @@ def test_rendering_is_deterministic() -> None:
                      "0.7.0", id="additionalGids need 0.7.0"),
         pytest.param((Device("0", ContainerEdits(additional_gids=(44,))),), {}, None, "0.7.0",
                      id="the newest requirement wins"),
+        pytest.param((Device("GPU-x", ContainerEdits(device_nodes=(NODE,), additional_gids=(0,))),), {}, None,
+                     "0.3.0", id="group 0 is no additional group"),
         pytest.param((Device("GPU-x", ContainerEdits(mounts=(Mount("/a", "/b", type="bind"),))),), {}, None,
                      "0.4.0", id="a mount type needs 0.4.0"),
         pytest.param((Device("GPU-x", ContainerEdits(device_nodes=(NODE,)), annotations=(("a", "b"),)),), {}, None,

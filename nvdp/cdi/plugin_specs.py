@@ -15,7 +15,7 @@ import trio
 from nvdp.cdi import CdiError
 from nvdp.cdi.discover import SCAN_TIMEOUT_S, ScanRoots, choose_roots, discover_driver_files
 from nvdp.cdi.writer import SyncResult, sync_specs
-from nvdp.core.cdi.build import VENDOR, CdiOptions, DevicePluginSpecs, device_plugin_specs
+from nvdp.core.cdi.build import VENDOR, CdiOptions, DevicePluginSpecs, DriverFiles, device_plugin_specs
 from nvdp.core.config.settings import Settings
 from nvdp.core.inventory import NodeInventory
 from nvdp.core.plan.model import Plan
@@ -55,13 +55,22 @@ def scan_roots(settings: Settings, simulated_root: Path | None) -> tuple[ScanRoo
     return roots, str(settings.driver_root), str(settings.dev_root)
 
 
-async def build_specs(settings: Settings, inventory: NodeInventory, plan: Plan,
-                      simulated_root: Path | None) -> DevicePluginSpecs:
+async def load_driver_files(settings: Settings, inventory: NodeInventory,
+                            simulated_root: Path | None = None) -> tuple[DriverFiles, CdiOptions]:
+    """The node's driver files and the options to build edits from them (what DRA's per-claim specs need too:
+    `common_edits(files, options)`, `gpu_edits(gpu, files, options)`, `mig_edits(...)`). What was not found is
+    logged as warnings. Raises trio.TooSlowError past the scan's bound."""
     roots, host_driver, host_dev = scan_roots(settings, simulated_root)
     files = await discover_driver_files(roots, inventory)
     for note in files.notes:
         log.warning("CDI: %s", note)
-    return device_plugin_specs(inventory, plan.resources, files, cdi_options(settings, host_driver, host_dev))
+    return files, cdi_options(settings, host_driver, host_dev)
+
+
+async def build_specs(settings: Settings, inventory: NodeInventory, plan: Plan,
+                      simulated_root: Path | None) -> DevicePluginSpecs:
+    files, options = await load_driver_files(settings, inventory, simulated_root)
+    return device_plugin_specs(inventory, plan.resources, files, options)
 
 
 async def update_device_plugin_specs(

@@ -202,7 +202,7 @@ def minimum_version(spec: Spec) -> str:
             needed = version
 
     all_edits = [spec.container_edits, *(d.container_edits for d in spec.devices)]
-    if any(e.additional_gids for e in all_edits):
+    if any(g for e in all_edits for g in e.additional_gids):
         need("0.7.0")
     if spec.annotations or any(d.annotations for d in spec.devices) or "." in spec.device_class:
         need("0.6.0")
@@ -267,9 +267,10 @@ def edits_json(edits: ContainerEdits) -> dict[str, Any]:
         out["mounts"] = [_mount_json(m) for m in edits.mounts]
     if edits.hooks:
         out["hooks"] = [_hook_json(h) for h in edits.hooks]
-    if edits.additional_gids:
-        # CDI spells it with a lower-case "ids"; 0 means nothing and is dropped by runtimes, so it is not written.
-        out["additionalGids"] = [g for g in edits.additional_gids if g]
+    gids = [g for g in edits.additional_gids if g]
+    if gids:
+        # CDI spells it with a lower-case "ids"; 0 means nothing to runtimes, so it is not written.
+        out["additionalGids"] = gids
     return out
 
 
