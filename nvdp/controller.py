@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import trio
 
+from nvdp.core.cdi.build import DevicePluginSpecs, classes_without_spec
 from nvdp.core.config.errors import ConfigError
 from nvdp.core.config.load import ConfigWarning
 from nvdp.core.config.schema import Config
@@ -136,7 +137,8 @@ class NodeConfig:
         return self.make_settings(config, update.source)
 
 
-def serving_contexts(plan: Plan, inventory: NodeInventory, settings: Settings) -> list[ServingContext]:
+def serving_contexts(plan: Plan, inventory: NodeInventory, settings: Settings,
+                     cdi_classes_without_spec: tuple[str, ...] = ()) -> list[ServingContext]:
     options = AllocateOptions(
         device_list_strategy=settings.device_list_strategy,
         device_id_strategy=settings.device_id_strategy,
@@ -148,6 +150,7 @@ def serving_contexts(plan: Plan, inventory: NodeInventory, settings: Settings) -
         mofed_enabled=settings.mofed_enabled,
         cdi_annotation_prefix=settings.cdi_annotation_prefix,
         imex_channels=imex.select_imex_channels(inventory, settings),
+        cdi_classes_without_spec=cdi_classes_without_spec,
     )
     return [ServingContext(r, options, inventory, settings.shared_devices_allocation_policy) for r in plan.resources]
 
@@ -339,7 +342,9 @@ class Controller:
         """Make the running servers, MPS daemons and health watch match `plan`: stop what is gone or changed, then
         start what is new. Servers of MPS resources start only after their daemons answer."""
         assert self.servers is not None
-        contexts = serving_contexts(plan, inventory, settings)
+        cdi_specs = await self.build_cdi(settings, inventory, plan)
+        missing = classes_without_spec(cdi_specs, settings.cdi_feature_classes)
+        contexts = serving_contexts(plan, inventory, settings, missing)
         self.settings, self.inventory, self.plan = settings, inventory, plan
         await self.servers.stop_unwanted(contexts)
         if self.mps is not None:
@@ -355,7 +360,7 @@ class Controller:
         self.health.plan = plan
         self.health.publish()
         # CDI specs before any server advertises: a device on ListAndWatch is already defined for the runtime.
-        await self.write_cdi(settings, inventory, plan)
+        await self.write_cdi(settings, inventory, plan, cdi_specs)
         await self.servers.start_missing(contexts)
         self.generation += 1
         summary = describe_plan(plan)
@@ -368,15 +373,27 @@ class Controller:
         if not plan.resources:
             log.warning("No devices found. Waiting indefinitely.")
 
-    async def write_cdi(self, settings: Settings, inventory: NodeInventory, plan: Plan) -> None:
+    async def build_cdi(self, settings: Settings, inventory: NodeInventory, plan: Plan) -> DevicePluginSpecs | None:
+        """The CDI specs `plan` needs, scanned and built but not written (None without CDI or when the scan
+        failed, logged): Allocate must know which feature classes have no spec before servers answer."""
+        if settings.cdi_root is None or not settings.cdi_enabled:
+            return None
+        from nvdp.cdi.plugin_specs import prepare_device_plugin_specs
+
+        return await prepare_device_plugin_specs(settings, inventory, plan, self._simulated_root(settings))
+
+    async def write_cdi(self, settings: Settings, inventory: NodeInventory, plan: Plan,
+                        built: DevicePluginSpecs | None = None) -> None:
         """The device plugin's CDI spec files follow every plan (docs/cdi.md); a failure is logged and serving goes
         on. They stay when nvdp stops: containers created while it restarts still need them."""
         if settings.cdi_root is None:
             return
         from nvdp.cdi.plugin_specs import update_device_plugin_specs
 
-        simulated = self.session.driver_root if settings.simulate is not None else None
-        await update_device_plugin_specs(settings, inventory, plan, simulated)
+        await update_device_plugin_specs(settings, inventory, plan, self._simulated_root(settings), built)
+
+    def _simulated_root(self, settings: Settings) -> Path | None:
+        return self.session.driver_root if settings.simulate is not None else None
 
     async def write_labels(self, settings: Settings, inventory: NodeInventory, plan: Plan) -> None:
         """The sharing labels upstream's GFD would write, as an NFD local feature file (when NFD's directory is

@@ -9,7 +9,6 @@ import pytest
 from nvdp.cdi.plugin_specs import cdi_options, update_device_plugin_specs
 from nvdp.core.config.errors import ConfigError
 from nvdp.core.config.load import parse_config
-from nvdp.core.config.schema import Config, Imex
 from nvdp.core.config.settings import Settings, resolve
 from nvdp.core.inventory import NodeInventory
 from nvdp.core.plan.model import Plan
@@ -72,7 +71,7 @@ def test_cdi_is_on_when_any_strategy_is_a_cdi_one() -> None:
 
 def test_options_follow_the_settings() -> None:
     s = Settings(device_id_strategy="index", gds_enabled=True, cdi_disable_hooks=("all",),
-                 nvidia_cdi_hook_path="/x/nvidia-cdi-hook", config=Config(imex=Imex(channel_ids=[0])))
+                 nvidia_cdi_hook_path="/x/nvidia-cdi-hook", imex_channel_ids=(0,))
     options = cdi_options(s, "/run/nvidia/driver", "/")
     assert (options.device_id_strategy, options.gds_enabled, options.disabled_hooks) == ("index", True,
                                                                                          frozenset({"all"}))

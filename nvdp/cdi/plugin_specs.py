@@ -15,7 +15,13 @@ import trio
 from nvdp.cdi import CdiError
 from nvdp.cdi.discover import SCAN_TIMEOUT_S, ScanRoots, choose_roots, discover_driver_files
 from nvdp.cdi.writer import SyncResult, sync_specs
-from nvdp.core.cdi.build import VENDOR, CdiOptions, DevicePluginSpecs, DriverFiles, device_plugin_specs
+from nvdp.core.cdi.build import (
+    VENDOR,
+    CdiOptions,
+    DevicePluginSpecs,
+    DriverFiles,
+    device_plugin_specs,
+)
 from nvdp.core.config.settings import Settings
 from nvdp.core.inventory import NodeInventory
 from nvdp.core.plan.model import Plan
@@ -27,9 +33,6 @@ OWNED_PREFIX = f"{VENDOR}-"
 
 
 def cdi_options(settings: Settings, host_driver_root: str, host_dev_root: str) -> CdiOptions:
-    config_imex = settings.config.imex.channel_ids if settings.config.imex is not None else None
-    # `imex_channel_ids` is the resolved setting once IMEX options exist; the config file's list until then.
-    imex = getattr(settings, "imex_channel_ids", None) or config_imex or ()
     return CdiOptions(
         hook_path=settings.nvidia_cdi_hook_path,
         disabled_hooks=frozenset(settings.cdi_disable_hooks),
@@ -37,7 +40,7 @@ def cdi_options(settings: Settings, host_driver_root: str, host_dev_root: str) -
         host_driver_root=host_driver_root,
         host_dev_root=host_dev_root,
         device_id_strategy=settings.device_id_strategy,
-        imex_channel_ids=tuple(imex),
+        imex_channel_ids=settings.imex_channel_ids,
         gds_enabled=settings.gds_enabled,
         mofed_enabled=settings.mofed_enabled,
         gdrcopy_enabled=settings.gdrcopy_enabled,
@@ -73,29 +76,41 @@ async def build_specs(settings: Settings, inventory: NodeInventory, plan: Plan,
     return device_plugin_specs(inventory, plan.resources, files, options)
 
 
-async def update_device_plugin_specs(
+async def prepare_device_plugin_specs(
     settings: Settings, inventory: NodeInventory, plan: Plan, simulated_root: Path | None = None
+) -> DevicePluginSpecs | None:
+    """The specs the plan needs (scanned and built, nothing written yet), or None when nvdp writes no specs or the
+    scan failed (logged)."""
+    if settings.cdi_root is None or not settings.cdi_enabled:
+        return None
+    try:
+        built = await build_specs(settings, inventory, plan, simulated_root)
+    except (CdiError, trio.TooSlowError, OSError) as exc:
+        _log_failure(settings.cdi_root, exc)
+        return None
+    for note in built.notes:
+        log.warning("CDI: %s", note)
+    return built
+
+
+async def update_device_plugin_specs(
+    settings: Settings, inventory: NodeInventory, plan: Plan, simulated_root: Path | None = None,
+    built: DevicePluginSpecs | None = None,
 ) -> SyncResult | None:
     """Write the specs the plan needs into `--cdi-root` (with a CDI device list strategy), or remove nvdp's old
-    ones (without). Returns what changed; None when nothing was attempted or it failed (logged)."""
+    ones (without). `built` is what `prepare_device_plugin_specs` returned, when the caller already has it.
+    Returns what changed; None when nothing was attempted or it failed (logged)."""
     root = settings.cdi_root
     if root is None:
         return None
+    if settings.cdi_enabled and built is None:
+        built = await prepare_device_plugin_specs(settings, inventory, plan, simulated_root)
+        if built is None:
+            return None
     try:
-        if settings.cdi_enabled:
-            built = await build_specs(settings, inventory, plan, simulated_root)
-            for note in built.notes:
-                log.warning("CDI: %s", note)
-            specs = built.specs
-        else:
-            specs = {}
-        result = await sync_specs(root, specs, OWNED_PREFIX)
-    except (CdiError, trio.TooSlowError, OSError) as exc:
-        reason = (f"scanning the driver root took longer than {SCAN_TIMEOUT_S:.0f} s"
-                  if isinstance(exc, trio.TooSlowError) else str(exc))
-        log.error("CDI specs in %s not updated: %s; the specs already there stay as they were, so a container asking "
-                  "for a %s device they do not define fails to start (its runtime reports unresolvable CDI devices); "
-                  "serving continues", root, reason, VENDOR)
+        result = await sync_specs(root, built.specs if built is not None else {}, OWNED_PREFIX)
+    except (CdiError, OSError) as exc:
+        _log_failure(root, exc)
         return None
     for name in result.written:
         log.info("CDI: wrote %s", root / name)
@@ -104,3 +119,11 @@ async def update_device_plugin_specs(
     for name, why in result.failed_removals:
         log.error("CDI: stale spec %s not removed: %s", root / name, why)
     return result
+
+
+def _log_failure(root: Path, exc: Exception) -> None:
+    reason = (f"scanning the driver root took longer than {SCAN_TIMEOUT_S:.0f} s"
+              if isinstance(exc, trio.TooSlowError) else str(exc))
+    log.error("CDI specs in %s not updated: %s; the specs already there stay as they were, so a container asking "
+              "for a %s device they do not define fails to start (its runtime reports unresolvable CDI devices); "
+              "serving continues", root, reason, VENDOR)

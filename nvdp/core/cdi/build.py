@@ -397,3 +397,10 @@ def claim_spec(claim_uid: str, devices: Sequence[tuple[str, ContainerEdits]], co
     `common_edits(...)`). The claim UID makes every name unique in the CDI root for the claim's life."""
     return Spec(kind=CLAIM_KIND, devices=tuple(Device(f"{claim_uid}-{name}", edits) for name, edits in devices),
                 container_edits=common)
+
+
+def classes_without_spec(built: DevicePluginSpecs | None, enabled: Sequence[str]) -> tuple[str, ...]:
+    """Of the `enabled` feature classes (gds, mofed, gdrcopy), those whose spec was not built: Allocate must not name
+    a device the runtime cannot resolve (the container would fail to start)."""
+    written = built.specs if built is not None else {}
+    return tuple(c for c in enabled if spec_filename(f"{VENDOR}/{c}") not in written)

@@ -263,6 +263,12 @@ class Settings:
         return any(s.startswith("cdi-") for s in self.device_list_strategy)
 
     @property
+    def cdi_feature_classes(self) -> tuple[str, ...]:
+        """The CDI classes with one `all` device that are switched on, in upstream's order."""
+        return tuple(c for c, on in (("gdrcopy", self.gdrcopy_enabled), ("gds", self.gds_enabled),
+                                     ("mofed", self.mofed_enabled)) if on)
+
+    @property
     def plugin_dir(self) -> Path | None:
         return self.kubelet_socket.parent if self.kubelet_socket else None
 

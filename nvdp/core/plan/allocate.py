@@ -22,6 +22,7 @@ import posixpath
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from nvdp.core.cdi.build import GDRCOPY_CLASS, GDS_CLASS, MOFED_CLASS, VENDOR, qualified_name
 from nvdp.core.inventory import imex_channel_path
 from nvdp.core.plan.model import Device, MpsSlice, Resource
 
@@ -41,15 +42,12 @@ VOLUME_MOUNTS_ROOT = "/var/run/nvidia-container-devices"
 MPS_SHM_CONTAINER_PATH = "/dev/shm"
 #: The env var that tells the runtime which IMEX channels to inject (envvar strategy), as upstream names it.
 IMEX_CHANNELS_ENV = "NVIDIA_IMEX_CHANNELS"
-#: Upstream's CDI vendor for the device plugin's specs: pods and admission policies written for upstream name it.
-CDI_VENDOR = "k8s.device-plugin.nvidia.com"
+#: Upstream's CDI vendor for the device plugin's specs (pods and admission policies written for upstream name it),
+#: the same names the spec writer defines.
+CDI_VENDOR = VENDOR
+cdi_name = qualified_name
 #: Feature classes with one `all` device each, in upstream's order, with the option that enables each.
-CDI_FEATURE_CLASSES = (("gdrcopy", "gdrcopy_enabled"), ("gds", "gds_enabled"), ("mofed", "mofed_enabled"))
-
-
-def cdi_name(cdi_class: str, device: str) -> str:
-    """A fully-qualified CDI device name of the device plugin's vendor: `k8s.device-plugin.nvidia.com/gpu=0`."""
-    return f"{CDI_VENDOR}/{cdi_class}={device}"
+CDI_FEATURE_CLASSES = ((GDRCOPY_CLASS, "gdrcopy_enabled"), (GDS_CLASS, "gds_enabled"), (MOFED_CLASS, "mofed_enabled"))
 
 
 @dataclass(frozen=True, slots=True)
