@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import trio
 
+from nvdp.core.cdi.build import DevicePluginSpecs, classes_without_spec
 from nvdp.core.config.errors import ConfigError
 from nvdp.core.config.load import ConfigWarning
 from nvdp.core.config.schema import Config
@@ -29,6 +30,7 @@ from nvdp.core.config.settings import Settings
 from nvdp.core.health import ALL_GPUS, HealthTracker, XidPolicy
 from nvdp.core.health.events import XidEvent
 from nvdp.core.inventory import NodeInventory
+from nvdp.core.plan import imex
 from nvdp.core.plan.allocate import AllocateOptions
 from nvdp.core.plan.build import PlanError, build_plan
 from nvdp.core.plan.model import Plan
@@ -134,7 +136,8 @@ class NodeConfig:
         return self.make_settings(config, update.source)
 
 
-def serving_contexts(plan: Plan, inventory: NodeInventory, settings: Settings) -> list[ServingContext]:
+def serving_contexts(plan: Plan, inventory: NodeInventory, settings: Settings,
+                     cdi_classes_without_spec: tuple[str, ...] = ()) -> list[ServingContext]:
     options = AllocateOptions(
         device_list_strategy=settings.device_list_strategy,
         device_id_strategy=settings.device_id_strategy,
@@ -144,6 +147,9 @@ def serving_contexts(plan: Plan, inventory: NodeInventory, settings: Settings) -
         gdrcopy_enabled=settings.gdrcopy_enabled,
         gds_enabled=settings.gds_enabled,
         mofed_enabled=settings.mofed_enabled,
+        cdi_annotation_prefix=settings.cdi_annotation_prefix,
+        imex_channels=imex.select_imex_channels(inventory, settings),
+        cdi_classes_without_spec=cdi_classes_without_spec,
     )
     return [ServingContext(r, options, inventory, settings.shared_devices_allocation_policy) for r in plan.resources]
 
@@ -231,10 +237,13 @@ class HealthPublisher:
 class NvmlSession:
     host_root: Path
     driver_root: Path
+    #: Where the host's device nodes are seen besides `host_root` (IMEX channels); None: nowhere else.
+    dev_root: Path | None = None
 
 
 async def discover(session: NvmlSession) -> NodeInventory:
-    inventory = await trio.to_thread.run_sync(nvml.read_inventory, session.host_root, session.driver_root)
+    inventory = await trio.to_thread.run_sync(nvml.read_inventory, session.host_root, session.driver_root,
+                                              session.dev_root)
     log.info("driver %s, CUDA %s, %d GPU(s)", inventory.driver_version, inventory.cuda_driver_version,
              len(inventory.gpus))
     for gpu in inventory.gpus:
@@ -336,7 +345,9 @@ class Controller:
         """Make the running servers, MPS daemons and health watch match `plan`: stop what is gone or changed, then
         start what is new. Servers of MPS resources start only after their daemons answer."""
         assert self.servers is not None
-        contexts = serving_contexts(plan, inventory, settings)
+        cdi_specs = await self.build_cdi(settings, inventory, plan)
+        missing = classes_without_spec(cdi_specs, settings.cdi_feature_classes)
+        contexts = serving_contexts(plan, inventory, settings, missing)
         self.settings, self.inventory, self.plan = settings, inventory, plan
         await self.servers.stop_unwanted(contexts)
         if self.mps is not None:
@@ -351,6 +362,8 @@ class Controller:
         await self.tasks.apply({**self.tasks.specs, "nvml-health": Task(self.watch_health, (gpus,))})
         self.health.plan = plan
         self.health.publish()
+        # CDI specs before any server advertises: a device on ListAndWatch is already defined for the runtime.
+        await self.write_cdi(settings, inventory, plan, cdi_specs)
         await self.servers.start_missing(contexts)
         self.generation += 1
         summary = describe_plan(plan)
@@ -363,6 +376,28 @@ class Controller:
             self.health.labels.update(plan, inventory, settings.mig_strategy)
         if not plan.resources:
             log.warning("No devices found. Waiting indefinitely.")
+
+    async def build_cdi(self, settings: Settings, inventory: NodeInventory, plan: Plan) -> DevicePluginSpecs | None:
+        """The CDI specs `plan` needs, scanned and built but not written (None without CDI or when the scan
+        failed, logged): Allocate must know which feature classes have no spec before servers answer."""
+        if settings.cdi_root is None or not settings.cdi_enabled:
+            return None
+        from nvdp.cdi.plugin_specs import prepare_device_plugin_specs
+
+        return await prepare_device_plugin_specs(settings, inventory, plan, self._simulated_root(settings))
+
+    async def write_cdi(self, settings: Settings, inventory: NodeInventory, plan: Plan,
+                        built: DevicePluginSpecs | None = None) -> None:
+        """The device plugin's CDI spec files follow every plan (docs/cdi.md); a failure is logged and serving goes
+        on. They stay when nvdp stops: containers created while it restarts still need them."""
+        if settings.cdi_root is None:
+            return
+        from nvdp.cdi.plugin_specs import update_device_plugin_specs
+
+        await update_device_plugin_specs(settings, inventory, plan, self._simulated_root(settings), built)
+
+    def _simulated_root(self, settings: Settings) -> Path | None:
+        return self.session.driver_root if settings.simulate is not None else None
 
     async def reload(self, settings: Settings) -> bool:
         """Re-read the node and build the new plan *before* anything stops; on error keep serving as before."""

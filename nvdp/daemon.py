@@ -334,7 +334,7 @@ async def open_nvml(settings: Settings) -> AsyncIterator[NvmlSession | None]:
     """Start NVML (through the simulated node's fake library with --simulate). Yields None when NVML cannot start
     and `failOnInitError` is false: the caller then serves nothing and waits, as upstream does."""
     with contextlib.ExitStack() as stack:
-        host_root, driver_root = Path("/"), settings.driver_root
+        host_root, driver_root, dev_root = Path("/"), settings.driver_root, settings.dev_root
         if settings.simulate is not None:
             from nvdp import sim  # only the simulation needs a C compiler
 
@@ -344,7 +344,7 @@ async def open_nvml(settings: Settings) -> AsyncIterator[NvmlSession | None]:
                 handle = await trio.to_thread.run_sync(sim.activate, node, workdir)
             except (sim.SimNodeError, sim.SimBuildError) as exc:
                 raise StartupError(str(exc)) from None
-            host_root = driver_root = handle.host_root
+            host_root = driver_root = dev_root = handle.host_root
             log.info("simulating the GPU node described by %s", settings.simulate)
         try:
             await trio.to_thread.run_sync(nvml.init)
@@ -359,7 +359,7 @@ async def open_nvml(settings: Settings) -> AsyncIterator[NvmlSession | None]:
             yield None
             return
         try:
-            yield NvmlSession(host_root, driver_root)
+            yield NvmlSession(host_root, driver_root, dev_root)
         finally:
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(nvml.shutdown)

@@ -37,6 +37,7 @@ from nvdp.core.config.settings import OPTIONS, Settings, resolve
 from nvdp.core.config.sharing import Mps, ReplicatedResource, TimeSlicing
 from nvdp.core.inventory import NodeInventory
 from nvdp.core.plan.build import PlanError, build_plan
+from nvdp.core.plan.imex import select_imex_channels
 from nvdp.core.plan.model import Device, Plan, Sharing
 from nvdp.core.plan.sharing import gb
 
@@ -49,6 +50,7 @@ NODE_CHECKS = (
     "MPS slices fit each GPU's memory and its MPS client limit (48, or 16 before Volta)",
     "the node's MIG layout suits the MIG strategy",
     "the resource plan: resources, device IDs, MPS daemons and each slice's limits on real GPUs",
+    "requested IMEX channels exist on the node (imex.channelIDs; a missing one is an error with imex.required)",
 )
 
 #: Stop decoding again after this many errors, or for files larger than this (each pass parses the whole file).
@@ -531,6 +533,9 @@ def validate_one(data: bytes | None, source: str, cli: Mapping[str, str | None],
     if per_client:
         report.plan.append("MPS, per client:")
         report.plan += [f"  {line}" for line in per_client]
+    imex = select_imex_channels(inventory, settings)
+    if imex:
+        report.plan.append("IMEX channels given to every container: " + ", ".join(str(c) for c in imex))
     return report
 
 

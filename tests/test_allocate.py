@@ -314,8 +314,8 @@ def test_valid_requests_are_accepted(res: Resource, ids: list[str]) -> None:
         pytest.param(
             FOO_BAR,
             ["foo"],
-            AllocateOptions(device_list_strategy=("cdi-annotations",)),
-            'invalid allocation request for "nvidia.com/gpu": unsupported device list strategy: cdi-annotations',
+            AllocateOptions(device_list_strategy=("cdi-dra",)),
+            'invalid allocation request for "nvidia.com/gpu": unsupported device list strategy: cdi-dra',
             id="an unsupported list strategy that slipped past config is refused",
         ),
         pytest.param(

@@ -114,8 +114,9 @@ def test_file_errors_name_the_file_and_the_key_path(text: str, message: str) -> 
                      id="a bad flag names the flag"),
         pytest.param({}, {"PASS_DEVICE_SPECS": "perhaps"}, "", "PASS_DEVICE_SPECS: invalid value 'perhaps'",
                      id="a bad boolean in env"),
-        pytest.param({}, {}, "flags:\n  plugin:\n    deviceListStrategy: [envvar, cdi-cri]\n",
-                     "CDI strategies are not supported", id="CDI strategies are refused with what to use"),
+        pytest.param({}, {}, "imex:\n  channelIDs: [0, 1]\n",
+                     "c.yaml: $.imex.channelIDs: invalid IMEX channel IDs: invalid IMEX config: channelIDs must be "
+                     "[] or [0]; found [0 1]", id="IMEX channels other than 0 in the file, upstream's words"),
         pytest.param({}, {}, "version: v2\n", "$.version: unknown version 'v2'", id="an unknown version"),
     ],
 )

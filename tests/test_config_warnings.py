@@ -200,9 +200,8 @@ def test_time_slicing_and_mps_on_named_devices_keep_nvdps_meaning() -> None:
     assert config.sharing is not None and config.sharing.time_slicing is not None
 
 
-def test_optional_imex_channels_are_a_warning_and_required_ones_an_error() -> None:
-    ((path, message),) = warnings_of("imex:\n  channelIDs: [0]\n")
-    assert path == "$.imex.channelIDs" and "not passed to containers" in message
-    assert resolve({}, {}, parse_config("imex:\n  channelIDs: [0]\n", SOURCE), SOURCE).config_warnings
-    with pytest.raises(ConfigError, match="IMEX channels are not supported by nvdp"):
-        resolve({}, {}, parse_config("imex:\n  channelIDs: [0]\n  required: true\n", SOURCE), SOURCE)
+def test_imex_channels_load_without_warning_as_upstream_serves_them() -> None:
+    """nvdp passes IMEX channels as upstream does (nvdp.core.plan.imex): nothing to warn about."""
+    assert warnings_of("imex:\n  channelIDs: [0]\n") == []
+    settings = resolve({}, {}, parse_config("imex:\n  channelIDs: [0]\n  required: true\n", SOURCE), SOURCE)
+    assert (settings.imex_channel_ids, settings.imex_required, settings.config_warnings) == ((0,), True, ())

@@ -151,7 +151,7 @@ sharing:
         replicas: 1
 """)
     monkeypatch.setenv("DEVICE_ID_STRATEGY", "serial")
-    code, out = run(capsys, path, "--device-list-strategy", "cdi-cri", "--metrics-address", "all")
+    code, out = run(capsys, path, "--imex-channel-ids", "1", "--metrics-address", "all")
     assert code == 1
     expected = [
         # The misspelt key upstream ignores is named in the error it leads to (no replicas at all).
@@ -159,7 +159,7 @@ sharing:
         " unknown key `replica` ignored",
         "$.sharing.timeSlicing: resources[1] (nvidia.com/gpu): number of replicas must be >= 2",
         "DEVICE_ID_STRATEGY: invalid value 'serial'",
-        "--device-list-strategy: device list strategy cdi-cri: CDI strategies are not supported",
+        "--imex-channel-ids: invalid IMEX channel IDs: invalid IMEX config: channelIDs must be [] or [0]; found [1]",
         "--metrics-address: invalid address 'all'",
         "$.flags.migStrategy: invalid value 'bogus'",
     ]
@@ -375,9 +375,9 @@ flags:
   mpsRoot: relative
   plugin:
     deviceIDStrategy: serial
-    deviceListStrategy: cdi-cri
+    cdiAnnotationPrefix: "my prefix/"
 imex:
-  required: true
+  channelIDs: [3]
 sharing:
   mps:
     resources:
@@ -387,8 +387,9 @@ sharing:
     code, out = run(capsys, path, "--simulate", str(DEFAULT_NODE))
     assert code == 1
     for where in ("$.flags.migStrategy: invalid value 'bogus'", "$.flags.plugin.deviceIDStrategy: invalid value",
-                  "$.flags.plugin.deviceListStrategy: device list strategy cdi-cri", "$.version: unknown version",
-                  "$.imex: IMEX channels are not supported", "$.flags.mpsRoot: the MPS root must be an absolute"):
+                  "$.flags.plugin.cdiAnnotationPrefix: invalid CDI annotation prefix 'my prefix/'",
+                  "$.version: unknown version", "$.imex.channelIDs: invalid IMEX channel IDs",
+                  "$.flags.mpsRoot: the MPS root must be an absolute"):
         assert f"{path}: {where}" in out, where
     assert "requires --mps-root" not in out  # not a consequence of leaving the bad one out
     assert_verdict_last(out, path, "invalid: 6 errors")

@@ -11,6 +11,14 @@ from dataclasses import dataclass, field
 
 #: Device nodes a container may need besides the GPU's own `/dev/nvidia<minor>`, in the order upstream lists them.
 CONTROL_DEVICE_NODES = ("/dev/nvidiactl", "/dev/nvidia-uvm", "/dev/nvidia-uvm-tools", "/dev/nvidia-modeset")
+#: IMEX channels nvdp looks for (upstream passes channel 0 only) and the directory of their device nodes.
+IMEX_CHANNEL_IDS = (0,)
+IMEX_CHANNELS_DIR = "/dev/nvidia-caps-imex-channels"
+
+
+def imex_channel_path(channel: int) -> str:
+    """The device node of IMEX channel `channel`, as the container sees it."""
+    return f"{IMEX_CHANNELS_DIR}/channel{channel}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +102,9 @@ class NodeInventory:
     control_devices: tuple[str, ...] = ()
     #: MIG capability minors from `/proc/driver/nvidia-caps/mig-minors`: `gpu0/gi1/access` -> 12, ...
     mig_minors: dict[str, int] = field(default_factory=dict)
+    #: Those of `IMEX_CHANNEL_IDS` whose node exists as a character device under the dev root (or at the plain
+    #: path), in that order.
+    imex_channels: tuple[int, ...] = ()
 
     def gpu_by_uuid(self, uuid: str) -> Gpu | None:
         for gpu in self.gpus:

@@ -10,7 +10,9 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import logging
+import os
 import re
+import stat
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -19,7 +21,15 @@ from typing import Any, TypeVar
 import pynvml
 
 from nvdp.core.health.events import XidEvent
-from nvdp.core.inventory import CONTROL_DEVICE_NODES, Gpu, Link, MigDevice, NodeInventory
+from nvdp.core.inventory import (
+    CONTROL_DEVICE_NODES,
+    IMEX_CHANNEL_IDS,
+    Gpu,
+    Link,
+    MigDevice,
+    NodeInventory,
+    imex_channel_path,
+)
 from nvdp.core.plan.labels import HostFacts
 
 T = TypeVar("T")
@@ -308,6 +318,25 @@ def _topology_level(a: Any, b: Any) -> int | None:
         raise NvmlError(exc.value, _message(exc.value), "nvmlDeviceGetTopologyCommonAncestor") from None
 
 
+def find_imex_channels(roots: tuple[Path, ...]) -> tuple[int, ...]:
+    """The IMEX channels whose device node is a character device under one of `roots` (upstream looks under the dev
+    root, then at the plain path: a channel injected into nvdp's own container is there)."""
+    found = []
+    for channel in IMEX_CHANNEL_IDS:
+        for root in dict.fromkeys(roots):
+            path = root / imex_channel_path(channel).lstrip("/")
+            try:
+                # stat, not lstat: a symlink to the node counts, as it does for the container runtime.
+                mode = os.stat(path).st_mode
+            except OSError:
+                continue
+            if stat.S_ISCHR(mode):
+                found.append(channel)
+                break
+            log.debug("IMEX channel %d: %s is not a character device", channel, path)
+    return tuple(found)
+
+
 def read_mig_minors(driver_root: Path) -> dict[str, int]:
     """`/proc/driver/nvidia-caps/mig-minors` as `{"gpu0/gi1/access": 12, ...}`; empty when absent."""
     try:
@@ -341,8 +370,10 @@ def read_host_facts(host_root: Path, machine_type_file: Path | None, gpus: Seque
     return HostFacts(machine=machine, pci_classes=classes)
 
 
-def read_inventory(host_root: Path = Path("/"), driver_root: Path = Path("/")) -> NodeInventory:
-    """Reads the whole node from NVML (and a few host files). Needs `init()` first."""
+def read_inventory(host_root: Path = Path("/"), driver_root: Path = Path("/"),
+                   dev_root: Path | None = None) -> NodeInventory:
+    """Reads the whole node from NVML (and a few host files). Needs `init()` first. `dev_root`: where the host's
+    device nodes are seen besides `host_root` (the dev root, mounted at its host path)."""
     with _translated("system query"):
         driver_version = _text(pynvml.nvmlSystemGetDriverVersion())
         cuda_version = int(pynvml.nvmlSystemGetCudaDriverVersion())
@@ -406,6 +437,7 @@ def read_inventory(host_root: Path = Path("/"), driver_root: Path = Path("/")) -
         links=links,
         control_devices=control_devices,
         mig_minors=read_mig_minors(driver_root),
+        imex_channels=find_imex_channels((*((dev_root,) if dev_root is not None else ()), host_root)),
     )
 
 

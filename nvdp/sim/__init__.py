@@ -14,7 +14,9 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+from nvdp.core.inventory import IMEX_CHANNELS_DIR
 from nvdp.sim.build import SimBuildError, build_fake_nvml
+from nvdp.sim.driver_root import write_driver_root
 from nvdp.sim.node import SimGpu, SimMigDevice, SimNode, SimNodeError, load_node, mig_slots, parse_node, render_state
 
 __all__ = [
@@ -109,6 +111,12 @@ def _write_host_root(node: SimNode, host_root: Path) -> None:
     dev.mkdir(parents=True)
     for path in node.control_devices:
         (host_root / path.lstrip("/")).touch()
+    if node.imex_channels:
+        channels = host_root / IMEX_CHANNELS_DIR.lstrip("/")
+        channels.mkdir(parents=True)
+        for channel in node.imex_channels:
+            # nvdp checks that a channel is a character device; /dev/null is one that any user may point at.
+            (channels / f"channel{channel}").symlink_to("/dev/null")
     lines = ["config 1", "monitor 2"]
     for gpu in node.gpus:
         (dev / f"nvidia{gpu.minor_number}").touch()
@@ -152,6 +160,7 @@ def activate(node: SimNode, workdir: Path, cache_dir: Path | None = None) -> Sim
     compute_mode_log.write_text("")
     host_root = workdir / "host"
     _write_host_root(node, host_root)
+    write_driver_root(node, host_root)
     state_file = workdir / "nvml-state"
     tmp = state_file.with_suffix(".tmp")
     tmp.write_text(render_state(node, events_file, compute_mode_log))

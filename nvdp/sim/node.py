@@ -112,6 +112,8 @@ class SimNode(msgspec.Struct, rename="camel", forbid_unknown_fields=True, kw_onl
     cuda_driver_version: int
     events_file: str | None = None
     control_devices: tuple[str, ...] = DEFAULT_CONTROL_DEVICES
+    #: IMEX channels whose device node exists (`/dev/nvidia-caps-imex-channels/channel<N>`); upstream uses 0 only.
+    imex_channels: tuple[int, ...] = ()
     gpus: tuple[SimGpu, ...] = ()
     #: `[gpu index, gpu index, number of NVLinks]`.
     nvlinks: tuple[tuple[int, int, int], ...] = ()
@@ -273,6 +275,9 @@ def _validate(node: SimNode, source: str) -> None:
     )
     for i, dev in enumerate(node.control_devices):
         check(dev.startswith("/dev/") and " " not in dev, f"$.controlDevices[{i}]", dev, "must be a /dev path")
+    for i, channel in enumerate(node.imex_channels):
+        # The driver creates at most 2048 channels (NVreg_ImexChannelCount); 0 is the one upstream passes.
+        check(0 <= channel < 2048, f"$.imexChannels[{i}]", channel, "must be a channel number, 0 to 2047")
 
     seen_uuids: dict[str, str] = {}
     seen_minors: dict[int, str] = {}

@@ -498,7 +498,8 @@ def test_upstream_values_file_keeps_its_meaning(render, render_error, values_fil
     assert r.container["resources"] == {"limits": {"memory": "256Mi"}}
     assert len(r.of_kind("DaemonSet")) == 1, "no GFD, NFD or MPS DaemonSet"
     assert env["LABEL_SINK"] == "node-feature-api", "gfd.enabled: nvdp publishes GFD's labels itself"
-    assert "nfd.*" in r.notes and "cdi.*" in r.notes
+    assert "nfd.*" in r.notes
+    assert "cdi.*" not in r.notes, "upstream's cdi values are honoured, not ignored"
 
 
 def test_fork_values_file_keeps_its_meaning(render, values_file):
@@ -691,7 +692,7 @@ def test_schema_lists_every_nvdp_and_upstream_key_and_nothing_else_passes():
 def test_upstream_only_keys_install_and_are_listed_as_ignored(render):
     r = render({"componentSelectorLabels": {"enabled": False}, "noTimestamp": None, "sleepInterval": "60s",
                 "global": {"imageRegistry": "r.example"}, "gfd": {"enabled": False}, "cdi": {"featureFlags": None}})
-    assert "componentSelectorLabels" in r.notes and "sleepInterval" in r.notes and "cdi.*" in r.notes
+    assert "componentSelectorLabels" in r.notes and "sleepInterval" in r.notes
 
 
 @pytest.mark.parametrize("name", ["upstream-values.yaml", "fork-values.yaml"])
@@ -710,7 +711,7 @@ def test_upstream_chart_defaults_copied_verbatim_install_nvdp_on_gpu_nodes(rende
     assert r.container["image"] == NVDP_IMAGE
     assert _required_terms(r.pod) == GPU_NODE_TERMS
     assert r.security_context == DROP_ALL
-    for ignored in ("nfd.*", "cdi.*", "componentSelectorLabels", "devicePlugin.containers"):
+    for ignored in ("nfd.*", "componentSelectorLabels", "devicePlugin.containers"):
         assert ignored in r.notes, ignored
     assert "is another plugin's image" in r.notes
 

@@ -196,7 +196,9 @@ CONFIGS = _mapping({
         "plugin": _mapping({
             "passDeviceSpecs": BOOL,
             "deviceListStrategy": st.one_of(st.sampled_from(["envvar", "volume-mounts", "cdi-cri"]),
-                                            st.lists(st.sampled_from(["envvar", "volume-mounts"]), max_size=2)),
+                                            st.lists(st.sampled_from(["envvar", "volume-mounts", "cdi-annotations",
+                                                                      "cdi-cri"]), max_size=2)),
+            "cdiAnnotationPrefix": st.sampled_from(["cdi.k8s.io/", "custom.cdi.k8s.io/", "", "a b/"]),
             "deviceIDStrategy": st.sampled_from(["uuid", "index"]),
             "sharedDevicesAllocationPolicy": st.sampled_from(["distributed", "packed"]),
         }),
@@ -377,9 +379,9 @@ def test_resource_name_with_trailing_newline() -> None:
     assert isinstance(message, str) and "$.sharing.timeSlicing.resources[0]" in message, message
 
 
-def test_cdi_strategy_from_the_file_names_its_key_path() -> None:
-    message = outcome("flags:\n  plugin:\n    deviceListStrategy: cdi-cri\n")
-    assert isinstance(message, str) and "$.flags.plugin.deviceListStrategy" in message
+def test_imex_channels_from_the_file_name_their_key_path() -> None:
+    message = outcome("imex:\n  channelIDs: [1]\n")
+    assert isinstance(message, str) and "$.imex.channelIDs" in message
 
 
 def test_relative_mps_root_from_the_file_names_its_key_path() -> None:

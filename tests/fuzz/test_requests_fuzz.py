@@ -68,12 +68,15 @@ FAIL_GT_ONE = Resource("nvidia.com/gpu-shared", RESOURCES["nvidia.com/gpu-shared
 ALL_RESOURCES = (*RESOURCES.values(), FAIL_GT_ONE)
 OPTIONS = st.builds(
     AllocateOptions,
-    device_list_strategy=st.sampled_from([("envvar",), ("volume-mounts",), ("envvar", "volume-mounts")]),
+    device_list_strategy=st.sampled_from([("envvar",), ("volume-mounts",), ("envvar", "volume-mounts"),
+                                          ("cdi-cri",), ("cdi-annotations",), ("envvar", "cdi-annotations"),
+                                          ("volume-mounts", "cdi-cri", "cdi-annotations")]),
     device_id_strategy=st.sampled_from(["uuid", "index"]),
     pass_device_specs=st.booleans(),
     dev_root=st.sampled_from(["/", "/run/nvidia/driver"]),
     control_devices=st.just(("/dev/nvidiactl",)),
     gds_enabled=st.booleans(),
+    imex_channels=st.sampled_from([(), (0,)]),
 )
 
 #: IDs a client might send that are not devices: near misses, separators, path tricks, odd Unicode, long ones.
@@ -115,10 +118,23 @@ def check_allocate(resource: Resource, ids: list[str], options: AllocateOptions)
     assert not (resource.fail_requests_greater_than_one and len(ids) > 1)
     wanted = _dedupe([d.physical_id if options.device_id_strategy == "uuid" else d.index
                       for d in devices if d is not None])
-    if "volume-mounts" in options.device_list_strategy:
+    strategies = set(options.device_list_strategy)
+    names = (*response.cdi_devices, *response.cdi_annotation_names)
+    if strategies & {"cdi-cri", "cdi-annotations"}:
+        gpus = [n.removeprefix("k8s.device-plugin.nvidia.com/gpu=") for n in names if "/gpu=" in n]
+        assert gpus == wanted * len(strategies & {"cdi-cri", "cdi-annotations"}), names
+        assert ("k8s.device-plugin.nvidia.com/imex-channel=0" in names) == bool(options.imex_channels)
+    else:
+        assert not names
+    if strategies <= {"cdi-cri", "cdi-annotations"}:
+        # CDI alone: the runtime must learn the devices from the CDI names only.
+        assert "NVIDIA_VISIBLE_DEVICES" not in response.envs and not response.device_specs
+        assert not [m for m in response.mounts if m.container_path.startswith("/var/run/nvidia-container-devices")]
+    elif "volume-mounts" in options.device_list_strategy:
         assert response.envs["NVIDIA_VISIBLE_DEVICES"] == "/var/run/nvidia-container-devices"
         listed = [m.container_path.rsplit("/", 1)[1] for m in response.mounts
-                  if m.container_path.startswith("/var/run/nvidia-container-devices/")]
+                  if m.container_path.startswith("/var/run/nvidia-container-devices/")
+                  and not m.container_path.startswith("/var/run/nvidia-container-devices/imex/")]
         assert listed == wanted
     else:
         assert response.envs["NVIDIA_VISIBLE_DEVICES"] == ",".join(wanted)
@@ -128,7 +144,7 @@ def check_allocate(resource: Resource, ids: list[str], options: AllocateOptions)
         assert 1 <= int(response.envs["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"]) <= 100
     paths = [p.container_path for p in response.device_specs]
     assert len(paths) == len(set(paths)), "a device node twice"
-    if options.pass_device_specs:
+    if options.pass_device_specs and not strategies <= {"cdi-cri", "cdi-annotations"}:
         assert set(paths) >= {p for d in devices if d is not None for p in d.paths}
 
 

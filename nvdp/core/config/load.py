@@ -254,16 +254,6 @@ def _upstream_meaning(data: dict[Any, Any], source: str, warn: Warn) -> None:
     if data.get("resources"):
         warn(ConfigWarning(source, "$.resources", "the `resources` section (renaming patterns) is ignored, as "
                            "upstream ignores it; rename shared resources with sharing.*.resources[].rename"))
-    imex = data.get("imex")
-    if isinstance(imex, dict) and imex.get("channelIDs") and imex.get("required") is not True:
-        channels = imex["channelIDs"]
-        if isinstance(channels, list) and all(type(c) is int for c in channels):
-            # Upstream passes the channel when the node has it and goes on without it when it does not (unless
-            # `required`); nvdp never passes one, which is what upstream does on a node without IMEX.
-            del imex["channelIDs"]
-            warn(ConfigWarning(source, "$.imex.channelIDs", f"IMEX channels {channels} are not passed to "
-                               "containers by nvdp (as upstream on a node without IMEX); with `required: true` "
-                               "this is an error"))
     sharing = data.get("sharing")
     if not isinstance(sharing, dict):
         return

@@ -43,8 +43,7 @@ class PluginFlags(_Struct):
     device_list_strategy: str | list[str] | None = None
     device_id_strategy: str | None = None
     shared_devices_allocation_policy: str | None = None
-    # Used by upstream's CDI strategies only. Accepted so that upstream config files load; nvdp refuses the CDI
-    # strategies themselves with a clear message (see docs/compatibility.md).
+    #: The `cdi-annotations` strategy's annotation key prefix (`--cdi-annotation-prefix`).
     cdi_annotation_prefix: str | None = None
     nvidia_ctk_path: str | None = None
     container_driver_root: str | None = None

@@ -19,7 +19,8 @@ from nvdp.core.config.schema import Config, yaml_key
 
 DEFAULT_KUBELET_SOCKET = "/var/lib/kubelet/device-plugins/kubelet.sock"
 DEVICE_LIST_STRATEGIES = ("envvar", "volume-mounts", "cdi-annotations", "cdi-cri")
-SUPPORTED_DEVICE_LIST_STRATEGIES = ("envvar", "volume-mounts")
+#: Upstream's default (the CDI spec's own `cdi.k8s.io/`): container runtimes read annotations with this prefix.
+DEFAULT_CDI_ANNOTATION_PREFIX = "cdi.k8s.io/"
 
 
 def parse_bool(text: str) -> bool:
@@ -57,6 +58,14 @@ def parse_list(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
+def parse_int_list(text: str) -> list[int]:
+    """Whole numbers, comma-separated (upstream's int-slice flags): `0`, `0,1`; empty text is an empty list."""
+    try:
+        return [int(part) for part in parse_list(text)]
+    except ValueError:
+        raise ValueError("expected whole numbers separated by commas, e.g. 0") from None
+
+
 @dataclass(frozen=True, slots=True)
 class Option:
     """One setting and every place it can come from."""
@@ -67,7 +76,7 @@ class Option:
     #: Path in the config file as attribute names, e.g. ("flags", "plugin", "pass_device_specs"); () = CLI only.
     config_path: tuple[str, ...]
     default: Any
-    #: "str" | "bool" | "list" | "path" | "seconds" | "bytes" | "int"
+    #: "str" | "bool" | "list" | "path" | "seconds" | "bytes" | "int" | "ints"
     kind: str = "str"
     choices: tuple[str, ...] = ()
     help: str = ""
@@ -102,6 +111,14 @@ OPTIONS: tuple[Option, ...] = (
            help="set NVIDIA_GDS=enabled in containers"),
     Option("mofed_enabled", ("--mofed-enabled",), ("MOFED_ENABLED",), ("flags", "mofed_enabled"), False, "bool",
            help="set NVIDIA_MOFED=enabled in containers"),
+    # CDI device lists and IMEX channels (upstream's flags, variables and config keys; docs/compatibility.md).
+    Option("cdi_annotation_prefix", ("--cdi-annotation-prefix",), ("CDI_ANNOTATION_PREFIX",),
+           ("flags", "plugin", "cdi_annotation_prefix"), DEFAULT_CDI_ANNOTATION_PREFIX,
+           help="prefix of the CDI annotation key with the cdi-annotations device list strategy"),
+    Option("imex_channel_ids", ("--imex-channel-ids",), ("IMEX_CHANNEL_IDS",), ("imex", "channel_ids"), None, "ints",
+           help="IMEX channels given to every container that gets GPUs: none, or 0"),
+    Option("imex_required", ("--imex-required",), ("IMEX_REQUIRED",), ("imex", "required"), False, "bool",
+           help="refuse to serve when a requested IMEX channel does not exist on the node"),
     Option("mps_root", ("--mps-root",), ("MPS_ROOT",), ("flags", "mps_root"), "", "str",
            help="host directory for MPS pipes, logs and shm"),
     Option("shared_devices_allocation_policy", ("--shared-devices-allocation-policy",),
@@ -174,6 +191,21 @@ OPTIONS: tuple[Option, ...] = (
            help="failed MPS probes in a row before a daemon's replicas are reported Unhealthy"),
     Option("health_quiet_period", ("--health-quiet-period",), ("HEALTH_QUIET_PERIOD",), (), "300", "seconds",
            help="seconds without a new critical XID before an Unhealthy GPU is probed and may return to Healthy"),
+    # CDI (docs/cdi.md): the spec files nvdp writes when a device list strategy starts with cdi-.
+    Option("cdi_root", ("--cdi-root",), ("CDI_ROOT",), (), "/var/run/cdi", "path",
+           help="directory nvdp writes its CDI spec files into (a container runtime's CDI spec directory)"),
+    Option("nvidia_cdi_hook_path", ("--nvidia-cdi-hook-path", "--nvidia-ctk-path"),
+           ("NVIDIA_CDI_HOOK_PATH", "NVIDIA_CTK_PATH"), ("flags", "plugin", "nvidia_ctk_path"), "/usr/bin/nvidia-ctk",
+           help="host path of nvidia-ctk or nvidia-cdi-hook, which the CDI specs' hooks run"),
+    Option("container_driver_root", ("--container-driver-root", "--driver-root-ctr-path"),
+           ("CONTAINER_DRIVER_ROOT", "DRIVER_ROOT_CTR_PATH"), ("flags", "plugin", "container_driver_root"),
+           "/driver-root", "path",
+           help="where the host's driver root is mounted in nvdp's container (CDI host paths are rewritten from it "
+                "to --nvidia-driver-root)"),
+    Option("cdi_feature_flags", ("--cdi-feature-flags",), ("CDI_FEATURE_FLAGS",), (), "",
+           help="CDI generation feature flags (comma list): disable-ipc-discoverer, disable-nvsandboxutils"),
+    Option("cdi_disable_hooks", ("--cdi-disable-hooks",), ("CDI_DISABLE_HOOKS",), (), "",
+           help="CDI hooks to leave out of the specs (comma list of hook names, or all)"),
 )
 
 OPTIONS_BY_DEST = {o.dest: o for o in OPTIONS}
@@ -191,6 +223,11 @@ class Settings:
     gdrcopy_enabled: bool = False
     gds_enabled: bool = False
     mofed_enabled: bool = False
+    #: Upstream's: the key of the one CDI annotation is `<prefix>nvidia-device-plugin_<uuid4>`.
+    cdi_annotation_prefix: str = DEFAULT_CDI_ANNOTATION_PREFIX
+    #: IMEX channels to pass (only `()` or `(0,)`, as upstream), and whether a missing one refuses the config.
+    imex_channel_ids: tuple[int, ...] = ()
+    imex_required: bool = False
     mps_root: str = ""
     shared_devices_allocation_policy: str = "distributed"
     device_discovery_strategy: str = "auto"
@@ -233,6 +270,24 @@ class Settings:
     pod_name: str | None = None
     #: The parsed config file (or an empty one): the sharing sections are read from here.
     config: Config = field(default_factory=Config)
+    #: CDI (docs/cdi.md). None: no spec file is written or removed (embedded daemons and tests must not touch the
+    #: host's /var/run/cdi); the command line's default is /var/run/cdi.
+    cdi_root: Path | None = None
+    nvidia_cdi_hook_path: str = "/usr/bin/nvidia-ctk"
+    container_driver_root: Path = Path("/driver-root")
+    cdi_feature_flags: tuple[str, ...] = ()
+    cdi_disable_hooks: tuple[str, ...] = ()
+
+    @property
+    def cdi_enabled(self) -> bool:
+        """Any device list strategy is a CDI one: nvdp writes the CDI specs (as upstream)."""
+        return any(s.startswith("cdi-") for s in self.device_list_strategy)
+
+    @property
+    def cdi_feature_classes(self) -> tuple[str, ...]:
+        """The CDI classes with one `all` device that are switched on, in upstream's order."""
+        return tuple(c for c, on in (("gdrcopy", self.gdrcopy_enabled), ("gds", self.gds_enabled),
+                                     ("mofed", self.mofed_enabled)) if on)
 
     @property
     def plugin_dir(self) -> Path | None:
@@ -286,6 +341,33 @@ def _check_number(option: Option, value: float, text: str, source: str) -> None:
         raise ConfigError(f"{source}: invalid value {_show(text)}: out of range, expected {low:g} to {high:g}{unit}")
 
 
+#: What nvdp refuses in a CDI annotation prefix (upstream takes any text): nothing that cannot start an
+#: annotation key the runtime reads back as one (whitespace, control characters), nor a prefix so long that the
+#: key could not be stored.
+MAX_CDI_ANNOTATION_PREFIX = 253
+
+
+def check_cdi_annotation_prefix(prefix: str, where: str) -> None:
+    if not prefix:
+        raise ConfigError(f"{where}: the CDI annotation prefix is empty: leave it unset for "
+                          f"{DEFAULT_CDI_ANNOTATION_PREFIX!r}, the prefix container runtimes read")
+    if len(prefix) > MAX_CDI_ANNOTATION_PREFIX or not prefix.isascii() or not prefix.isprintable() \
+            or any(c.isspace() for c in prefix):
+        raise ConfigError(f"{where}: invalid CDI annotation prefix {_show(prefix)}: expected at most "
+                          f"{MAX_CDI_ANNOTATION_PREFIX} printable ASCII characters without spaces, e.g. "
+                          f"{DEFAULT_CDI_ANNOTATION_PREFIX!r}")
+
+
+def check_imex_channel_ids(ids: Sequence[int], where: str) -> None:
+    """Upstream's rule and words (`AssertChannelIDsValid`): only channel 0 exists to be asked for."""
+    if len(ids) == 0 or tuple(ids) == (0,):
+        return
+    # Go prints an []int as `[0 1]`; users search for upstream's message.
+    found = "[" + " ".join(str(i) for i in ids) + "]"
+    raise ConfigError(f"{where}: invalid IMEX channel IDs: invalid IMEX config: channelIDs must be [] or [0]; "
+                      f"found {found}")
+
+
 def _parse_text(option: Option, text: str, source: str) -> Any:
     """Parse a value given as text (a flag or an env var)."""
     try:
@@ -293,6 +375,8 @@ def _parse_text(option: Option, text: str, source: str) -> Any:
             return parse_bool(text)
         if option.kind == "list":
             return parse_list(text)
+        if option.kind == "ints":
+            return parse_int_list(text)
         if option.kind == "seconds":
             seconds = parse_seconds(text)
             _check_number(option, seconds, text, source)
@@ -336,6 +420,8 @@ def _check(option: Option, value: Any, source: str) -> Any:
         raise ConfigError(f"{source}: invalid value {value!r}: accepted values are {', '.join(option.choices)}")
     if option.kind == "bool" and not isinstance(value, bool):
         raise ConfigError(f"{source}: invalid value {value!r}: expected true or false")
+    if option.kind == "ints":
+        return tuple(value)
     if option.kind in NUMERIC_RANGES and isinstance(value, int | float) and not isinstance(value, bool):
         _check_number(option, float(value), str(value), source)
     return value
@@ -370,6 +456,7 @@ def resolve(
         origins[option.dest] = origin
         values[option.dest] = value
 
+    values["imex_channel_ids"] = tuple(values["imex_channel_ids"] or ())
     if isinstance(values["health_quiet_period"], str):
         values["health_quiet_period"] = parse_seconds(values["health_quiet_period"])
     values["fallback_strategies"] = tuple(parse_list(values["fallback_strategies"] or ""))
@@ -383,6 +470,11 @@ def resolve(
     # Upstream: an unset or empty dev root means the driver root.
     values["dev_root"] = values["dev_root"] or values["driver_root"]
     values["kubelet_socket"] = Path(values["kubelet_socket"]) if values["kubelet_socket"] else None
+    values["cdi_root"] = Path(values["cdi_root"]) if values["cdi_root"] else None
+    values["container_driver_root"] = Path(values["container_driver_root"] or "/driver-root")
+    for dest in ("cdi_feature_flags", "cdi_disable_hooks"):
+        given = values[dest]
+        values[dest] = tuple(parse_list(given) if isinstance(given, str) else given or ())
     settings = Settings(config=config, **values)
     validate(settings, config_source, origins)
     check_strict(settings.config_warnings, settings.strict_config, origins.get("strict_config", "default"))
@@ -408,11 +500,8 @@ def validate(
     def where(dest: str) -> str:
         return origins.get(dest) or next(o.flags[0] for o in OPTIONS if o.dest == dest)
 
-    unsupported = [s for s in settings.device_list_strategy if s not in SUPPORTED_DEVICE_LIST_STRATEGIES]
-    if unsupported:
-        raise ConfigError(
-            f"{where('device_list_strategy')}: device list strategy {', '.join(unsupported)}: CDI strategies are "
-            f"not supported by nvdp; use {' or '.join(SUPPORTED_DEVICE_LIST_STRATEGIES)} (see docs/compatibility.md)")
+    check_cdi_annotation_prefix(settings.cdi_annotation_prefix, where("cdi_annotation_prefix"))
+    check_imex_channel_ids(settings.imex_channel_ids, where("imex_channel_ids"))
     # Checked whether or not per-node configs are in use: a typo must not wait for the day --config-dir is added.
     from nvdp.core.config.selection import FALLBACK_STRATEGIES
 
@@ -425,12 +514,10 @@ def validate(
             parse_address(settings.metrics_address)
         except ValueError as exc:
             raise ConfigError(f"{where('metrics_address')}: {exc}") from None
+    _validate_cdi(settings, where)
     config = settings.config
     if config.version not in (None, "", "v1"):
         raise ConfigError(f"{config_source}: $.version: unknown version {config.version!r}: accepted values are v1")
-    if config.imex is not None and (config.imex.channel_ids or config.imex.required):
-        raise ConfigError(
-            f"{config_source}: $.imex: IMEX channels are not supported by nvdp; remove the imex section")
     mps = config.sharing.mps if config.sharing is not None else None
     if mps is not None:
         # Checks that need no node; those that do (GPU exists, slices fit its memory) are in nvdp.core.plan.sharing.
@@ -462,3 +549,26 @@ def parse_address(address: str) -> tuple[str | None, int]:
     elif ":" in host:
         raise ValueError(f"invalid address {address!r}: put an IPv6 address in brackets, e.g. [::1]:9400")
     return host or None, int(port_text)
+
+
+#: `--cdi-feature-flags` nvdp accepts: it acts on disable-ipc-discoverer; it never uses nvsandboxutils, so
+#: disable-nvsandboxutils (which NVIDIA's DRA driver passes) already holds.
+CDI_FEATURE_FLAGS = ("disable-ipc-discoverer", "disable-nvsandboxutils")
+#: `--cdi-disable-hooks` names: the hooks nvdp writes, two it never writes (chmod, off by default upstream too, and
+#: update-application-profile), and all.
+CDI_HOOK_NAMES = ("create-symlinks", "enable-cuda-compat", "update-ldcache", "disable-device-node-modification",
+                  "chmod", "update-application-profile", "all")
+
+
+def _validate_cdi(settings: Settings, where: Any) -> None:
+    unknown = [f for f in settings.cdi_feature_flags if f not in CDI_FEATURE_FLAGS]
+    if unknown:
+        raise ConfigError(f"{where('cdi_feature_flags')}: unknown CDI feature flag {unknown[0]!r}: accepted values "
+                          f"are {', '.join(CDI_FEATURE_FLAGS)}")
+    unknown = [h for h in settings.cdi_disable_hooks if h not in CDI_HOOK_NAMES]
+    if unknown:
+        raise ConfigError(f"{where('cdi_disable_hooks')}: unknown CDI hook {unknown[0]!r}: accepted values are "
+                          f"{', '.join(CDI_HOOK_NAMES)}")
+    if not settings.nvidia_cdi_hook_path.startswith("/"):
+        raise ConfigError(f"{where('nvidia_cdi_hook_path')}: the CDI hook path must be an absolute host path, got "
+                          f"{settings.nvidia_cdi_hook_path!r}")

@@ -22,7 +22,8 @@ class ClaimRef:
 class PreparedDevice:
     """One device of a prepared claim (`dra.v1.Device`)."""
 
-    #: The claim's request names this device satisfies (for a request with subrequests, `<request>/<subrequest>`).
+    #: The claim's request names this device satisfies; for a subrequest `<request>/<sub>`, the main request's
+    #: name only: the kubelet matches a container's `resources.claims[].request` against these.
     request_names: tuple[str, ...]
     pool_name: str
     device_name: str

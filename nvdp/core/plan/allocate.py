@@ -6,6 +6,12 @@ per enabled feature (MPS slices add their control daemon's pipe directory, the s
 limits). The gRPC layer turns the returned `ContainerAllocation` into protobuf; nothing here imports
 trio, grpclib or pynvml.
 
+CDI strategies (`cdi-annotations`, `cdi-cri`) name the devices as CDI devices, in upstream's order: the GPUs
+(`k8s.device-plugin.nvidia.com/gpu=<id>`), the IMEX channels (`.../imex-channel=<n>`), then `.../gdrcopy=all`,
+`.../gds=all`, `.../mofed=all` for the features enabled. When every strategy is a CDI one, the runtime learns
+nothing else from the response: no NVIDIA_VISIBLE_DEVICES, no volume mounts, no device specs (feature and MPS env
+vars and MPS mounts are still returned, as upstream does).
+
 Cost: every step is O(number of requested IDs). Device lookup goes through `Resource.device`, a dict, so Allocate
 latency does not grow with the number of devices the resource advertises.
 """
@@ -16,11 +22,14 @@ import posixpath
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from nvdp.core.cdi.build import GDRCOPY_CLASS, GDS_CLASS, MOFED_CLASS, VENDOR, qualified_name
+from nvdp.core.inventory import imex_channel_path
 from nvdp.core.plan.model import Device, MpsSlice, Resource
 
 #: The device-list strategies this module knows, in the order their steps run. The order matters: volume-mounts
 #: overwrites the env var that envvar set, whichever order the config lists them in (as upstream does).
-DEVICE_LIST_STRATEGIES = ("envvar", "volume-mounts")
+DEVICE_LIST_STRATEGIES = ("envvar", "volume-mounts", "cdi-annotations", "cdi-cri")
+CDI_STRATEGIES = ("cdi-annotations", "cdi-cri")
 DEVICE_ID_STRATEGIES = ("uuid", "index")
 
 #: The env var the NVIDIA container runtime reads to decide which GPUs to inject.
@@ -31,13 +40,21 @@ VOLUME_MOUNTS_ROOT = "/var/run/nvidia-container-devices"
 #: MPS clients and their control daemon exchange data through POSIX shared memory: nvdp mounts one dedicated tmpfs
 #: here in every client (and the daemon), so client pods need no hostIPC.
 MPS_SHM_CONTAINER_PATH = "/dev/shm"
+#: The env var that tells the runtime which IMEX channels to inject (envvar strategy), as upstream names it.
+IMEX_CHANNELS_ENV = "NVIDIA_IMEX_CHANNELS"
+#: Upstream's CDI vendor for the device plugin's specs (pods and admission policies written for upstream name it),
+#: the same names the spec writer defines.
+CDI_VENDOR = VENDOR
+cdi_name = qualified_name
+#: Feature classes with one `all` device each, in upstream's order, with the option that enables each.
+CDI_FEATURE_CLASSES = ((GDRCOPY_CLASS, "gdrcopy_enabled"), (GDS_CLASS, "gds_enabled"), (MOFED_CLASS, "mofed_enabled"))
 
 
 @dataclass(frozen=True, slots=True)
 class AllocateOptions:
     """How Allocate responses are built; one value per resource server, derived from the config."""
 
-    #: Any of "envvar", "volume-mounts".
+    #: Any of "envvar", "volume-mounts", "cdi-annotations", "cdi-cri".
     device_list_strategy: tuple[str, ...] = ("envvar",)
     #: "uuid" or "index".
     device_id_strategy: str = "uuid"
@@ -51,6 +68,21 @@ class AllocateOptions:
     gdrcopy_enabled: bool = False
     gds_enabled: bool = False
     mofed_enabled: bool = False
+    #: Key prefix of the `cdi-annotations` annotation (`--cdi-annotation-prefix`).
+    cdi_annotation_prefix: str = "cdi.k8s.io/"
+    #: IMEX channels every container gets (requested and present on the node: `Plan.imex_channels`).
+    imex_channels: tuple[int, ...] = ()
+    #: Feature classes (`gdrcopy`, `gds`, `mofed`) enabled but without a CDI spec (nothing of theirs on the node):
+    #: left out of the CDI names, as upstream leaves out a class whose spec would be empty.
+    cdi_classes_without_spec: tuple[str, ...] = ()
+
+    @property
+    def any_cdi(self) -> bool:
+        return any(s in CDI_STRATEGIES for s in self.device_list_strategy)
+
+    @property
+    def all_cdi(self) -> bool:
+        return all(s in CDI_STRATEGIES for s in self.device_list_strategy)
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,14 +129,18 @@ def allocate(resource: Resource, device_ids: Sequence[str], options: AllocateOpt
 
     response = _ResponseBuilder()
     # One step per feature, each independent of the others except where noted; a new feature is one more step.
+    if options.any_cdi:
+        _add_cdi_devices(response, ids, options)
     _add_feature_envs(response, options)
-    if "envvar" in options.device_list_strategy:
-        _add_visible_devices_env(response, ids)
-    if "volume-mounts" in options.device_list_strategy:
-        # Runs after envvar on purpose: its NVIDIA_VISIBLE_DEVICES value must win when both are enabled.
-        _add_volume_mounts(response, ids)
+    if not options.all_cdi:
+        # With CDI alone the runtime takes every device from the CDI names; anything below would inject them twice.
+        if "envvar" in options.device_list_strategy:
+            _add_visible_devices_env(response, ids, options.imex_channels)
+        if "volume-mounts" in options.device_list_strategy:
+            # Runs after envvar on purpose: its NVIDIA_VISIBLE_DEVICES value must win when both are enabled.
+            _add_volume_mounts(response, ids, options.imex_channels)
     _add_mps(response, devices)
-    if options.pass_device_specs:
+    if options.pass_device_specs and not options.all_cdi:
         _add_device_specs(response, devices, options)
     return response.build()
 
@@ -243,6 +279,9 @@ class _ResponseBuilder:
     mounts: list[Mount] = field(default_factory=list)
     device_specs: list[DeviceSpec] = field(default_factory=list)
     annotations: dict[str, str] = field(default_factory=dict)
+    cdi_devices: tuple[str, ...] = ()
+    cdi_annotation_names: tuple[str, ...] = ()
+    cdi_annotation_prefix: str = "cdi.k8s.io/"
 
     def build(self) -> ContainerAllocation:
         return ContainerAllocation(
@@ -250,7 +289,29 @@ class _ResponseBuilder:
             mounts=tuple(self.mounts),
             device_specs=tuple(self.device_specs),
             annotations=dict(self.annotations),
+            cdi_devices=self.cdi_devices,
+            cdi_annotation_names=self.cdi_annotation_names,
+            cdi_annotation_prefix=self.cdi_annotation_prefix,
         )
+
+
+def cdi_device_names(ids: Sequence[str], options: AllocateOptions) -> tuple[str, ...]:
+    """The CDI devices for a container holding `ids` (translated IDs), in upstream's order."""
+    names = [cdi_name("gpu", device_id) for device_id in ids]
+    names += [cdi_name("imex-channel", str(channel)) for channel in options.imex_channels]
+    names += [cdi_name(cdi_class, "all") for cdi_class, enabled in CDI_FEATURE_CLASSES
+              if getattr(options, enabled) and cdi_class not in options.cdi_classes_without_spec]
+    return tuple(names)
+
+
+def _add_cdi_devices(response: _ResponseBuilder, ids: Sequence[str], options: AllocateOptions) -> None:
+    names = cdi_device_names(ids, options)
+    # Both strategies listed: both fields, as upstream does (a runtime that reads both injects each device once).
+    if "cdi-annotations" in options.device_list_strategy:
+        response.cdi_annotation_names = names
+        response.cdi_annotation_prefix = options.cdi_annotation_prefix
+    if "cdi-cri" in options.device_list_strategy:
+        response.cdi_devices = names
 
 
 def _add_feature_envs(response: _ResponseBuilder, options: AllocateOptions) -> None:
@@ -263,15 +324,20 @@ def _add_feature_envs(response: _ResponseBuilder, options: AllocateOptions) -> N
         response.envs["NVIDIA_MOFED"] = "enabled"
 
 
-def _add_visible_devices_env(response: _ResponseBuilder, ids: Sequence[str]) -> None:
+def _add_visible_devices_env(response: _ResponseBuilder, ids: Sequence[str], imex_channels: Sequence[int]) -> None:
     response.envs[VISIBLE_DEVICES_ENV] = ",".join(ids)
+    if imex_channels:
+        response.envs[IMEX_CHANNELS_ENV] = ",".join(str(c) for c in imex_channels)
 
 
-def _add_volume_mounts(response: _ResponseBuilder, ids: Sequence[str]) -> None:
+def _add_volume_mounts(response: _ResponseBuilder, ids: Sequence[str], imex_channels: Sequence[int]) -> None:
     # The env var now points the runtime at the directory; the device list is the set of file names in it.
     response.envs[VISIBLE_DEVICES_ENV] = VOLUME_MOUNTS_ROOT
     for device_id in ids:
         response.mounts.append(Mount(container_path=f"{VOLUME_MOUNTS_ROOT}/{device_id}", host_path="/dev/null"))
+    # IMEX channels are listed the same way, in their own subdirectory.
+    for channel in imex_channels:
+        response.mounts.append(Mount(container_path=f"{VOLUME_MOUNTS_ROOT}/imex/{channel}", host_path="/dev/null"))
 
 
 def _add_mps(response: _ResponseBuilder, devices: Sequence[Device]) -> None:
@@ -299,7 +365,8 @@ def _add_mps(response: _ResponseBuilder, devices: Sequence[Device]) -> None:
 
 
 def _add_device_specs(response: _ResponseBuilder, devices: Sequence[Device], options: AllocateOptions) -> None:
-    paths = [*options.control_devices, *(p for d in devices for p in d.paths)]
+    paths = [*options.control_devices, *(p for d in devices for p in d.paths),
+             *(imex_channel_path(c) for c in options.imex_channels)]
     # Deliberate fix over upstream: de-duplicate (keeping first-seen order). Upstream repeats /dev/nvidia<N> once
     # per replica, so a container holding two replicas of one GPU would get the same device node twice; it buys
     # nothing and some runtimes reject or warn about duplicate device entries.

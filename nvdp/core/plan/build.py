@@ -115,6 +115,9 @@ def build_plan(inventory: NodeInventory, settings: Settings) -> Plan:
     """
     if settings.mig_strategy not in ("none", "single", "mixed"):
         raise PlanError(f"unknown MIG strategy: {settings.mig_strategy}")
+    from nvdp.core.plan.imex import require_imex_channels
+
+    require_imex_channels(inventory, settings)
     # Imported here: nvdp.core.plan.sharing raises this module's PlanError, so a top-level import would be circular.
     from nvdp.core.plan.sharing import apply_sharing
 

@@ -159,6 +159,56 @@ allows create (only) on core/v1 events in the `default` namespace, the only one 
 {{- end -}}
 {{- end -}}
 
+{{/*
+"true" when nvdp may use a CDI device list strategy (and so needs the host's CDI directory and driver root): the
+top-level deviceListStrategy names one (env beats file); else an inline config does; else cdi.enabled says so (an
+external ConfigMap's content is unknown to the chart).
+*/}}
+{{- define "nvdp.hasCdiStrategy" -}}
+{{- $list := . -}}
+{{- range (ternary $list (splitList "," (toString $list)) (kindIs "slice" $list)) -}}
+{{- if hasPrefix "cdi-" (toString .) -}}true{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "nvdp.cdiPossible" -}}
+{{- if .Values.deviceListStrategy -}}
+{{- include "nvdp.hasCdiStrategy" .Values.deviceListStrategy -}}
+{{- else if dig "enabled" false (.Values.cdi | default dict) -}}
+true
+{{- else -}}
+{{- range $name, $content := .Values.config.map -}}
+{{- $flags := get (fromYaml (toString $content)) "flags" -}}
+{{- $plugin := and (kindIs "map" $flags) (get $flags "plugin") -}}
+{{- if and (kindIs "map" $plugin) (get $plugin "deviceListStrategy") -}}
+{{- include "nvdp.hasCdiStrategy" (get $plugin "deviceListStrategy") -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+The host directory of IMEX channel nodes to mount (at the same path) so that nvdp can check channel 0, or empty:
+needed when a channel is requested (imex.channelIDs, else an inline config's imex.channelIDs) and the dev root is
+the host's / (another dev or driver root is mounted whole already).
+*/}}
+{{- define "nvdp.imexChannelsMount" -}}
+{{- $imex := .Values.imex | default dict -}}
+{{- $wanted := false -}}
+{{- if not (kindIs "invalid" $imex.channelIDs) -}}
+{{- $wanted = not (empty $imex.channelIDs) -}}
+{{- else -}}
+{{- range $name, $content := .Values.config.map -}}
+{{- $section := get (fromYaml (toString $content)) "imex" -}}
+{{- if and (kindIs "map" $section) (get $section "channelIDs") -}}{{- $wanted = true -}}{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- $devRoot := .Values.nvidiaDevRoot | default .Values.nvidiaDriverRoot | default "/" | toString -}}
+{{- if and $wanted (eq $devRoot "/") -}}
+/dev/nvidia-caps-imex-channels
+{{- end -}}
+{{- end -}}
+
 {{- define "nvdp.serviceAccountName" -}}
 {{- if .Values.serviceAccount.create -}}
 {{- default (include "nvdp.fullname" .) .Values.serviceAccount.name -}}
@@ -267,6 +317,12 @@ Checks that make `helm install` fail with a message naming the value to change.
 {{- end -}}
 {{- if and .Values.metrics.scrapeAnnotations (not .Values.metrics.enabled) -}}
 {{- fail "metrics.scrapeAnnotations=true needs metrics.enabled=true: there is nothing to scrape" -}}
+{{- end -}}
+{{- $featureFlags := dig "featureFlags" "" (.Values.cdi | default dict) | default "" -}}
+{{- range (ternary $featureFlags (splitList "," (toString $featureFlags)) (kindIs "slice" $featureFlags)) -}}
+{{- if and (trim .) (not (has (trim .) (list "disable-ipc-discoverer" "disable-nvsandboxutils"))) -}}
+{{- fail (printf "cdi.featureFlags=%s: nvdp knows the CDI feature flags disable-ipc-discoverer and disable-nvsandboxutils only; remove the others" (trim .)) -}}
+{{- end -}}
 {{- end -}}
 {{- end -}}
 
