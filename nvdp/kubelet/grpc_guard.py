@@ -49,6 +49,7 @@ import h2.events
 import h2.exceptions
 import h2.settings
 from grpclib.const import Status
+from grpclib.encoding.proto import ProtoCodec
 from grpclib.events import SendInitialMetadata, SendMessage, SendTrailingMetadata
 from grpclib.exceptions import GRPCError, ProtocolError, StreamTerminatedError
 from grpclib.metadata import Deadline, decode_metadata
@@ -133,6 +134,16 @@ def rate_limit(logger: logging.Logger) -> logging.Logger:
         logger.addFilter(REPEATS)
     return logger
 
+
+def _frame_name(frame: object) -> str:
+    return type(frame).__name__
+
+
+# h2 formats every frame it receives for a trace log line before calling its logger (`repr(frame)` is an argument,
+# so no logger or config setting skips it): a few per cent of a unary call's CPU, for text that grpclib's h2 (no
+# logger configured) throws away. This name shadows the builtin inside h2.connection only, whose one use of `repr`
+# that is; the upstream proposal (let the logger format the frame) is in docs/performance.md.
+h2.connection.repr = _frame_name  # type: ignore[attr-defined]
 
 rate_limit(log)
 rate_limit(logging.getLogger("grpclib.server"))
@@ -259,13 +270,22 @@ _OK_TRAILERS = ((b"grpc-status", b"0"),)
 
 
 class EncodedMessage:
-    """A message already serialized. A guarded server's codec must send its bytes as they are (as
-    `nvdp.kubelet.plugin_server`'s does); `GuardedStream.send_unary` falls back to sending one through grpclib."""
+    """A message already serialized: `PassThroughCodec` sends its bytes as they are."""
 
     __slots__ = ("data",)
 
     def __init__(self, data: bytes) -> None:
         self.data = data
+
+
+class PassThroughCodec(ProtoCodec):
+    """grpclib's protobuf codec, except that an `EncodedMessage` is sent as it is (`GuardedStream.send_unary`
+    relies on it; a guarded server's codec must be one of these)."""
+
+    def encode(self, message: Any, message_type: Any) -> bytes:
+        if isinstance(message, EncodedMessage):
+            return message.data
+        return super().encode(message, message_type)
 
 
 async def _abort(stream: grpclib.protocol.Stream, h2_status: int, status: Status, message: str) -> None:
@@ -544,8 +564,8 @@ class GuardedServer(grpclib.server.Server):
     `ListAndWatch` would never see its stream end: `transports` lets `stop_server()` close them.
     """
 
-    def __init__(self, handlers: list[Any], *, codec: Any = None, name: str = "") -> None:
-        super().__init__(handlers, codec=codec)
+    def __init__(self, handlers: list[Any], *, codec: PassThroughCodec | None = None, name: str = "") -> None:
+        super().__init__(handlers, codec=codec or PassThroughCodec())
         self.name = name
         self.transports: set[asyncio.BaseTransport] = set()
         #: Live connections, oldest first.

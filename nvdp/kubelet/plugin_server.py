@@ -20,7 +20,6 @@ from typing import Any, Protocol
 
 import grpclib.const
 import h2.connection
-from grpclib.encoding.proto import ProtoCodec
 from grpclib.exceptions import GRPCError
 
 from nvdp.core.inventory import NodeInventory
@@ -28,7 +27,7 @@ from nvdp.core.plan.allocate import AllocateOptions, AllocationError, ContainerA
 from nvdp.core.plan.model import Resource
 from nvdp.core.plan.preferred import PreferredAllocationError, preferred_allocation
 from nvdp.kubelet.api import v1beta1 as api
-from nvdp.kubelet.grpc_guard import EncodedMessage, GuardedServer, GuardedStream, rate_limit
+from nvdp.kubelet.grpc_guard import EncodedMessage, GuardedServer, GuardedStream, PassThroughCodec, rate_limit
 
 log = rate_limit(logging.getLogger(__name__))
 
@@ -88,12 +87,7 @@ def device_entry(device_id: str, health: str, numa_node: int | None) -> bytes:
     return _length_delimited(0x0A, body)
 
 
-class _Codec(ProtoCodec):
-    def encode(self, message: Any, message_type: Any) -> bytes:
-        if isinstance(message, EncodedMessage):
-            return message.data
-        return super().encode(message, message_type)
-
+class _Codec(PassThroughCodec):
     def decode(self, data: bytes, message_type: Any) -> Any:
         # A request that is not valid protobuf (a device ID that is not UTF-8, a field of the wrong wire type) is
         # the client's error: say so, instead of an "Internal Server Error" and a logged traceback.
