@@ -122,6 +122,19 @@ def test_the_response_cache_is_bounded() -> None:
 # ------------------------------------------------------------------------------------------ through a server
 
 
+class Calls:
+    """The calls a server reported (`CallObserver`): (method, ok)."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, bool]] = []
+
+    def allocate_observed(self, resource: str, seconds: float, ok: bool = True) -> None:
+        self.seen.append(("Allocate", ok))
+
+    def preferred_observed(self, resource: str, seconds: float, ok: bool = True) -> None:
+        self.seen.append(("GetPreferredAllocation", ok))
+
+
 class Served:
     """A plugin server on an asyncio loop in a thread (as the daemon runs it), whose socket writes are counted."""
 
@@ -133,7 +146,8 @@ class Served:
         devices = tuple(Device(id=gpu, physical_id=gpu, index=str(i), gpu_uuid=gpu, gpu_index=i,
                                paths=(f"/dev/nvidia{i}",)) for i, gpu in enumerate(ids))
         context = ServingContext(Resource("nvidia.com/gpu", devices), options, NodeInventory("1", 4, ()))
-        self.bound: BoundServer = self.run(lambda: start_server(context, {}, path))
+        self.calls = Calls()
+        self.bound: BoundServer = self.run(lambda: start_server(context, {}, path, self.calls))
         self.writes = 0
 
     def run(self, coro: Callable[[], Awaitable[T]]) -> T:
@@ -197,6 +211,7 @@ def test_repeated_allocates_are_answered_from_the_cache_in_one_write_each(served
                and a.trailers == {"grpc-status": "0"} for a in [first, *again])
     assert served.writes == 3
     assert len(served.service.allocate_cache) == 1
+    assert served.calls.seen == [("Allocate", True)] * 4
     (container,) = api.AllocateResponse.parse(unframed(first.data)).container_responses
     assert container.envs["NVIDIA_VISIBLE_DEVICES"] == "/var/run/nvidia-container-devices"
     assert len(container.mounts) == 2 and len(container.devices) >= 2
@@ -211,6 +226,7 @@ def test_a_refused_allocate_is_not_cached_and_a_large_request_is_served_without_
     assert all("GPU-unknown" in a.message for a in refused)
     assert large.status == grpclib.const.Status.OK.value
     assert len(served.service.allocate_cache) == 0
+    assert served.calls.seen == [("Allocate", False), ("Allocate", False), ("Allocate", True)]
 
 
 def test_get_preferred_allocation_is_cached_and_matches_the_generated_encoding(served: Served) -> None:
@@ -221,6 +237,7 @@ def test_get_preferred_allocation_is_cached_and_matches_the_generated_encoding(s
     assert unframed(answers[0].data) == bytes(response)
     assert len(response.container_responses[0].device_i_ds) == 2  # type: ignore[attr-defined]
     assert len(served.service.preferred_cache) == 1
+    assert served.calls.seen == [("GetPreferredAllocation", True)] * 2
 
 
 def test_a_response_larger_than_one_frame_goes_through_grpclibs_path(short_dir: Path) -> None:

@@ -361,57 +361,58 @@ class DevicePluginService(api.DevicePluginBase):
             yield response  # type: ignore[misc]
 
     async def _allocate_rpc(self, stream: GuardedStream) -> None:
-        await stream.send_unary(await self._answer(stream, self.allocate_cache, self.allocate_encoded))
+        await self._serve(stream, self.allocate_cache, self.allocate_answer, self.observer.allocate_observed)
 
     async def _preferred_rpc(self, stream: GuardedStream) -> None:
-        await stream.send_unary(await self._answer(stream, self.preferred_cache, self.preferred_encoded))
+        await self._serve(stream, self.preferred_cache, self.preferred_answer, self.observer.preferred_observed)
 
-    @staticmethod
-    async def _answer(stream: GuardedStream, cache: ResponseCache, answer: Callable[[Any], Answer]) -> bytes:
-        """The encoded response to the request on `stream`: from `cache` when this server answered the same request
-        bytes before (without decoding them again), else computed and kept. Refusals are never kept."""
+    async def _serve(self, stream: GuardedStream, cache: ResponseCache, answer: Callable[[Any], Answer],
+                     report: Callable[[str, float, bool], None]) -> None:
+        """Answer the unary call on `stream`: from `cache` when this server answered the same request bytes before
+        (without decoding them again), else computed and kept. Refusals are never kept. Each call's handling (not
+        its transport) is reported, whether it was kept or not."""
         data = await stream.recv_bytes()
         if data is None:
             raise GRPCError(grpclib.const.Status.INVALID_ARGUMENT, "no request message")
-        cached = cache.get(data)
-        if cached is None:
-            cached = answer(stream.decode(data))
-            stream.count_received()
-            if len(data) <= CACHE_KEY_BYTES:
-                cache.put(data, cached)
-        else:
-            stream.count_received()
-        return cached.encode()
+        kept = cache.get(data)
+        # Undecodable requests are the client's error (INVALID_ARGUMENT), and were never reported as calls.
+        message = stream.decode(data) if kept is None else None
+        stream.count_received()
+        with _Timed(report, self.context.resource.name):
+            if kept is None:
+                kept = answer(message)
+                if len(data) <= CACHE_KEY_BYTES:
+                    cache.put(data, kept)
+            payload = kept.encode()
+        await stream.send_unary(payload)
 
-    def allocate_encoded(self, message: api.AllocateRequest) -> Answer:
+    def allocate_answer(self, message: api.AllocateRequest) -> Answer:
         """The AllocateResponse for `message`; raises GRPCError(INVALID_ARGUMENT) for a refused request."""
         context = self.context
-        with _Timed(self.observer.allocate_observed, context.resource.name):
-            containers = []
-            for request in message.container_requests:
-                try:
-                    allocation = allocate(context.resource, request.devices_ids, context.options)
-                except AllocationError as exc:
-                    log.warning("Allocate refused for %s: %s", context.resource.name, exc)
-                    raise GRPCError(grpclib.const.Status.INVALID_ARGUMENT, str(exc)) from None
-                containers.append(EncodedContainer.of(allocation))
-            return Answer(tuple(containers))
+        containers = []
+        for request in message.container_requests:
+            try:
+                allocation = allocate(context.resource, request.devices_ids, context.options)
+            except AllocationError as exc:
+                log.warning("Allocate refused for %s: %s", context.resource.name, exc)
+                raise GRPCError(grpclib.const.Status.INVALID_ARGUMENT, str(exc)) from None
+            containers.append(EncodedContainer.of(allocation))
+        return Answer(tuple(containers))
 
-    def preferred_encoded(self, message: api.PreferredAllocationRequest) -> Answer:
+    def preferred_answer(self, message: api.PreferredAllocationRequest) -> Answer:
         """The PreferredAllocationResponse for `message`; raises GRPCError(INVALID_ARGUMENT)."""
         context = self.context
-        with _Timed(self.observer.preferred_observed, context.resource.name):
-            containers = []
-            for request in message.container_requests:
-                try:
-                    ids = preferred_allocation(context.resource, context.inventory, request.available_deviceIDs,
-                                               request.must_include_deviceIDs, request.allocation_size,
-                                               context.allocation_policy)
-                except PreferredAllocationError as exc:
-                    raise GRPCError(grpclib.const.Status.INVALID_ARGUMENT, str(exc)) from None
-                # ContainerPreferredAllocationResponse: device_i_ds is its field 1.
-                containers.append(EncodedContainer(b"".join(_length_delimited(0x0A, i.encode()) for i in ids)))
-            return Answer(tuple(containers))
+        containers = []
+        for request in message.container_requests:
+            try:
+                ids = preferred_allocation(context.resource, context.inventory, request.available_deviceIDs,
+                                           request.must_include_deviceIDs, request.allocation_size,
+                                           context.allocation_policy)
+            except PreferredAllocationError as exc:
+                raise GRPCError(grpclib.const.Status.INVALID_ARGUMENT, str(exc)) from None
+            # ContainerPreferredAllocationResponse: device_i_ds is its field 1.
+            containers.append(EncodedContainer(b"".join(_length_delimited(0x0A, i.encode()) for i in ids)))
+        return Answer(tuple(containers))
 
     async def pre_start_container(self, message: api.PreStartContainerRequest) -> api.PreStartContainerResponse:
         return api.PreStartContainerResponse()
