@@ -49,6 +49,8 @@ import h2.events
 import h2.exceptions
 import h2.settings
 from grpclib.const import Status
+from grpclib.encoding.proto import ProtoCodec
+from grpclib.events import SendInitialMetadata, SendMessage, SendTrailingMetadata
 from grpclib.exceptions import GRPCError, ProtocolError, StreamTerminatedError
 from grpclib.metadata import Deadline, decode_metadata
 from grpclib.utils import DeadlineWrapper, Wrapper
@@ -133,6 +135,16 @@ def rate_limit(logger: logging.Logger) -> logging.Logger:
     return logger
 
 
+def _frame_name(frame: object) -> str:
+    return type(frame).__name__
+
+
+# h2 formats every frame it receives for a trace log line before calling its logger (`repr(frame)` is an argument,
+# so no logger or config setting skips it): a few per cent of a unary call's CPU, for text that grpclib's h2 (no
+# logger configured) throws away. This name shadows the builtin inside h2.connection only, whose one use of `repr`
+# that is; the upstream proposal (let the logger format the frame) is in docs/performance.md.
+h2.connection.repr = _frame_name  # type: ignore[attr-defined]
+
 rate_limit(log)
 rate_limit(logging.getLogger("grpclib.server"))
 rate_limit(logging.getLogger("grpclib.protocol"))
@@ -155,31 +167,41 @@ class GuardedStream(grpclib.server.Stream[Any, Any]):
     _counted = False
 
     async def recv_message(self) -> Any:
+        data = await self.recv_bytes()
+        if data is None:
+            return None
+        message = self._codec.decode(data, self._recv_type)
+        self.count_received()
+        return message
+
+    async def recv_bytes(self) -> bytes | None:
+        """The next request message, not decoded (None at the end of a client stream). The caller decodes it, or
+        knows it already, and then calls `count_received()`."""
         stream = self._stream
         try:
             if stream.buffer._eof:
                 # The client has ended its side: the whole request is buffered already (the usual case, the kubelet
                 # sends headers and message at once), nothing to wait for.
-                data = await self._read()
-            else:
-                async with asyncio.timeout(REQUEST_TIMEOUT_S):
-                    data = await self._read()
-            if data is None:
-                return None
+                return await self._read()
+            async with asyncio.timeout(REQUEST_TIMEOUT_S):
+                return await self._read()
         except AssertionError:
             # grpclib's buffer: the stream ended inside the length prefix or the message.
             raise GRPCError(Status.INVALID_ARGUMENT, "request message cut short") from None
         except TimeoutError:
             raise GRPCError(Status.DEADLINE_EXCEEDED,
                             f"request not received within {REQUEST_TIMEOUT_S:g} s") from None
-        message = self._codec.decode(data, self._recv_type)
-        connection = cast(GuardedConnection, stream.connection)
+
+    def decode(self, data: bytes) -> Any:
+        return self._codec.decode(data, self._recv_type)
+
+    def count_received(self) -> None:
+        connection = cast(GuardedConnection, self._stream.connection)
         if not self._counted:
             connection.serving += 1
             self._counted = True
         self._messages_received += 1
         connection.messages_received += 1
-        return message
 
     async def _read(self) -> bytes | None:
         stream = self._stream
@@ -196,12 +218,74 @@ class GuardedStream(grpclib.server.Stream[Any, Any]):
                             f"request message of {length} bytes is larger than the limit of {MAX_MESSAGE_BYTES} bytes")
         return await stream.recv_data(length)
 
+    async def send_unary(self, payload: bytes) -> None:
+        """Answer a unary call with `payload` (an encoded message): headers, message and OK trailers.
+
+        When the whole message fits the stream's send window and one DATA frame, and no grpclib event listener
+        wants to see (or change) the metadata, the three HTTP/2 frames go out in ONE socket write with headers
+        built once per process; otherwise grpclib's own path sends them (three writes, waiting for the window as
+        needed). Either way the client sees the same frames.
+        """
+        stream = self._stream
+        h2_conn = stream._h2_connection
+        stream_id = cast(int, stream.id)
+        data = _MESSAGE_PREFIX.pack(0, len(payload)) + payload
+        if (self._send_initial_metadata_done or self._dispatch_listens() or self._codec.__content_subtype__ != "proto"
+                or not stream.connection.write_ready.is_set()
+                or stream_id not in h2_conn.streams
+                or len(data) > min(h2_conn.local_flow_control_window(stream_id), h2_conn.max_outbound_frame_size)):
+            await self.send_message(EncodedMessage(payload))
+            return
+        h2_conn.send_headers(stream_id, _RESPONSE_HEADERS)
+        h2_conn.send_data(stream_id, data)
+        h2_conn.send_headers(stream_id, _OK_TRAILERS, end_stream=True)
+        stream._transport.write(h2_conn.data_to_send())
+        connection = stream.connection
+        stream.data_sent += len(data)
+        connection.data_sent += len(data)
+        connection.data_send_process()
+        self._send_initial_metadata_done = self._send_message_done = self._send_trailing_metadata_done = True
+        self._messages_sent += 1
+        connection.messages_sent += 1
+        connection.last_message_sent = time.monotonic()
+
+    def _dispatch_listens(self) -> bool:
+        listeners = self._dispatch._listeners
+        return bool(listeners.get(SendInitialMetadata) or listeners.get(SendMessage)
+                    or listeners.get(SendTrailingMetadata))
+
     async def send_trailing_metadata(self, *, status: Status = Status.OK, status_message: str | None = None,
                                      status_details: Any = None, metadata: Any = None) -> None:
         if status_message is not None:
             status_message = clip(status_message)
         await super().send_trailing_metadata(status=status, status_message=status_message,
                                              status_details=status_details, metadata=metadata)
+
+
+_MESSAGE_PREFIX = struct.Struct(">BI")
+#: A unary response's headers and trailers never change (nvdp's codec is protobuf, it sends no metadata): built once.
+#: h2 still HPACK-encodes them per response; after the first response they are indexed (a few bytes each).
+_RESPONSE_HEADERS = ((b":status", b"200"), (b"content-type", b"application/grpc+proto"))
+_OK_TRAILERS = ((b"grpc-status", b"0"),)
+
+
+class EncodedMessage:
+    """A message already serialized: `PassThroughCodec` sends its bytes as they are."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+
+class PassThroughCodec(ProtoCodec):
+    """grpclib's protobuf codec, except that an `EncodedMessage` is sent as it is (`GuardedStream.send_unary`
+    relies on it; a guarded server's codec must be one of these)."""
+
+    def encode(self, message: Any, message_type: Any) -> bytes:
+        if isinstance(message, EncodedMessage):
+            return message.data
+        return super().encode(message, message_type)
 
 
 async def _abort(stream: grpclib.protocol.Stream, h2_status: int, status: Status, message: str) -> None:
@@ -480,8 +564,8 @@ class GuardedServer(grpclib.server.Server):
     `ListAndWatch` would never see its stream end: `transports` lets `stop_server()` close them.
     """
 
-    def __init__(self, handlers: list[Any], *, codec: Any = None, name: str = "") -> None:
-        super().__init__(handlers, codec=codec)
+    def __init__(self, handlers: list[Any], *, codec: PassThroughCodec | None = None, name: str = "") -> None:
+        super().__init__(handlers, codec=codec or PassThroughCodec())
         self.name = name
         self.transports: set[asyncio.BaseTransport] = set()
         #: Live connections, oldest first.

@@ -12,6 +12,7 @@ import contextlib
 import logging
 import os
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,6 @@ from typing import Any, Protocol
 
 import grpclib.const
 import h2.connection
-from grpclib.encoding.proto import ProtoCodec
 from grpclib.exceptions import GRPCError
 
 from nvdp.core.inventory import NodeInventory
@@ -27,7 +27,7 @@ from nvdp.core.plan.allocate import AllocateOptions, AllocationError, ContainerA
 from nvdp.core.plan.model import Resource
 from nvdp.core.plan.preferred import PreferredAllocationError, preferred_allocation
 from nvdp.kubelet.api import v1beta1 as api
-from nvdp.kubelet.grpc_guard import GuardedServer, rate_limit
+from nvdp.kubelet.grpc_guard import EncodedMessage, GuardedServer, GuardedStream, PassThroughCodec, rate_limit
 
 log = rate_limit(logging.getLogger(__name__))
 
@@ -87,21 +87,7 @@ def device_entry(device_id: str, health: str, numa_node: int | None) -> bytes:
     return _length_delimited(0x0A, body)
 
 
-class EncodedMessage:
-    """A message already serialized; `_Codec` sends its bytes as they are."""
-
-    __slots__ = ("data",)
-
-    def __init__(self, data: bytes) -> None:
-        self.data = data
-
-
-class _Codec(ProtoCodec):
-    def encode(self, message: Any, message_type: Any) -> bytes:
-        if isinstance(message, EncodedMessage):
-            return message.data
-        return super().encode(message, message_type)
-
+class _Codec(PassThroughCodec):
     def decode(self, data: bytes, message_type: Any) -> Any:
         # A request that is not valid protobuf (a device ID that is not UTF-8, a field of the wrong wire type) is
         # the client's error: say so, instead of an "Internal Server Error" and a logged traceback.
@@ -215,6 +201,8 @@ class ServingContext:
 
 
 def container_response(allocation: ContainerAllocation) -> api.ContainerAllocateResponse:
+    """The part of a container's response that is the same for every call with the same devices: everything but
+    the `cdi-annotations` annotation, whose key is new for each response (`cdi_annotation`)."""
     return api.ContainerAllocateResponse(
         envs=dict(allocation.envs),
         mounts=[api.Mount(container_path=m.container_path, host_path=m.host_path, read_only=m.read_only)
@@ -222,7 +210,95 @@ def container_response(allocation: ContainerAllocation) -> api.ContainerAllocate
         devices=[api.DeviceSpec(container_path=d.container_path, host_path=d.host_path, permissions=d.permissions)
                  for d in allocation.device_specs],
         annotations=dict(allocation.annotations),
+        cdi_devices=[api.CdiDevice(name=name) for name in allocation.cdi_devices],
     )
+
+
+#: What the `cdi-annotations` key is made of after the prefix (upstream's plugin name), then a fresh uuid4.
+CDI_ANNOTATION_PLUGIN = "nvidia-device-plugin"
+
+
+def cdi_annotation(prefix: str, value: str) -> bytes:
+    """One `annotations` map entry (field 4 of ContainerAllocateResponse) `<prefix>nvidia-device-plugin_<uuid4>` =
+    `value`, encoded. Protobuf merges repeated map entries, so appending these bytes to an encoded response adds the
+    annotation without re-encoding the rest."""
+    key = f"{prefix}{CDI_ANNOTATION_PLUGIN}_{uuid.uuid4()}"
+    return _length_delimited(0x22, _length_delimited(0x0A, key.encode()) + _length_delimited(0x12, value.encode()))
+
+
+@dataclass(frozen=True, slots=True)
+class EncodedContainer:
+    """A container's response encoded once (`body`), and the CDI annotation each response adds to it."""
+
+    body: bytes
+    cdi_prefix: str = ""
+    #: Comma-joined CDI device names; empty: no annotation.
+    cdi_value: str = ""
+
+    @classmethod
+    def of(cls, allocation: ContainerAllocation) -> EncodedContainer:
+        return cls(bytes(container_response(allocation)), allocation.cdi_annotation_prefix,
+                   ",".join(allocation.cdi_annotation_names))
+
+    def response_entry(self) -> bytes:
+        """This container as one `container_responses` entry (field 1) of an AllocateResponse."""
+        body = self.body
+        if self.cdi_value:
+            body += cdi_annotation(self.cdi_prefix, self.cdi_value)
+        return _length_delimited(0x0A, body)
+
+
+class Answer:
+    """A whole response, encoded but for the per-response CDI annotations. (AllocateResponse and
+    PreferredAllocationResponse both are their containers' responses in field 1.)"""
+
+    __slots__ = ("containers", "encoded", "size")
+
+    def __init__(self, containers: tuple[EncodedContainer, ...]) -> None:
+        self.containers = containers
+        #: The complete response, when no container adds an annotation per response.
+        self.encoded = (None if any(c.cdi_value for c in containers)
+                        else b"".join(c.response_entry() for c in containers))
+        self.size = sum(len(c.body) for c in containers)
+
+    def encode(self) -> bytes:
+        if self.encoded is not None:
+            return self.encoded
+        return b"".join(c.response_entry() for c in self.containers)
+
+
+#: Responses each server keeps, per method (Allocate, GetPreferredAllocation).
+CACHE_ENTRIES = 64
+#: A request larger than this (encoded) is answered without the cache: it bounds a key's size.
+CACHE_KEY_BYTES = 4096
+#: A response larger than this (encoded) is not kept.
+CACHE_ENTRY_BYTES = 8 * 1024
+
+
+class ResponseCache:
+    """Encoded responses of one server by request bytes, at most `entries` (the oldest goes first).
+
+    A server's inputs are fixed for its life (a changed resource, option or inventory starts a new server), so a
+    response never goes stale: the cache ends with its server, i.e. with the plan generation it was built for.
+    """
+
+    def __init__(self, entries: int = CACHE_ENTRIES) -> None:
+        self.entries = entries
+        self._items: dict[bytes, Answer] = {}
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def get(self, key: bytes) -> Answer | None:
+        return self._items.get(key)
+
+    def put(self, key: bytes, value: Answer) -> None:
+        if value.size > CACHE_ENTRY_BYTES:
+            return
+        items = self._items
+        if len(items) >= self.entries:
+            del items[next(iter(items))]
+        items[key] = value
 
 
 class CallObserver(Protocol):
@@ -261,6 +337,19 @@ class DevicePluginService(api.DevicePluginBase):
         self.context = context
         self.mirror = mirror
         self.observer = observer
+        self.allocate_cache = ResponseCache()
+        self.preferred_cache = ResponseCache()
+
+    def __mapping__(self) -> dict[str, grpclib.const.Handler]:
+        # Allocate and GetPreferredAllocation answer with bytes encoded once per device set, sent in one write.
+        mapping = super().__mapping__()
+        for path, func, request, reply in (
+            ("/v1beta1.DevicePlugin/Allocate", self._allocate_rpc, api.AllocateRequest, api.AllocateResponse),
+            ("/v1beta1.DevicePlugin/GetPreferredAllocation", self._preferred_rpc, api.PreferredAllocationRequest,
+             api.PreferredAllocationResponse),
+        ):
+            mapping[path] = grpclib.const.Handler(func, grpclib.const.Cardinality.UNARY_UNARY, request, reply)
+        return mapping
 
     async def get_device_plugin_options(self, message: api.Empty) -> api.DevicePluginOptions:
         return OPTIONS
@@ -271,34 +360,59 @@ class DevicePluginService(api.DevicePluginBase):
             # Already serialized (see DeviceListEncoder); the server's codec passes the bytes through.
             yield response  # type: ignore[misc]
 
-    async def allocate(self, message: api.AllocateRequest) -> api.AllocateResponse:
-        context = self.context
-        with _Timed(self.observer.allocate_observed, context.resource.name):
-            responses = []
-            for request in message.container_requests:
-                try:
-                    allocation = allocate(context.resource, request.devices_ids, context.options)
-                except AllocationError as exc:
-                    log.warning("Allocate refused for %s: %s", context.resource.name, exc)
-                    raise GRPCError(grpclib.const.Status.INVALID_ARGUMENT, str(exc)) from None
-                responses.append(container_response(allocation))
-            return api.AllocateResponse(container_responses=responses)
+    async def _allocate_rpc(self, stream: GuardedStream) -> None:
+        await self._serve(stream, self.allocate_cache, self.allocate_answer, self.observer.allocate_observed)
 
-    async def get_preferred_allocation(
-        self, message: api.PreferredAllocationRequest
-    ) -> api.PreferredAllocationResponse:
+    async def _preferred_rpc(self, stream: GuardedStream) -> None:
+        await self._serve(stream, self.preferred_cache, self.preferred_answer, self.observer.preferred_observed)
+
+    async def _serve(self, stream: GuardedStream, cache: ResponseCache, answer: Callable[[Any], Answer],
+                     report: Callable[[str, float, bool], None]) -> None:
+        """Answer the unary call on `stream`: from `cache` when this server answered the same request bytes before
+        (without decoding them again), else computed and kept. Refusals are never kept. Each call's handling (not
+        its transport) is reported, whether it was kept or not."""
+        data = await stream.recv_bytes()
+        if data is None:
+            raise GRPCError(grpclib.const.Status.INVALID_ARGUMENT, "no request message")
+        kept = cache.get(data)
+        # Undecodable requests are the client's error (INVALID_ARGUMENT), and were never reported as calls.
+        message = stream.decode(data) if kept is None else None
+        stream.count_received()
+        with _Timed(report, self.context.resource.name):
+            if kept is None:
+                kept = answer(message)
+                if len(data) <= CACHE_KEY_BYTES:
+                    cache.put(data, kept)
+            payload = kept.encode()
+        await stream.send_unary(payload)
+
+    def allocate_answer(self, message: api.AllocateRequest) -> Answer:
+        """The AllocateResponse for `message`; raises GRPCError(INVALID_ARGUMENT) for a refused request."""
         context = self.context
-        with _Timed(self.observer.preferred_observed, context.resource.name):
-            responses = []
-            for request in message.container_requests:
-                try:
-                    ids = preferred_allocation(
-                        context.resource, context.inventory, request.available_deviceIDs,
-                        request.must_include_deviceIDs, request.allocation_size, context.allocation_policy)
-                except PreferredAllocationError as exc:
-                    raise GRPCError(grpclib.const.Status.INVALID_ARGUMENT, str(exc)) from None
-                responses.append(api.ContainerPreferredAllocationResponse(device_i_ds=ids))
-            return api.PreferredAllocationResponse(container_responses=responses)
+        containers = []
+        for request in message.container_requests:
+            try:
+                allocation = allocate(context.resource, request.devices_ids, context.options)
+            except AllocationError as exc:
+                log.warning("Allocate refused for %s: %s", context.resource.name, exc)
+                raise GRPCError(grpclib.const.Status.INVALID_ARGUMENT, str(exc)) from None
+            containers.append(EncodedContainer.of(allocation))
+        return Answer(tuple(containers))
+
+    def preferred_answer(self, message: api.PreferredAllocationRequest) -> Answer:
+        """The PreferredAllocationResponse for `message`; raises GRPCError(INVALID_ARGUMENT)."""
+        context = self.context
+        containers = []
+        for request in message.container_requests:
+            try:
+                ids = preferred_allocation(context.resource, context.inventory, request.available_deviceIDs,
+                                           request.must_include_deviceIDs, request.allocation_size,
+                                           context.allocation_policy)
+            except PreferredAllocationError as exc:
+                raise GRPCError(grpclib.const.Status.INVALID_ARGUMENT, str(exc)) from None
+            # ContainerPreferredAllocationResponse: device_i_ds is its field 1.
+            containers.append(EncodedContainer(b"".join(_length_delimited(0x0A, i.encode()) for i in ids)))
+        return Answer(tuple(containers))
 
     async def pre_start_container(self, message: api.PreStartContainerRequest) -> api.PreStartContainerResponse:
         return api.PreStartContainerResponse()
