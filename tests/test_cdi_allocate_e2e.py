@@ -116,3 +116,17 @@ async def test_cdi_annotations_alone_and_beside_envvar(
         container = await allocate(kubelet, "nvidia.com/gpu", [GPU0])
         assert container.envs["NVIDIA_VISIBLE_DEVICES"] == "0"
         assert list(container.annotations.values()) == ["k8s.device-plugin.nvidia.com/gpu=0"]
+
+
+async def test_a_feature_whose_nodes_are_missing_is_not_named(tmp_path: Path, kubelet: KubeletEmulator) -> None:
+    """gds and mofed on, but the simulated node has neither `/dev/nvidia-fs*` nor `/dev/infiniband`: no spec for them,
+    so Allocate names neither (the runtime would refuse the container), while the env vars still say enabled."""
+    cdi_root = tmp_path / "cdi"
+    s = Settings(simulate=write_node(tmp_path / "node.yaml", [gpu(0)]), kubelet_socket=kubelet.socket,
+                 cdi_root=cdi_root, device_list_strategy=("cdi-cri",), gds_enabled=True, mofed_enabled=True)
+    async with daemon(s):
+        assert await wait_for(kubelet, lambda k: k.devices("nvidia.com/gpu") == {GPU0: "Healthy"})
+        container = await allocate(kubelet, "nvidia.com/gpu", [GPU0])
+        assert [d.name for d in container.cdi_devices] == [f"k8s.device-plugin.nvidia.com/gpu={GPU0}"]
+        assert (container.envs["NVIDIA_GDS"], container.envs["NVIDIA_MOFED"]) == ("enabled", "enabled")
+        assert set(defined_devices(cdi_root)) == {f"k8s.device-plugin.nvidia.com/gpu={GPU0}"}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from nvdp.core.config.settings import CDI_FEATURE_FLAGS
 from tests.deploy.test_deploy_chart import DROP_ALL
 
 
@@ -138,3 +139,9 @@ def test_imex_channels_are_mounted_where_nvdp_checks_them(render, values, mounte
     else:
         assert "/dev/nvidia-caps-imex-channels" not in r.mount_paths()
     assert r.security_context == DROP_ALL, "a stat of the node needs no privilege"
+
+
+@pytest.mark.parametrize("flag", CDI_FEATURE_FLAGS)
+def test_the_chart_accepts_every_feature_flag_nvdp_accepts(render, flag):
+    """The chart's list of feature flags is written out in _helpers.tpl; it must follow nvdp's own."""
+    assert render({"cdi": {"featureFlags": flag}}).env["CDI_FEATURE_FLAGS"] == flag
