@@ -173,6 +173,26 @@ class Nvdp:
         assert self.process is not None
         self.process.send_signal(signal.SIGHUP)
 
+    def terminate_timed(self, expect_zero: bool = True) -> float:
+        """SIGTERM -> the process has exited, in ms (the benchmark process reaps it, so this includes the exit's
+        last steps: sockets removed, threads ended, the interpreter torn down)."""
+        assert self.process is not None
+        started = time.monotonic()
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:
+            raise FigureError(f"still running 10 s after SIGTERM; log tail:\n{self.log_tail()}") from None
+        elapsed = 1000 * (time.monotonic() - started)
+        if expect_zero and self.process.returncode != 0:
+            raise FigureError(f"exit code {self.process.returncode} after SIGTERM; log tail:\n{self.log_tail()}")
+        return elapsed
+
+    def plugin_sockets(self) -> list[Path]:
+        """The plugin's sockets in the kubelet's directory (not the kubelet's own)."""
+        assert self.kubelet is not None
+        return [p for p in self.kubelet.socket.parent.glob("*.sock") if p != self.kubelet.socket]
+
     def stop(self) -> int | None:
         code = None
         if self.process is not None:

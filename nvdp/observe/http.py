@@ -36,7 +36,6 @@ from collections.abc import Collection
 from dataclasses import dataclass, field
 
 import trio
-from prometheus_client.exposition import choose_encoder
 
 from nvdp.core.config.settings import parse_address
 from nvdp.observe.metrics import Metrics
@@ -137,6 +136,8 @@ async def serve_http(
     if not address.strip():
         task_status.started(None)
         return
+    # The encoder module, loaded now rather than in the first scrape's answer (it takes ~15 ms on a small machine).
+    import prometheus_client.exposition  # noqa: F401
     host, port = parse_address(address)
     server = _Server(metrics, state)
     listeners = await trio.open_tcp_listeners(port, host=host)
@@ -320,6 +321,9 @@ class _Server:
                 try:
                     # Content negotiation as prometheus-client's own servers do it: OpenMetrics when asked for (with
                     # a version it can parse), else text.
+                    # Imported with the first scrape: a daemon without an endpoint never loads it (start-up time).
+                    from prometheus_client.exposition import choose_encoder
+
                     encoder, content_type = choose_encoder(_usable_accept(headers.get("accept", "")))
                     try:
                         body = encoder(self.metrics.registry)
