@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -259,3 +260,41 @@ def time_calls(call: Callable[..., bytes], request: bytes, calls: int, warmup: i
 def repeat_calls(call: Callable[..., bytes], request: bytes, calls: int) -> None:
     for _ in range(calls):
         call(request, timeout=5.0)
+
+
+def concurrent_calls(socket_path: Path, method: str, request: bytes, clients: int, seconds: float) -> float:
+    """Calls per second that `clients` threads complete together, each with a connection of its own (as that many
+    kubelets would have), each calling back to back for `seconds`. The client is Python (grpcio), so past a few
+    clients this is bounded by the benchmark process as much as by the plugin."""
+    import grpc  # the emulator's dependency, imported only where used
+
+    channels = [grpc.insecure_channel(f"unix:{socket_path}", options=[("grpc.default_authority", "localhost"),
+                                                                      ("grpc.use_local_subchannel_pool", 1)])
+                for _ in range(clients)]
+    counts = [0] * clients
+    finished = [0.0] * clients
+    start = threading.Barrier(clients + 1)
+
+    def client(i: int) -> None:
+        call = channels[i].unary_unary(f"/v1beta1.DevicePlugin/{method}")
+        call(request, timeout=5.0)  # connected before the clock starts
+        start.wait()
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            call(request, timeout=5.0)
+            counts[i] += 1
+        finished[i] = time.monotonic()
+
+    threads = [threading.Thread(target=client, args=(i,), name=f"bench-client-{i}") for i in range(clients)]
+    try:
+        for t in threads:
+            t.start()
+        start.wait(30)
+        began = time.monotonic()
+        for t in threads:
+            t.join(seconds + 30)
+        elapsed = max(finished) - began
+    finally:
+        for channel in channels:
+            channel.close()
+    return sum(counts) / elapsed

@@ -44,6 +44,8 @@ FIGURES: dict[str, Figure] = {
                                 ("p50", "p99", "max", "n"), ("p99", 500.0)),
     "reload.node_label_broken_unchanged_streams": Figure("Reload (node label): unchanged streams broken", "count",
                                                          ("value",), ("value", 0.0)),
+    "allocate.concurrent": Figure("Allocate, whole GPU: 8 clients at once (a connection each)", "calls/s",
+                                  ("value", "clients")),
     "allocate.cpu_per_call": Figure("Allocate, whole GPU: plugin CPU per call (all threads)", "µs", ("value",)),
     "startup.process": Figure("Start-up: process start -> registered (byte-compiled)", "ms",
                               ("p50", "max", "devices_p50"), ("p50", 150.0)),
@@ -148,7 +150,8 @@ def machine() -> dict[str, Any]:
 
 
 def _fmt(value: float, unit: str, stat: str) -> str:
-    if stat in ("n", "allocates", "bytes", "device_count", "calls", "restarts") or unit == "count":
+    if stat in ("n", "allocates", "bytes", "device_count", "calls", "restarts", "clients") or unit in ("count",
+                                                                                                     "calls/s"):
         return f"{value:,.0f}"
     if unit == "% of a core":
         return f"{value:.3f}"
@@ -157,7 +160,7 @@ def _fmt(value: float, unit: str, stat: str) -> str:
 
 def _unit(unit: str, stat: str) -> str:
     return {"n": "calls", "allocates": "calls", "bytes": "bytes", "device_count": "devices", "calls": "calls",
-            "restarts": "restarts"}.get(stat, unit)
+            "restarts": "restarts", "clients": "clients"}.get(stat, unit)
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -212,8 +215,8 @@ def comparison(figures: dict[str, Any]) -> list[tuple[str, str, float, float, st
         if key.startswith(AGAINST) or theirs is None or ours["status"] != "ok" or theirs["status"] != "ok":
             continue
         for stat in figure_of(key).stats:
-            if stat in ours["summary"] and stat in theirs["summary"] and stat not in ("n", "calls", "allocates",
-                                                                                      "restarts"):
+            if stat in ours["summary"] and stat in theirs["summary"] and stat not in (
+                    "n", "calls", "allocates", "restarts", "clients"):
                 rows.append((ours["title"], stat, ours["summary"][stat]["median"],
                              theirs["summary"][stat]["median"], ours["unit"]))
     return rows

@@ -28,6 +28,7 @@ from bench.harness import (
     Nvdp,
     Unavailable,
     allocate_request,
+    concurrent_calls,
     cpu_seconds_between,
     latency_stats,
     preferred_request,
@@ -66,15 +67,21 @@ class Params:
     encode_runs: int
     #: After registration, before RSS and idle CPU are read: let start-up stragglers (threads, GC) finish.
     settle_s: float
+    #: How long `CONCURRENT_CLIENTS` clients call Allocate together (the throughput figure).
+    concurrent_s: float
 
 
 FULL = Params(repeats=3, calls=2000, warmup=200, leak_calls=10_000, idle_s=30.0, idle_no_health_s=30.0,
-              health_events=56, reloads=20, kubelet_restarts=50, startups=5, encode_runs=20, settle_s=1.0)
+              health_events=56, reloads=20, kubelet_restarts=50, startups=5, encode_runs=20, settle_s=1.0,
+              concurrent_s=3.0)
 QUICK = Params(repeats=1, calls=200, warmup=30, leak_calls=1000, idle_s=1.0, idle_no_health_s=0.5,
-               health_events=8, reloads=3, kubelet_restarts=2, startups=1, encode_runs=3, settle_s=0.3)
+               health_events=8, reloads=3, kubelet_restarts=2, startups=1, encode_runs=3, settle_s=0.3,
+               concurrent_s=0.5)
 #: After registration, before SIGTERM: the health loop is inside its NVML event wait by then (the case that used to
 #: hold shutdown for up to the wait's 500 ms bound).
 PRE_STOP_S = 0.1
+#: Clients calling Allocate at once for the throughput figure (the issue's comparison used 8).
+CONCURRENT_CLIENTS = 8
 
 
 # -------------------------------------------------------------------------------------------------- helpers
@@ -169,6 +176,12 @@ def base(p: Params, wd: Path, against: Path | None = None) -> Results:
         out["memory.rss_after_restarts"] = {"value": final, "allocates": float(max(done, p.leak_calls)),
                                             "restarts": float(p.kubelet_restarts)}
         out["memory.rss_growth_total"] = {"value": final - registered}
+        # Last: its calls are not in the memory figures' counts.
+        endpoint = n.kubelet.endpoint(GPU)
+        assert endpoint is not None
+        out["allocate.concurrent"] = {"value": concurrent_calls(
+            n.kubelet.socket.parent / endpoint.endpoint, "Allocate", request, CONCURRENT_CLIENTS, p.concurrent_s),
+            "clients": float(CONCURRENT_CLIENTS)}
     return out
 
 

@@ -36,6 +36,7 @@ def test_against_runs_the_foreign_plugin_through_startup_and_base_and_reports_ra
     assert data["against"] == str(STANDIN)
     figures = data["figures"]
     compared = ("startup.process", "shutdown.sigterm_to_exit", "allocate.whole_gpu", "allocate.cpu_per_call",
+                "allocate.concurrent",
                 "memory.rss_registered", "memory.rss_after_allocates", "startup.kubelet_restart")
     problem = namespace_problem()
     if problem is not None:
