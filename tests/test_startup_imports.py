@@ -70,3 +70,11 @@ def test_unexported_metrics_drop_every_report_metrics_can_take() -> None:
         arguments = [None] * (len(inspect.signature(getattr(Metrics, name)).parameters) - 1)
         assert method(*arguments) is None, name
     assert not hasattr(dropped, "registry")  # nothing to scrape
+
+
+def test_the_image_byte_compiles_every_module() -> None:
+    """docs/performance.md: the byte-compiled start-up figure is the image's (no `.pyc` is written at run time:
+    the image sets PYTHONDONTWRITEBYTECODE, so without this every start would compile nvdp and its dependencies)."""
+    text = (ROOT / "Containerfile").read_text()
+    assert "/opt/nvdp/bin/python -m compileall -q /opt/nvdp/lib" in text
+    assert "PYTHONDONTWRITEBYTECODE=1" in text.split("FROM ${PYTHON_IMAGE}\n", 2)[-1]
