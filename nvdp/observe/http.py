@@ -32,8 +32,9 @@ import logging
 import os
 import re
 from collections import Counter
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
+from typing import Any
 
 import trio
 
@@ -123,6 +124,14 @@ class ProbeState:
         if not self.registered:
             return False, self.reason or "not every resource is registered with the kubelet"
         return True, self.note or "ok"
+
+
+def choose_encoder(accept: str) -> tuple[Callable[[Any], bytes], str]:
+    """prometheus-client's content negotiation. Its module (which imports `http.server`, `urllib` and `email`) is
+    imported when the endpoint starts, never by a daemon that serves no metrics (start-up time)."""
+    from prometheus_client.exposition import choose_encoder as choose
+
+    return choose(accept)
 
 
 async def serve_http(
@@ -321,9 +330,6 @@ class _Server:
                 try:
                     # Content negotiation as prometheus-client's own servers do it: OpenMetrics when asked for (with
                     # a version it can parse), else text.
-                    # Imported with the first scrape: a daemon without an endpoint never loads it (start-up time).
-                    from prometheus_client.exposition import choose_encoder
-
                     encoder, content_type = choose_encoder(_usable_accept(headers.get("accept", "")))
                     try:
                         body = encoder(self.metrics.registry)
