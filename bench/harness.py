@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import select
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -173,6 +175,32 @@ class Nvdp:
         assert self.process is not None
         self.process.send_signal(signal.SIGHUP)
 
+    def terminate_timed(self, expect_zero: bool = True) -> float:
+        """SIGTERM -> the process has exited, in ms (the benchmark process reaps it, so this includes the exit's
+        last steps: sockets removed, threads ended, the interpreter torn down)."""
+        assert self.process is not None
+        # A pidfd turns readable the moment the process exits; `Popen.wait(timeout)` polls with sleeps of up to
+        # 50 ms, which would be most of the figure.
+        pidfd = os.pidfd_open(self.process.pid)
+        try:
+            started = time.monotonic()
+            self.process.send_signal(signal.SIGTERM)
+            exited, _, _ = select.select([pidfd], [], [], 10.0)
+            elapsed = 1000 * (time.monotonic() - started)
+        finally:
+            os.close(pidfd)
+        if not exited:
+            raise FigureError(f"still running 10 s after SIGTERM; log tail:\n{self.log_tail()}")
+        self.process.wait(10)
+        if expect_zero and self.process.returncode != 0:
+            raise FigureError(f"exit code {self.process.returncode} after SIGTERM; log tail:\n{self.log_tail()}")
+        return elapsed
+
+    def plugin_sockets(self) -> list[Path]:
+        """The plugin's sockets in the kubelet's directory (not the kubelet's own)."""
+        assert self.kubelet is not None
+        return [p for p in self.kubelet.socket.parent.glob("*.sock") if p != self.kubelet.socket]
+
     def stop(self) -> int | None:
         code = None
         if self.process is not None:
@@ -232,3 +260,41 @@ def time_calls(call: Callable[..., bytes], request: bytes, calls: int, warmup: i
 def repeat_calls(call: Callable[..., bytes], request: bytes, calls: int) -> None:
     for _ in range(calls):
         call(request, timeout=5.0)
+
+
+def concurrent_calls(socket_path: Path, method: str, request: bytes, clients: int, seconds: float) -> float:
+    """Calls per second that `clients` threads complete together, each with a connection of its own (as that many
+    kubelets would have), each calling back to back for `seconds`. The client is Python (grpcio), so past a few
+    clients this is bounded by the benchmark process as much as by the plugin."""
+    import grpc  # the emulator's dependency, imported only where used
+
+    channels = [grpc.insecure_channel(f"unix:{socket_path}", options=[("grpc.default_authority", "localhost"),
+                                                                      ("grpc.use_local_subchannel_pool", 1)])
+                for _ in range(clients)]
+    counts = [0] * clients
+    finished = [0.0] * clients
+    start = threading.Barrier(clients + 1)
+
+    def client(i: int) -> None:
+        call = channels[i].unary_unary(f"/v1beta1.DevicePlugin/{method}")
+        call(request, timeout=5.0)  # connected before the clock starts
+        start.wait()
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            call(request, timeout=5.0)
+            counts[i] += 1
+        finished[i] = time.monotonic()
+
+    threads = [threading.Thread(target=client, args=(i,), name=f"bench-client-{i}") for i in range(clients)]
+    try:
+        for t in threads:
+            t.start()
+        start.wait(30)
+        began = time.monotonic()
+        for t in threads:
+            t.join(seconds + 30)
+        elapsed = max(finished) - began
+    finally:
+        for channel in channels:
+            channel.close()
+    return sum(counts) / elapsed

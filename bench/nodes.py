@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +44,9 @@ def gpu(index: int, mig: tuple[str, int, tuple[int, ...]] | None = None, mig_cou
 
 
 def write(path: Path, data: dict[str, Any]) -> Path:
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    # JSON (which is YAML): nvdp's simulator reads it without importing PyYAML, as a real node reads no node file;
+    # the Go plugin under `--against` reads none either.
+    path.write_text(json.dumps(data, indent=1))
     return path
 
 

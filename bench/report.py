@@ -44,12 +44,23 @@ FIGURES: dict[str, Figure] = {
                                 ("p50", "p99", "max", "n"), ("p99", 500.0)),
     "reload.node_label_broken_unchanged_streams": Figure("Reload (node label): unchanged streams broken", "count",
                                                          ("value",), ("value", 0.0)),
-    "startup.process": Figure("Start-up: process start -> registered", "ms", ("p50", "max", "devices_p50"),
-                              ("p50", 300.0)),
-    "startup.kubelet_restart": Figure("Kubelet restart -> re-registered", "ms", ("p50", "max")),
-    "memory.rss_registered": Figure("RSS after registration", "MiB", ("value",), ("value", 40.0)),
+    "allocate.concurrent": Figure("Allocate, whole GPU: 8 clients at once (a connection each)", "calls/s",
+                                  ("value", "clients")),
+    "allocate.cpu_per_call": Figure("Allocate, whole GPU: plugin CPU per call (all threads)", "µs", ("value",)),
+    "startup.process": Figure("Start-up: process start -> registered (byte-compiled)", "ms",
+                              ("p50", "max", "devices_p50"), ("p50", 150.0)),
+    "startup.process_uncompiled": Figure("Start-up: process start -> registered (no .pyc at all)", "ms",
+                                         ("p50", "max")),
+    "shutdown.sigterm_to_exit": Figure("SIGTERM -> exited (health checks on, NVML wait in progress)", "ms",
+                                       ("p50", "max"), ("p50", 50.0)),
+    "startup.kubelet_restart": Figure("Kubelet restart -> re-registered", "ms", ("p50", "max", "n")),
+    "memory.rss_registered": Figure("RSS after registration", "MiB", ("value",), ("value", 35.0)),
     "memory.rss_after_allocates": Figure("RSS after N Allocates", "MiB", ("value", "allocates")),
     "memory.rss_growth": Figure("RSS growth, warm (after the timed calls) -> N Allocates", "MiB", ("value",)),
+    "memory.rss_after_restarts": Figure("RSS after N Allocates and the kubelet restarts", "MiB",
+                                        ("value", "allocates", "restarts")),
+    "memory.rss_growth_total": Figure("RSS growth, registration -> after N Allocates and the kubelet restarts",
+                                      "MiB", ("value",), ("value", 1.0)),
     "idle_cpu.default": Figure("Idle CPU (health checks on)", "% of a core", ("value",), ("value", 0.1)),
     "idle_cpu.health_checks_disabled": Figure("Idle CPU (DP_DISABLE_HEALTHCHECKS=all)", "% of a core", ("value",),
                                               ("value", 0.1)),
@@ -63,11 +74,21 @@ FIGURES: dict[str, Figure] = {
 }
 
 
+#: Figures of the foreign plugin (`--against`) are keyed `against:<figure key>`.
+AGAINST = "against:"
+
+
+def figure_of(key: str) -> Figure:
+    return FIGURES[key.removeprefix(AGAINST)]
+
+
 def aggregate(key: str, repeats: list[dict[str, float | str] | Unavailable | str]) -> dict[str, Any]:
-    """One figure over its repeats: status, per-repeat values, min/median/max of each statistic, the target."""
-    figure = FIGURES[key]
-    entry: dict[str, Any] = {"title": figure.title, "unit": figure.unit}
-    if figure.target is not None:
+    """One figure over its repeats: status, per-repeat values, min/median/max of each statistic, the target (nvdp's
+    figures only: a foreign plugin's are there to compare with)."""
+    figure = figure_of(key)
+    foreign = key.startswith(AGAINST)
+    entry: dict[str, Any] = {"title": ("Go plugin: " if foreign else "") + figure.title, "unit": figure.unit}
+    if figure.target is not None and not foreign:
         entry["target"] = {"stat": figure.target[0], "max": figure.target[1]}
     errors = [r for r in repeats if isinstance(r, str)]
     ok = [r for r in repeats if isinstance(r, dict)]
@@ -129,7 +150,8 @@ def machine() -> dict[str, Any]:
 
 
 def _fmt(value: float, unit: str, stat: str) -> str:
-    if stat in ("n", "allocates", "bytes", "device_count") or unit == "count":
+    if stat in ("n", "allocates", "bytes", "device_count", "calls", "restarts", "clients") or unit in ("count",
+                                                                                                     "calls/s"):
         return f"{value:,.0f}"
     if unit == "% of a core":
         return f"{value:.3f}"
@@ -137,7 +159,8 @@ def _fmt(value: float, unit: str, stat: str) -> str:
 
 
 def _unit(unit: str, stat: str) -> str:
-    return {"n": "calls", "allocates": "calls", "bytes": "bytes", "device_count": "devices"}.get(stat, unit)
+    return {"n": "calls", "allocates": "calls", "bytes": "bytes", "device_count": "devices", "calls": "calls",
+            "restarts": "restarts", "clients": "clients"}.get(stat, unit)
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -159,7 +182,7 @@ def markdown(result: dict[str, Any]) -> str:
             lines.append(f"| {entry['title']} | | | | | {entry['unit']} | {target_text} | "
                          f"{entry['status']}: {reason} |")
             continue
-        figure = FIGURES[key]
+        figure = figure_of(key)
         title = entry["title"] + (f" ({entry['note']})" if entry.get("note") else "")
         for i, stat in enumerate(s for s in figure.stats if s in entry["summary"]):
             s = entry["summary"][stat]
@@ -172,4 +195,28 @@ def markdown(result: dict[str, Any]) -> str:
                 f"| {title if i == 0 else ''} | {stat} | {_fmt(s['min'], entry['unit'], stat)} | "
                 f"{_fmt(s['median'], entry['unit'], stat)} | {_fmt(s['max'], entry['unit'], stat)} | "
                 f"{_unit(entry['unit'], stat)} | {target_text if status else ''} | {status} |")
+    rows = comparison(result["figures"])
+    if rows:
+        lines += ["", f"nvdp against the plugin at `{result.get('against', '?')}` (medians over the repeats, run in "
+                  "alternating order on the same fake NVML and kubelet emulator):", "",
+                  "| Figure | Stat | nvdp | Go | nvdp/Go | Unit |", "|---|---|---:|---:|---:|---|"]
+        for title, stat, ours, theirs, unit in rows:
+            ratio = f"{ours / theirs:.2f}" if theirs else "n/a"
+            lines.append(f"| {title} | {stat} | {_fmt(ours, unit, stat)} | {_fmt(theirs, unit, stat)} | {ratio} | "
+                         f"{_unit(unit, stat)} |")
     return "\n".join(lines) + "\n"
+
+
+def comparison(figures: dict[str, Any]) -> list[tuple[str, str, float, float, str]]:
+    """(title, statistic, nvdp median, foreign median, unit) for every statistic both measured."""
+    rows = []
+    for key, ours in figures.items():
+        theirs = figures.get(AGAINST + key)
+        if key.startswith(AGAINST) or theirs is None or ours["status"] != "ok" or theirs["status"] != "ok":
+            continue
+        for stat in figure_of(key).stats:
+            if stat in ours["summary"] and stat in theirs["summary"] and stat not in (
+                    "n", "calls", "allocates", "restarts", "clients"):
+                rows.append((ours["title"], stat, ours["summary"][stat]["median"],
+                             theirs["summary"][stat]["median"], ours["unit"]))
+    return rows

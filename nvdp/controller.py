@@ -36,9 +36,7 @@ from nvdp.core.plan.build import PlanError, build_plan
 from nvdp.core.plan.model import Plan
 from nvdp.kubelet.plugin_server import ServingContext
 from nvdp.kubelet.servers import ResourceServers
-from nvdp.mps import HostLauncher, MpsDaemons, MpsError, NvmlComputeMode, find_control_binary
-from nvdp.mps.control_daemon import DEFAULT_TIMINGS, DaemonTimings
-from nvdp.mps.shm import ShmError, ensure_shm
+from nvdp.mps.errors import MpsError, ShmError
 from nvdp.nvml import adapter as nvml
 from nvdp.nvml.health import watch_nvml_health
 from nvdp.supervise import SupervisionReporter, Supervisor, Task
@@ -46,6 +44,8 @@ from nvdp.supervise import SupervisionReporter, Supervisor, Task
 if TYPE_CHECKING:
     from nvdp.gfd import LabelPublisher
     from nvdp.k8s.client import ApiConfig
+    from nvdp.mps import MpsDaemons
+    from nvdp.mps.control_daemon import DaemonTimings
     from nvdp.node_config import ConfigSources, ConfigUpdate
 
 log = logging.getLogger(__name__)
@@ -174,6 +174,8 @@ def probe_timings(settings: Settings) -> dict[str, DaemonTimings]:
     """`timings=` for `MpsDaemons` from `--mps-probe-timeout` and `--mps-probe-failures`; nothing when both are at
     their defaults, so that the daemons' own defaults (or a test's) apply. Read when the daemons are first set up:
     changing them takes a restart."""
+    from nvdp.mps.control_daemon import DEFAULT_TIMINGS
+
     timings = replace(DEFAULT_TIMINGS, probe_timeout_s=settings.mps_probe_timeout,
                       probe_failures=settings.mps_probe_failures)
     return {} if timings == DEFAULT_TIMINGS else {"timings": timings}
@@ -319,6 +321,10 @@ class Controller:
         """What MPS needs before any server changes: the control program and the clients' shm tmpfs."""
         if not plan.mps_daemons:
             return
+        # Imported here, the first time a plan shares a GPU through MPS: start-up on other nodes skips them.
+        from nvdp.mps import HostLauncher, MpsDaemons, NvmlComputeMode, find_control_binary
+        from nvdp.mps.shm import ensure_shm
+
         control = find_control_binary(settings.driver_root, self.search_path)
         shm = Path(settings.mps_root) / "shm"
         if settings.simulate is not None:

@@ -61,11 +61,10 @@ from nvdp.core.plan.build import PlanError
 from nvdp.kubelet.aio import AsyncioThread, open_asyncio_thread
 from nvdp.kubelet.servers import ResourceServers
 from nvdp.kubelet.socket_watch import watch_plugin_dir
-from nvdp.mps import MpsError
-from nvdp.mps.shm import ShmError
+from nvdp.mps.errors import MpsError, ShmError
 from nvdp.nvml import adapter as nvml
 from nvdp.observe.http import ProbeState, serve_http
-from nvdp.observe.metrics import Metrics
+from nvdp.observe.metrics import Metrics, UnexportedMetrics
 from nvdp.observe.reporter import Observer
 from nvdp.supervise import Supervisor, Task, run_task
 
@@ -106,7 +105,10 @@ async def run_daemon(
     looked for. `task_status.started()` is called with the servers once every resource is registered, for embedding
     (the demo, tests).
     """
-    observer = Observer(metrics or Metrics(), probes or ProbeState())
+    if metrics is None:
+        # Without an endpoint nobody can read a metric: drop them, and never import prometheus-client.
+        metrics = Metrics() if settings.metrics_address.strip() else UnexportedMetrics()
+    observer = Observer(metrics, probes or ProbeState())
     if settings.simulate is not None:
         # The simulated node brings a fake nvidia-cuda-mps-control beside its fake libnvidia-ml.
         search_path = f"{Path(__file__).parent / 'sim'}{os.pathsep}{search_path}"

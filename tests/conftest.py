@@ -17,9 +17,11 @@ from nvdp.testing.kubelet_emulator import KubeletEmulator
 from tests.harness import LogWatch, leak_checked
 from tests.helpers import gpu, write_node
 
-#: The NVML event wait's bound in the daemons these tests run in-process. Stopping a daemon waits for the worker
-#: thread blocked in that wait: at the product's 500 ms, every daemon test paid ~0.5 s in its teardown. A shorter
-#: bound only makes the health loop go round more often; events are seen as soon as they are anyway.
+#: The NVML event wait's bound in the daemons these tests run in-process. Stopping a daemon no longer waits for the
+#: worker thread blocked in that wait (it is abandoned), but the thread lives on until the bound, and the leak check
+#: after each test (and the next daemon's `nvmlInit`, which waits for the abandoned wait's deferred shutdown) would
+#: wait for it: at the product's 500 ms, every daemon test paid up to ~0.5 s. A shorter bound only makes the health
+#: loop go round more often; events are seen as soon as they are anyway.
 TEST_EVENT_WAIT_MS = 20
 
 

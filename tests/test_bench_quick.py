@@ -20,6 +20,9 @@ FIGURES = {
     "startup.process", "startup.kubelet_restart", "memory.rss_registered", "memory.rss_after_allocates",
     "memory.rss_growth", "idle_cpu.default", "idle_cpu.health_checks_disabled", "scale.list_and_watch_encode",
     "scale.startup", "scale.allocate", "scale.rss_registered",
+    # issue 17
+    "allocate.cpu_per_call", "allocate.concurrent", "startup.process_uncompiled", "shutdown.sigterm_to_exit",
+    "memory.rss_after_restarts", "memory.rss_growth_total",
 }
 
 
@@ -47,7 +50,9 @@ def test_quick_benchmark_runs_and_reports_every_figure(tmp_path: Path) -> None:
     # The figures whose features are all in the tree are always measured (the fake API server needs the test
     # extras, which this test runs with).
     for key in ("allocate.whole_gpu", "allocate.four_gpu_volume_mounts", "preferred.nvlink8_size4",
-                "startup.process", "memory.rss_registered", "idle_cpu.default", "scale.list_and_watch_encode",
+                "startup.process", "startup.process_uncompiled", "shutdown.sigterm_to_exit",
+                "memory.rss_after_restarts", "memory.rss_growth_total", "allocate.cpu_per_call",
+                "memory.rss_registered", "idle_cpu.default", "scale.list_and_watch_encode",
                 "reload.file", "reload.file_broken_unchanged_streams", "reload.node_label",
                 "reload.node_label_broken_unchanged_streams"):
         assert data["figures"][key]["status"] == "ok", key

@@ -34,7 +34,7 @@ async def watch_plugin_dir(kubelet_socket: Path) -> AsyncIterator[SocketEvent]:
 
     Raises `nvdp.inotify.InotifyError` when inotify cannot be used (limits, permissions)."""
     directory, socket_name = kubelet_socket.parent, kubelet_socket.name
-    with DirectoryWatch(directory, _DIR_MASK) as watch:
+    async with DirectoryWatch(directory, _DIR_MASK) as watch:
         while True:
             for event in await watch.wait():
                 if event.kind == "appeared":

@@ -52,6 +52,7 @@ from typing import NoReturn, Protocol
 import trio
 
 from nvdp.core.plan.model import MpsDaemonSpec
+from nvdp.mps.errors import MpsError
 from nvdp.mps.launcher import (
     CONTROL_BINARY,
     DaemonPaths,
@@ -74,10 +75,6 @@ DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 COMPUTEMODE_DEFAULT = 0
 COMPUTEMODE_EXCLUSIVE_PROCESS = 3
 _MODE_NAMES = {0: "DEFAULT", 1: "EXCLUSIVE_THREAD", 2: "PROHIBITED", 3: "EXCLUSIVE_PROCESS"}
-
-
-class MpsError(Exception):
-    """An MPS daemon cannot be set up at all (no control program, no pipe directory)."""
 
 
 class DaemonFailed(Exception):

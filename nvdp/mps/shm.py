@@ -19,6 +19,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from nvdp.mps.errors import ShmError
+
 log = logging.getLogger(__name__)
 
 MS_NOSUID = 0x2
@@ -28,10 +30,6 @@ MS_NOEXEC = 0x8
 FALLBACK_SIZE_BYTES = 64 * 1024 * 1024
 
 _OCTAL_ESCAPE = re.compile(r"\\([0-7]{3})")
-
-
-class ShmError(Exception):
-    """The shm tmpfs is missing and nvdp cannot mount it."""
 
 
 @dataclass(frozen=True, slots=True)

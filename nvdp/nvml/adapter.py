@@ -130,26 +130,84 @@ def _text(value: bytes | str) -> str:
 
 _state_lock = threading.Lock()
 _initialized = False
+#: Event waits running in worker threads right now (`EventSet.wait`), counted under `_state_lock`. The health loop
+#: does not wait for a wait it was cancelled during (NVML's wait is interruptible only by its timeout), so one may
+#: still be inside `nvmlEventSetWait` when the daemon shuts NVML down.
+_waits_in_flight = 0
+#: `shutdown()` was called while a wait was in flight: the last wait to return shuts NVML down (`_wait_ended`).
+_shutdown_pending = False
+
+
+#: Notified when the last wait in flight returns (and so a deferred shutdown is done).
+_waits_done = threading.Condition(_state_lock)
 
 
 def init() -> None:
-    """Initializes NVML for this process; a no-op when already initialized by this module."""
+    """Initializes NVML for this process; a no-op when already initialized by this module. If a shutdown is still
+    deferred behind an abandoned wait (an in-process restart: tests, the demo), it first lets that finish (at most
+    the wait's timeout), so the new session starts from a real `nvmlInit` (the simulated node re-reads its state)."""
     global _initialized
     with _state_lock:
+        _waits_done.wait_for(lambda: not _shutdown_pending)
         if not _initialized:
             _call("nvmlInit", pynvml.nvmlInit)
             _initialized = True
 
 
 def shutdown() -> None:
-    """Releases NVML; safe to call when not initialized, or twice."""
-    global _initialized
+    """Releases NVML; safe to call when not initialized, or twice. Never blocks on an event wait: while one is
+    inside `nvmlEventSetWait` (at most its timeout), `nvmlShutdown` is left to the thread running it, which calls it
+    as soon as the wait returns, so the two never overlap. If the process exits first, the driver releases
+    everything with the process."""
+    global _shutdown_pending
     with _state_lock:
-        if _initialized:
-            _initialized = False
-            # Shutting down is best effort: there is nothing useful to do about a failure.
-            with contextlib.suppress(pynvml.NVMLError):
-                pynvml.nvmlShutdown()
+        if _waits_in_flight:
+            _shutdown_pending = True
+            return
+        _shutdown_locked()
+
+
+def _shutdown_locked() -> None:
+    global _initialized, _shutdown_pending
+    _shutdown_pending = False
+    if _initialized:
+        _initialized = False
+        # Shutting down is best effort: there is nothing useful to do about a failure.
+        with contextlib.suppress(pynvml.NVMLError):
+            pynvml.nvmlShutdown()
+
+
+def waits_in_flight() -> int:
+    """Event waits inside NVML right now (tests and the shutdown log line read it)."""
+    with _state_lock:
+        return _waits_in_flight
+
+
+def _wait_started(event_set: EventSet) -> bool:
+    """Counts a wait in; False when NVML is not initialized (or going away) or the set is freed: no wait starts."""
+    global _waits_in_flight
+    with _state_lock:
+        if not _initialized or _shutdown_pending or event_set._set is None:
+            return False
+        _waits_in_flight += 1
+        event_set._waiting = True
+        return True
+
+
+def _wait_ended(event_set: EventSet) -> None:
+    """Counts a wait out; frees its set if it was closed meanwhile, then shuts NVML down if that was deferred."""
+    global _waits_in_flight
+    with _state_lock:
+        _waits_in_flight -= 1
+        event_set._waiting = False
+        if event_set._free_pending:
+            event_set._free_pending = False
+            with contextlib.suppress(NvmlError):
+                event_set._free_now()
+        if _shutdown_pending and not _waits_in_flight:
+            _shutdown_locked()
+        if not _waits_in_flight:
+            _waits_done.notify_all()
 
 
 # ------------------------------------------------------------------------------------------------------- inventory
@@ -474,6 +532,9 @@ class EventSet:
         self._set: Any = _call("nvmlEventSetCreate", pynvml.nvmlEventSetCreate)
         # The event carries a device handle; map it back to the UUID without querying a GPU that may be lost.
         self._uuids: dict[int | None, str] = {}
+        #: A wait on this set is inside NVML; `free` then only marks it (`_free_pending`). Both under `_state_lock`.
+        self._waiting = False
+        self._free_pending = False
 
     def register(self, gpu_uuid: str, event_types: int = HEALTH_EVENTS) -> None:
         """Registers a physical GPU (not a MIG device: its events arrive on the parent) for the supported subset
@@ -487,7 +548,10 @@ class EventSet:
         self._uuids[ctypes.cast(handle, ctypes.c_void_p).value] = gpu_uuid
 
     def wait(self, timeout_ms: int) -> XidEvent | None:
-        """The next event, or None when `timeout_ms` passes without one."""
+        """The next event, or None when `timeout_ms` passes without one. Safe to abandon (see `shutdown`): a `free`
+        or `shutdown` that comes while it runs is carried out by this thread when NVML returns."""
+        if not _wait_started(self):
+            raise NvmlError(ERROR_UNINITIALIZED, _message(ERROR_UNINITIALIZED), "nvmlEventSetWait")
         try:
             data = pynvml.nvmlEventSetWait_v2(self._set, timeout_ms)
         except pynvml.NVMLError as exc:
@@ -497,6 +561,8 @@ class EventSet:
         except Exception as exc:
             raise NvmlError(ERROR_UNKNOWN, f"unexpected failure in the NVML binding ({type(exc).__name__}: {exc})",
                             "nvmlEventSetWait") from exc
+        finally:
+            _wait_ended(self)
         key = ctypes.cast(data.device, ctypes.c_void_p).value
         uuid = self._uuids.get(key)
         if uuid is None:
@@ -510,7 +576,15 @@ class EventSet:
         )
 
     def free(self) -> None:
-        """Releases the set; safe to call twice and after NVML was shut down (which frees it anyway)."""
+        """Releases the set; safe to call twice and after NVML was shut down (which frees it anyway). While a wait
+        on it is in progress the set is freed by the waiting thread when NVML returns (never under its feet)."""
+        with _state_lock:
+            if self._waiting:
+                self._free_pending = True
+                return
+            self._free_now()
+
+    def _free_now(self) -> None:
         if self._set is None:
             return
         event_set, self._set = self._set, None

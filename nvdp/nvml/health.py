@@ -6,14 +6,17 @@ What it does, in order (docs/health.md has the why):
    (MIG events arrive on the parent GPU with instance ids). A GPU too old for health events is logged and left
    unchecked; any other registration failure marks that GPU Unhealthy, and its recovery probe registers it again.
 2. Report started, then loop: wait for an event in a worker thread for at most `wait_ms` (`EVENT_WAIT_MS` unless
-   given; cancellation, which has to wait for the thread, is never later than that), feed the tracker, and call
-   `on_change()` whenever the faults change, with a log line naming the device, the cause and what happens next.
+   given), feed the tracker, and call `on_change()` whenever the faults change, with a log line naming the device,
+   the cause and what happens next. Cancellation does not wait for a wait in progress (NVML's wait ends only at its
+   timeout): the thread is abandoned, and the adapter makes it free the set and, if NVML was shut down meanwhile,
+   call `nvmlShutdown` itself when the wait returns, so neither ever runs under a thread still inside NVML.
 3. Between waits, probe every GPU whose quiet period has passed (`adapter.probe` in a thread); a good probe makes
    its devices Healthy again. The wait is shortened so a probe is never more than a few ms late.
 
 NVML failures never end the task: a failing wait marks every device Unhealthy (node-wide fault) and is retried
 after a capped backoff; `GPU_IS_LOST` anywhere is a permanent fault of that GPU. Every worker thread is bounded by
-the wait timeout or by a single NVML query, so none outlives the task.
+the wait timeout or by a single NVML query: an abandoned wait outlives the task by at most `wait_ms` (plus one
+`nvmlEventSetFree` and `nvmlShutdown`), and the process never waits for it (trio's workers are daemon threads).
 """
 
 from __future__ import annotations
@@ -35,10 +38,10 @@ log = logging.getLogger(__name__)
 #: broken NVML costs a log line every few seconds instead of a hot loop.
 BACKOFF_FIRST_S = 0.1
 BACKOFF_MAX_S = 5.0
-#: The longest one event wait blocks its worker thread, and so the longest a cancellation (shutdown, reload) waits
-#: for it: NVML's wait cannot be interrupted. Read at each call of `watch_nvml_health` without `wait_ms`. Why a
-#: module setting: the tests run hundreds of daemons in-process and lower it (tests/conftest.py), so that stopping
-#: one costs milliseconds instead of up to half a second; on a GPU it stays 500 ms.
+#: The longest one event wait blocks its worker thread, and so the longest an abandoned wait outlives a cancelled
+#: loop (shutdown, reload): NVML's wait cannot be interrupted. Read at each call of `watch_nvml_health` without
+#: `wait_ms`. Why a module setting: the tests run hundreds of daemons in-process and lower it (tests/conftest.py),
+#: so that abandoned waits end in milliseconds; on a GPU it stays 500 ms.
 EVENT_WAIT_MS = 500
 
 
@@ -101,7 +104,9 @@ class _Watcher:
                 continue
             assert self.events is not None
             try:
-                event = await trio.to_thread.run_sync(self.events.wait, self._timeout_ms())
+                # Abandoned on cancel: shutdown and reload never wait for the wait's timeout (see the adapter's
+                # `shutdown` for why NVML stays safe).
+                event = await trio.to_thread.run_sync(self.events.wait, self._timeout_ms(), abandon_on_cancel=True)
             except NvmlError as exc:
                 self.wait_ok = False
                 self._node_failed(f"waiting for NVML health events failed: {exc}")

@@ -32,11 +32,11 @@ import logging
 import os
 import re
 from collections import Counter
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
+from typing import Any
 
 import trio
-from prometheus_client.exposition import choose_encoder
 
 from nvdp.core.config.settings import parse_address
 from nvdp.observe.metrics import Metrics
@@ -126,6 +126,14 @@ class ProbeState:
         return True, self.note or "ok"
 
 
+def choose_encoder(accept: str) -> tuple[Callable[[Any], bytes], str]:
+    """prometheus-client's content negotiation. Its module (which imports `http.server`, `urllib` and `email`) is
+    imported when the endpoint starts, never by a daemon that serves no metrics (start-up time)."""
+    from prometheus_client.exposition import choose_encoder as choose
+
+    return choose(accept)
+
+
 async def serve_http(
     address: str,
     metrics: Metrics,
@@ -137,6 +145,8 @@ async def serve_http(
     if not address.strip():
         task_status.started(None)
         return
+    # The encoder module, loaded now rather than in the first scrape's answer (it takes ~15 ms on a small machine).
+    import prometheus_client.exposition  # noqa: F401
     host, port = parse_address(address)
     server = _Server(metrics, state)
     listeners = await trio.open_tcp_listeners(port, host=host)

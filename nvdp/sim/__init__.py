@@ -45,7 +45,13 @@ def default_node_path() -> Path:
     return Path(str(resources.files("nvdp.sim").joinpath("default-node.yaml")))
 
 
-DEFAULT_NODE: SimNode = load_node(default_node_path())
+def __getattr__(name: str) -> SimNode:
+    # DEFAULT_NODE is read on first use: a run with its own node file does not parse (or import YAML for) this one.
+    if name == "DEFAULT_NODE":
+        node = load_node(default_node_path())
+        globals()["DEFAULT_NODE"] = node
+        return node
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-import nvdp.controller
+import nvdp.mps
 from nvdp.core.config.load import parse_config
 from nvdp.core.config.settings import resolve
 from nvdp.mps import MpsDaemons
@@ -40,7 +40,8 @@ async def mps_daemon(node: Path, kubelet: KubeletEmulator, mps_root: Path,
                      monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Path]:
     """The daemon with GPU 0 MPS-shared in two 10 GB slices; yields GPU 0's MPS state directory. On the way out:
     the control daemon was told to quit, is gone, and GPU 0's compute mode is back to what it was."""
-    monkeypatch.setattr(nvdp.controller, "MpsDaemons", partial(MpsDaemons, timings=FAST))
+    # The controller imports the MPS code when a plan first needs it, from `nvdp.mps`.
+    monkeypatch.setattr(nvdp.mps, "MpsDaemons", partial(MpsDaemons, timings=FAST))
     config = parse_config("version: v1\nsharing:\n  mps:\n    resources:\n"
                           "    - {name: nvidia.com/gpu, rename: gpu-10gb, memoryGB: 10, replicas: 2, devices: ['0']}\n",
                           "config.yaml")

@@ -24,6 +24,7 @@ Time bounds and leaving the event loop are the callers' part (`nvdp.cli` for the
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import stat
@@ -32,14 +33,16 @@ import typing
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import msgspec
-import yaml
 
 from nvdp.core.config.errors import ConfigError
 from nvdp.core.config.schema import Config
 from nvdp.core.config.sharing import _check_devices
+
+if TYPE_CHECKING:
+    import yaml
 
 #: Largest config accepted, in bytes: a ConfigMap's limit (its whole data, so no key can be larger).
 MAX_CONFIG_BYTES = 1 << 20
@@ -52,7 +55,6 @@ _UNKNOWN_FIELD = re.compile(r"unknown field `([^`]*)`")
 #: A quoted word in a YAML problem description (an alias or tag name, say; not "',' or ']'").
 _QUOTED = re.compile(r"'[^'\s]{2,}'|\"[^\"\s]{2,}\"")
 
-_BaseLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 _MERGE_TAG = "tag:yaml.org,2002:merge"
 
 
@@ -62,23 +64,33 @@ class _DuplicateKey(Exception):
         self.key, self.first_line, self.line = key, first_line, line
 
 
-class _Loader(_BaseLoader):  # type: ignore[misc,valid-type]
-    """A safe loader (libyaml's where available) that refuses a key given twice in one mapping: YAML says keys are
-    unique, and PyYAML's silent last-one-wins would serve half of what the user wrote. Merge keys (`<<`) may still
-    be overridden, as YAML intends."""
+@functools.cache
+def _loader() -> Any:
+    """The YAML loader class, built on first use: PyYAML is imported only when a config is parsed, so a node that
+    has no config file never pays for it at start-up."""
+    import yaml
 
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: dict[tuple[str, str], int] = {}
-        for key_node, _ in node.value:
-            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == _MERGE_TAG:
-                continue
-            key = (key_node.tag, key_node.value)
-            line = key_node.start_mark.line + 1
-            if key in seen:
-                raise _DuplicateKey(key_node.value, seen[key], line)
-            seen[key] = line
-        mapping: dict[Any, Any] = super().construct_mapping(node, deep=deep)
-        return mapping
+    base = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+    class Loader(base):  # type: ignore[misc,valid-type]
+        """A safe loader (libyaml's where available) that refuses a key given twice in one mapping: YAML says
+        keys are unique, and PyYAML's silent last-one-wins would serve half of what the user wrote. Merge keys
+        (`<<`) may still be overridden, as YAML intends."""
+
+        def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+            seen: dict[tuple[str, str], int] = {}
+            for key_node, _ in node.value:
+                if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == _MERGE_TAG:
+                    continue
+                key = (key_node.tag, key_node.value)
+                line = key_node.start_mark.line + 1
+                if key in seen:
+                    raise _DuplicateKey(key_node.value, seen[key], line)
+                seen[key] = line
+            mapping: dict[Any, Any] = super().construct_mapping(node, deep=deep)
+            return mapping
+
+    return Loader
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,8 +160,10 @@ def parse_config_with_warnings(text: str | bytes, source: str) -> tuple[Config, 
     size = len(text.encode() if isinstance(text, str) else text)
     if size > MAX_CONFIG_BYTES:
         raise _size_error(source, size)
+    import yaml
+
     try:
-        data = yaml.load(text, Loader=_Loader)  # a safe loader: libyaml's or PyYAML's
+        data = yaml.load(text, Loader=_loader())  # a safe loader: libyaml's or PyYAML's
     except yaml.YAMLError as exc:
         raise ConfigError(f"{source}: not valid YAML: {yaml_problem(exc)}") from None
     except _DuplicateKey as dup:
@@ -302,6 +316,8 @@ def _sharing_resource(resource: dict[Any, Any], kind: str, path: str, source: st
 
 def yaml_problem(exc: yaml.YAMLError) -> str:
     """What went wrong and where, without the source snippet PyYAML quotes (it may be any file's first line)."""
+    import yaml.reader
+
     if isinstance(exc, yaml.reader.ReaderError):
         return f"unacceptable character #x{_codepoint(exc.character):04x}: {exc.reason} (position {exc.position})"
     problem = getattr(exc, "problem", None) or getattr(exc, "context", None) or type(exc).__name__
