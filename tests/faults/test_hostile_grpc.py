@@ -409,3 +409,30 @@ def test_settings_of_a_plugin_server(served: Served) -> None:
         settings = client.h2.remote_settings
         assert settings.max_header_list_size == grpc_guard.MAX_HEADER_LIST_SIZE
         assert settings.initial_window_size == grpc_guard.WINDOW_BYTES
+
+
+# ---------------------------------------------------------------------------------------------- call deadlines
+
+
+def test_a_deadline_ends_a_call_that_waits_and_costs_no_timer_to_one_that_does_not(
+    served: Served, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    armed: list[bool] = []
+    arm = grpc_guard._Deadline.arm
+
+    def recording_arm(self: grpc_guard._Deadline) -> None:
+        arm(self)
+        armed.append(self.timer is not None)
+
+    monkeypatch.setattr(grpc_guard._Deadline, "arm", recording_arm)
+    with H2Client(served.path) as client:
+        # Answered in the handler's first step: the deadline is checked, no timer is scheduled.
+        assert client.call(ALLOCATE, grpc_frame(allocate_request(GPU0)), ("grpc-timeout", "5S")).status == OK
+        assert served.on_loop(lambda: list(armed)) == [False]
+        # The request never arrives: the handler waits for it, so the deadline ends the call (the request timeout,
+        # 10 s, is longer than this test waits).
+        waiting = client.open(ALLOCATE, ("grpc-timeout", "200m"))
+        answer = client.wait(waiting, 5)
+        assert answer.status == DEADLINE_EXCEEDED, answer
+        assert served.on_loop(lambda: list(armed)) == [False, True]
+    served.answers()
