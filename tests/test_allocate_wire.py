@@ -33,7 +33,8 @@ from nvdp.kubelet.plugin_server import (
     start_server,
     stop_server,
 )
-from tests.hostile_h2 import ALLOCATE, H2Client, allocate_request, grpc_frame
+from tests.hostile_h2 import ALLOCATE, H2Client, allocate_request, grpc_frame, request_headers
+from tests.hostile_h2 import Answer as H2Answer
 
 T = TypeVar("T")
 PREFERRED = "/v1beta1.DevicePlugin/GetPreferredAllocation"
@@ -269,3 +270,59 @@ def test_received_frames_are_not_formatted_for_h2s_trace_log(monkeypatch: pytest
                         end_stream=True)
     events = server.receive_data(client.data_to_send())
     assert any(type(e).__name__ == "RequestReceived" for e in events)
+
+
+def test_a_repeated_request_is_answered_without_a_task_unless_it_carries_metadata(
+    served: Served, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    started: list[str] = []
+    request_handler = grpc_guard.request_handler
+
+    def counted(*args: Any) -> Any:
+        started.append(dict(args[2])[":path"])
+        return request_handler(*args)
+
+    monkeypatch.setattr(grpc_guard, "request_handler", counted)
+    request = grpc_frame(allocate_request(GPUS[1]))
+    with H2Client(served.path) as client:
+        first = client.call(ALLOCATE, request)
+        again = [client.call(ALLOCATE, request) for _ in range(3)]
+        with_deadline = client.call(ALLOCATE, request, ("grpc-timeout", "5S"))
+        with_metadata = client.call(ALLOCATE, request, ("x-trace", "1"))
+    answers = [first, *again, with_deadline, with_metadata]
+    assert all(a.status == grpclib.const.Status.OK.value and a.trailers == {"grpc-status": "0"} for a in answers)
+    assert [a.data for a in answers] == [first.data] * 6
+    # A task for the first call (computed) and for the one with metadata; the others were answered at once.
+    assert started == [ALLOCATE, ALLOCATE]
+    assert served.calls.seen == [("Allocate", True)] * 6
+
+
+def test_a_kept_request_reset_in_the_read_it_arrived_in_is_not_answered(
+    served: Served, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    started: list[int] = []
+    request_handler = grpc_guard.request_handler
+
+    def counted(*args: Any) -> Any:
+        started.append(args[1].id)
+        return request_handler(*args)
+
+    monkeypatch.setattr(grpc_guard, "request_handler", counted)
+    request = grpc_frame(allocate_request(GPUS[1]))
+    with H2Client(served.path) as client:
+        assert client.call(ALLOCATE, request).status == grpclib.const.Status.OK.value
+        # Headers, message and a reset in one write: the server reads them together.
+        stream_id = client.h2.get_next_available_stream_id()
+        client.h2.send_headers(stream_id, request_headers(ALLOCATE))
+        client.h2.send_data(stream_id, request, end_stream=True)
+        client.h2.reset_stream(stream_id, error_code=8)
+        client.answers[stream_id] = reset = H2Answer()
+        client.flush()
+        assert client.call(ALLOCATE, request).status == grpclib.const.Status.OK.value
+        assert reset.headers == {} and reset.data == b""
+
+        async def streams_held() -> list[int]:
+            return [len(p.processor.streams) for p in served.bound.server.protocols]
+        assert served.run(streams_held) == [0]
+    assert served.calls.seen == [("Allocate", True)] * 2
+    assert started == [1]  # the first call; the reset one was never started, the last one answered at once
