@@ -512,7 +512,13 @@ class GuardedHandler(grpclib.server.Handler):
         if self.closing:
             return
         for stream, (headers, release_stream) in accepted.items():
-            if not self._answer_now(stream, headers, release_stream):
+            try:
+                answered = self._answer_now(stream, headers, release_stream)
+            except Exception:
+                # Nothing was sent (sending is guarded inside): the usual path answers, or reports the error.
+                log.debug("no immediate answer", exc_info=True)
+                answered = False
+            if not answered:
                 self._tasks[stream] = self.loop.create_task(request_handler(
                     self.mapping, stream, headers, self.codec, self.status_details_codec, self.dispatch,
                     release_stream, self))

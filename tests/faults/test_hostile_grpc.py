@@ -28,7 +28,7 @@ from nvdp.core.plan.allocate import MAX_ID_CHARS, AllocateOptions, describe_ids
 from nvdp.core.plan.model import Device, Resource
 from nvdp.kubelet import grpc_guard
 from nvdp.kubelet.plugin_server import BoundServer, ServingContext, start_server, stop_server
-from tests.hostile_h2 import ALLOCATE, LIST_AND_WATCH, OPTIONS, H2Client, allocate_request, grpc_frame
+from tests.hostile_h2 import ALLOCATE, LIST_AND_WATCH, OPTIONS, Answer, H2Client, allocate_request, grpc_frame
 
 T = TypeVar("T")
 OK, CANCELLED, UNKNOWN, INVALID_ARGUMENT, DEADLINE_EXCEEDED = 0, 1, 2, 3, 4
@@ -435,4 +435,55 @@ def test_a_deadline_ends_a_call_that_waits_and_costs_no_timer_to_one_that_does_n
         answer = client.wait(waiting, 5)
         assert answer.status == DEADLINE_EXCEEDED, answer
         assert served.on_loop(lambda: list(armed)) == [False, True]
+    served.answers()
+
+
+# ------------------------------------------------------------------------------------ headers of a kept request
+
+_STANDARD = [(":method", "POST"), (":scheme", "http"), (":path", ALLOCATE), (":authority", "localhost"),
+             ("content-type", "application/grpc"), ("te", "trailers")]
+
+
+def _replaced(name: str, value: str | None, new_name: str | None = None) -> list[tuple[str, str]]:
+    headers = [(k, v) for k, v in _STANDARD if k != name]
+    if value is not None:
+        headers.append((new_name or name, value))
+    return headers
+
+
+BAD_HEADERS = [
+    pytest.param(_replaced(":method", "GET"), UNIMPLEMENTED, id="GET"),
+    pytest.param(_replaced("content-type", "application/json"), UNKNOWN, id="not gRPC"),
+    pytest.param(_replaced("content-type", "application/grpc+json"), UNKNOWN, id="not protobuf"),
+    pytest.param(_replaced("content-type", "application/grpc", "Content-Type"), UNKNOWN, id="upper-case name"),
+    pytest.param(_replaced("te", None), UNKNOWN, id="no te"),
+    pytest.param(_replaced(":path", "/v1beta1.DevicePlugin/Nope"), UNIMPLEMENTED, id="unknown method"),
+    pytest.param([*_STANDARD, ("grpc-timeout", "soon")], INVALID_ARGUMENT, id="grpc-timeout not a number"),
+    pytest.param([*_STANDARD, ("grpc-timeout", "1n")], DEADLINE_EXCEEDED, id="grpc-timeout 1n"),
+]
+
+
+@pytest.mark.parametrize(("headers", "status"), BAD_HEADERS)
+def test_a_kept_request_with_bad_headers_gets_the_same_status_as_any_other(
+    served: Served, headers: list[tuple[str, str]], status: int
+) -> None:
+    """h2 does not validate request headers (grpclib's configuration); `request_handler` checks what gRPC needs,
+    and a request answered at once from the cache (`GuardedHandler`) must pass the same checks."""
+    body = grpc_frame(allocate_request(GPU0))
+    with H2Client(served.path) as client:
+        # So that the client's h2 sends these headers as they are (it would refuse or fix some).
+        client.h2.config.validate_outbound_headers = False
+        client.h2.config.normalize_outbound_headers = False
+        kept = client.call(ALLOCATE, body)
+        assert kept.status == OK
+        for _ in range(2):
+            stream_id = client.h2.get_next_available_stream_id()
+            client.h2.send_headers(stream_id, headers)
+            client.h2.send_data(stream_id, body, end_stream=True)
+            client.answers[stream_id] = Answer()
+            client.flush()
+            answer = client.wait(stream_id)
+            assert answer.status == status, answer
+            assert answer.data == b""
+        assert client.call(ALLOCATE, body).data == kept.data
     served.answers()
