@@ -487,3 +487,11 @@ def test_a_kept_request_with_bad_headers_gets_the_same_status_as_any_other(
             assert answer.data == b""
         assert client.call(ALLOCATE, body).data == kept.data
     served.answers()
+
+
+def test_h2_passes_headers_through_and_nvdp_checks_them(served: Served) -> None:
+    """docs/security.md, "Request headers": h2's own header validation is off (grpclib's configuration)."""
+    config = served.bound.server._h2_config
+    assert not (config.validate_inbound_headers or config.normalize_inbound_headers
+                or config.validate_outbound_headers or config.normalize_outbound_headers
+                or config.split_outbound_cookies)
