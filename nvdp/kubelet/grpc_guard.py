@@ -339,10 +339,11 @@ class HandlerWrapper(Wrapper):
 class _Deadline:
     """A call's deadline, armed only once its handler waits for something.
 
-    A unary call answered from the cache runs its handler in one step, start to end, without waiting: no timer can
-    fire inside it, yet grpclib's DeadlineWrapper schedules one (a heap entry of asyncio's Python `TimerHandle`s)
-    and cancels it for every call. Here a callback checks after the handler's first step whether it is still
-    running, and only then schedules the timer for what is left of the deadline; the outcome is the same.
+    A unary call whose request is already buffered (an Allocate not answered at once, say) runs its handler in one
+    step, start to end, without waiting: no timer can fire inside it, yet grpclib's DeadlineWrapper schedules one (a
+    heap entry of asyncio's Python `TimerHandle`s) and cancels it for every call. Here a callback checks after the
+    handler's first step whether it is still running, and only then schedules the timer for what is left of the
+    deadline; the outcome is the same.
     """
 
     __slots__ = ("deadline", "task", "timer", "wrapper")
