@@ -110,9 +110,12 @@ async def test_cdi_annotations_alone_and_beside_envvar(
         two = await allocate(kubelet, "nvidia.com/gpu", [GPU1, GPU0])
         assert set(two.annotations) != set(one.annotations), "a fresh annotation key per response"
 
+        before = kubelet.endpoint("nvidia.com/gpu")
         signal.raise_signal(signal.SIGHUP)
         await logs.wait(r"serving \(generation 2\)")
-        assert await wait_for(kubelet, lambda k: set(k.devices("nvidia.com/gpu")) == {GPU0, GPU1})
+        # The restarted server registers again: wait for the kubelet's new endpoint (the old channel is closed).
+        assert await wait_for(kubelet, lambda k: (e := k.endpoint("nvidia.com/gpu")) is not before and e is not None
+                              and set(e.devices) == {GPU0, GPU1})
         container = await allocate(kubelet, "nvidia.com/gpu", [GPU0])
         assert container.envs["NVIDIA_VISIBLE_DEVICES"] == "0"
         assert list(container.annotations.values()) == ["k8s.device-plugin.nvidia.com/gpu=0"]

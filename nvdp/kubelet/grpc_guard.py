@@ -691,8 +691,10 @@ class GuardedProtocol(grpclib.protocol.H2Protocol):
         self.processor = GuardedProcessor(self.handler, self.connection, self)
         if self.server.stopping:
             # Accepted by the loop before the listener closed, but connection_made() ran only now: a stopped
-            # server serves nobody.
-            transport.close()
+            # server serves nobody. abort(), not close(): close() waits until the SETTINGS frame just queued is
+            # written, and a client that is not reading (or a loop about to stop) would keep the socket open until
+            # the garbage collector found it (docs/faults.md, finding 1).
+            transport.abort()
             return
         self.server.admit(self)
 

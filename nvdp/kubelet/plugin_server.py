@@ -492,7 +492,12 @@ async def stop_server(bound: BoundServer) -> None:
                 await asyncio.sleep(0.005)
             await bound.server.wait_closed()
     except TimeoutError:
-        log.warning("server for %s did not close within %.1f s", bound.mirror.resource.name, CLOSE_GRACE_S)
+        # A connection whose peer stopped reading keeps unsent bytes, and close() waits for them: drop them.
+        log.warning("server for %s did not close within %.1f s: aborting %d connection(s)",
+                    bound.mirror.resource.name, CLOSE_GRACE_S, len(bound.server.transports))
+        for transport in list(bound.server.transports):
+            transport.abort()
+        await asyncio.sleep(0)
     remove_socket_if_ours(bound.socket_path, bound.inode)
 
 
