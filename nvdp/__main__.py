@@ -126,15 +126,17 @@ def _dist_version(name: str) -> str:
             continue
         found = [n for n in names if n.endswith(".dist-info") and _normalize(n.partition("-")[0]) == wanted]
         if len(found) == 1:
-            version = _metadata_version(os.path.join(entry or ".", found[0], "METADATA"))
-            if version is not None:
-                return version
+            read = _metadata_version(os.path.join(entry or ".", found[0], "METADATA"))
+            if read is not None:
+                return read
         if found or any(n.endswith(".egg-info") and _normalize(n.partition("-")[0]) == wanted for n in names):
             break
-    del sys.modules["importlib.metadata"]
-    from importlib.metadata import version
+    # Some other layout: the real module answers.
+    if getattr(sys.modules.get("importlib.metadata"), "version", None) is _dist_version:
+        del sys.modules["importlib.metadata"]
+    from importlib import metadata
 
-    return version(name)
+    return metadata.version(name)
 
 
 def _normalize(name: str) -> str:

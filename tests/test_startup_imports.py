@@ -12,6 +12,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 from bench import nodes
 from nvdp.observe.metrics import Metrics, UnexportedMetrics
 from nvdp.testing.kubelet_emulator import KubeletEmulator
@@ -26,6 +28,9 @@ NOT_NEEDED = {
     "nvdp.mps.control_daemon": "a GPU shared through MPS",
     "nvdp.mps.supervisor": "a GPU shared through MPS",
     "nvdp.k8s.client": "per-node configs or Kubernetes API access",
+    "nvdp.core.cdi.spec": "a CDI device list strategy (cdi-annotations, cdi-cri)",
+    "nvdp.core.cdi.build": "a CDI device list strategy (cdi-annotations, cdi-cri)",
+    "nvdp.cdi.discover": "a CDI device list strategy (cdi-annotations, cdi-cri)",
     # nvdp.__main__.import_lean: OpenSSL (through `ssl` or `hashlib`) only for TLS, i.e. the Kubernetes API.
     "_ssl": "TLS (Kubernetes API access)",
     "_hashlib": "TLS (Kubernetes API access)",
@@ -121,3 +126,22 @@ def test_the_import_seams_defer_openssl_until_tls_is_used() -> None:
     seen = json.loads(result.stdout.splitlines()[-1])
     assert seen == {"before_tls": [], "labels": {"seen": "over-tls"}, "betterproto2": version("betterproto2"),
                     "hmac": hmac.new(b"k", b"m", "sha256").hexdigest()[:8], "asyncio_tls": False, "grpclib_tls": False}
+
+
+@pytest.mark.parametrize("dist", ["betterproto2", "trio", "typing_extensions", "nvdp", "no-such-distribution"])
+def test_the_version_betterproto2_gets_is_importlib_metadatas(dist: str) -> None:
+    """Where several copies are on sys.path (nvdp: the checkout's egg-info before the venv's dist-info), or none,
+    the real importlib.metadata answers, errors included."""
+    from importlib import metadata
+
+    from nvdp.__main__ import _dist_version
+
+    try:
+        expected: str | type[Exception] = metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        expected = metadata.PackageNotFoundError
+    if isinstance(expected, str):
+        assert _dist_version(dist) == expected
+    else:
+        with pytest.raises(expected):
+            _dist_version(dist)

@@ -7,11 +7,12 @@ import shutil
 import subprocess
 import tempfile
 import zlib
-from importlib import resources
 from pathlib import Path
 
 SONAME = "libnvidia-ml.so.1"
 SOURCE = "libnvidia-ml.c"
+#: Beside this module: nvdp is installed as files (never zipped), so no `importlib.resources` (and its `zipfile`).
+SOURCE_PATH = Path(__file__).with_name(SOURCE)
 
 # The soname is what makes pynvml's `CDLL("libnvidia-ml.so.1")` find the already loaded fake.
 _FLAGS = ("-shared", "-fPIC", "-O1", "-pthread", f"-Wl,-soname,{SONAME}")
@@ -58,7 +59,7 @@ def build_fake_nvml(cache_dir: Path | None = None) -> Path:
     temporary name and renames into place. The directory's name is a CRC of them, not a cryptographic hash:
     `hashlib` maps OpenSSL's libcrypto (~3 MiB of the simulated daemon's RSS, which a real node does not pay).
     """
-    source = resources.files("nvdp.sim").joinpath(SOURCE).read_bytes()
+    source = SOURCE_PATH.read_bytes()
     built_from = source + "\0".join(_FLAGS).encode()
     key = f"{zlib.crc32(built_from):08x}{len(built_from):08x}"
     out_dir = _writable_dir(cache_dir if cache_dir is not None else default_cache_dir()) / f"fake-nvml-{key}"
@@ -71,10 +72,9 @@ def build_fake_nvml(cache_dir: Path | None = None) -> Path:
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        with resources.as_file(resources.files("nvdp.sim").joinpath(SOURCE)) as src:
-            result = subprocess.run(
-                [compiler, *_FLAGS, "-o", str(tmp), str(src)], capture_output=True, text=True, check=False
-            )
+        result = subprocess.run(
+            [compiler, *_FLAGS, "-o", str(tmp), str(SOURCE_PATH)], capture_output=True, text=True, check=False
+        )
         if result.returncode != 0:
             raise SimBuildError(f"{compiler} failed to build the simulated NVML library:\n{result.stderr.strip()}")
         tmp.replace(target)
