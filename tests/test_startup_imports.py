@@ -28,6 +28,7 @@ NOT_NEEDED = {
     "nvdp.mps.control_daemon": "a GPU shared through MPS",
     "nvdp.mps.supervisor": "a GPU shared through MPS",
     "nvdp.k8s.client": "per-node configs or Kubernetes API access",
+    "nvdp.observe.events": "Kubernetes API access (Node Events)",
     "nvdp.core.cdi.spec": "a CDI device list strategy (cdi-annotations, cdi-cri)",
     "nvdp.core.cdi.build": "a CDI device list strategy (cdi-annotations, cdi-cri)",
     "nvdp.cdi.discover": "a CDI device list strategy (cdi-annotations, cdi-cri)",
