@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import trio
 
-from nvdp.core.cdi.names import classes_without_spec
+from nvdp.core.cdi.names import IMEX_CLASS, classes_without_spec
 from nvdp.core.config.errors import ConfigError
 from nvdp.core.config.load import ConfigWarning
 from nvdp.core.config.schema import Config
@@ -353,7 +353,10 @@ class Controller:
         start what is new. Servers of MPS resources start only after their daemons answer."""
         assert self.servers is not None
         cdi_specs = await self.build_cdi(settings, inventory, plan)
-        missing = classes_without_spec(cdi_specs, settings.cdi_feature_classes)
+        # A class Allocate would name but whose spec was not written (its nodes are missing under the dev root).
+        imex_class = (IMEX_CLASS,) if imex.select_imex_channels(inventory, settings) else ()
+        wanted = settings.cdi_feature_classes + imex_class
+        missing = classes_without_spec(cdi_specs, wanted) if settings.cdi_enabled else ()
         contexts = serving_contexts(plan, inventory, settings, missing)
         self.settings, self.inventory, self.plan = settings, inventory, plan
         await self.servers.stop_unwanted(contexts)

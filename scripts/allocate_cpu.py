@@ -7,7 +7,7 @@ starts `python -m nvdp --simulate` (through bench.harness, with that tree's code
 calls: Allocate of 1 GPU (4-GPU node, defaults), Allocate of 4 GPUs and GetPreferredAllocation of 2 out of 8 (8-GPU
 NVLink node, volume-mounts + device specs), then 8 client threads on one channel for 3 s. CPU is the daemon's, all
 threads, from /proc (`bench.harness.thread_cpu_ns`), divided by the calls: less sensitive to a shared machine's load
-than latencies are. Prints the median per tree and figure.
+than latencies are. Prints the median per tree and figure, and each tree's per-round ratios to the first tree.
 """
 
 from __future__ import annotations
@@ -86,6 +86,14 @@ def main() -> int:
             print(f"round {r + 1}/{args.rounds} {tree}: {done.stdout.strip()}", file=sys.stderr)
     for (tree, key), values in sorted(results.items()):
         print(f"{tree}\t{key}\tmedian {statistics.median(values):.0f}\tall {[round(v) for v in values]}")
+    # On a shared machine a round's figures move together: the ratio of two trees within a round (they ran one
+    # after the other) is steadier than the ratio of their medians.
+    first = str(args.trees[0])
+    for (tree, key), values in sorted(results.items()):
+        if tree != first:
+            ratios = [v / b for v, b in zip(values, results[(first, key)], strict=True)]
+            print(f"{tree}\t{key}\tper-round ratio to {first}: median {statistics.median(ratios):.2f}"
+                  f"\tall {[round(r, 2) for r in ratios]}")
     return 0
 
 

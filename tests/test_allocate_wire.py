@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import re
 import threading
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -33,7 +34,8 @@ from nvdp.kubelet.plugin_server import (
     start_server,
     stop_server,
 )
-from tests.hostile_h2 import ALLOCATE, H2Client, allocate_request, grpc_frame
+from tests.hostile_h2 import ALLOCATE, H2Client, allocate_request, grpc_frame, request_headers
+from tests.hostile_h2 import Answer as H2Answer
 
 T = TypeVar("T")
 PREFERRED = "/v1beta1.DevicePlugin/GetPreferredAllocation"
@@ -269,3 +271,83 @@ def test_received_frames_are_not_formatted_for_h2s_trace_log(monkeypatch: pytest
                         end_stream=True)
     events = server.receive_data(client.data_to_send())
     assert any(type(e).__name__ == "RequestReceived" for e in events)
+
+
+def eventually(condition: Callable[[], bool], limit_s: float = 5.0) -> None:
+    deadline = time.monotonic() + limit_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met"
+        time.sleep(0.001)
+
+
+def call_in_one_write(client: H2Client, body: bytes, *extra: tuple[str, str]) -> H2Answer:
+    """A unary Allocate whose headers and message go out in one write, as the kubelet's gRPC client sends them
+    (`H2Client.call` writes them separately: the server may read the headers alone)."""
+    stream_id = client.h2.get_next_available_stream_id()
+    client.h2.send_headers(stream_id, request_headers(ALLOCATE, *extra))
+    client.h2.send_data(stream_id, body, end_stream=True)
+    client.answers[stream_id] = H2Answer()
+    client.flush()
+    return client.wait(stream_id)
+
+
+def test_a_repeated_request_is_answered_without_a_task_unless_it_carries_metadata(
+    served: Served, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    started: list[str] = []
+    request_handler = grpc_guard.request_handler
+
+    def counted(*args: Any) -> Any:
+        started.append(dict(args[2])[":path"])
+        return request_handler(*args)
+
+    monkeypatch.setattr(grpc_guard, "request_handler", counted)
+    request = grpc_frame(allocate_request(GPUS[1]))
+    with H2Client(served.path) as client:
+        first = call_in_one_write(client, request)
+        again = [call_in_one_write(client, request) for _ in range(3)]
+        with_deadline = call_in_one_write(client, request, ("grpc-timeout", "5S"))
+        with_metadata = call_in_one_write(client, request, ("x-trace", "1"))
+        # Headers read without the message: the call waits for it in a task, as before.
+        in_two_reads = client.open(ALLOCATE)
+        eventually(lambda: len(started) == 3)  # the server read the headers alone and started a task
+        client.send(in_two_reads, request)
+        split = client.wait(in_two_reads)
+    answers = [first, *again, with_deadline, with_metadata, split]
+    assert all(a.status == grpclib.const.Status.OK.value and a.trailers == {"grpc-status": "0"} for a in answers)
+    assert [a.data for a in answers] == [first.data] * 7
+    # A task for the first call (computed), the one with metadata and the one read in two parts; the others were
+    # answered at once.
+    assert started == [ALLOCATE] * 3
+    assert served.calls.seen == [("Allocate", True)] * 7
+
+
+def test_a_kept_request_reset_in_the_read_it_arrived_in_is_not_answered(
+    served: Served, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    started: list[int] = []
+    request_handler = grpc_guard.request_handler
+
+    def counted(*args: Any) -> Any:
+        started.append(args[1].id)
+        return request_handler(*args)
+
+    monkeypatch.setattr(grpc_guard, "request_handler", counted)
+    request = grpc_frame(allocate_request(GPUS[1]))
+    with H2Client(served.path) as client:
+        assert call_in_one_write(client, request).status == grpclib.const.Status.OK.value
+        # Headers, message and a reset in one write: the server reads them together.
+        stream_id = client.h2.get_next_available_stream_id()
+        client.h2.send_headers(stream_id, request_headers(ALLOCATE))
+        client.h2.send_data(stream_id, request, end_stream=True)
+        client.h2.reset_stream(stream_id, error_code=8)
+        client.answers[stream_id] = reset = H2Answer()
+        client.flush()
+        assert call_in_one_write(client, request).status == grpclib.const.Status.OK.value
+        assert reset.headers == {} and reset.data == b""
+
+        async def streams_held() -> list[int]:
+            return [len(p.processor.streams) for p in served.bound.server.protocols]
+        assert served.run(streams_held) == [0]
+    assert served.calls.seen == [("Allocate", True)] * 2
+    assert started == [1]  # the first call; the reset one was never started, the last one answered at once

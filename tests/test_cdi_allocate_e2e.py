@@ -130,3 +130,17 @@ async def test_a_feature_whose_nodes_are_missing_is_not_named(tmp_path: Path, ku
         assert [d.name for d in container.cdi_devices] == [f"k8s.device-plugin.nvidia.com/gpu={GPU0}"]
         assert (container.envs["NVIDIA_GDS"], container.envs["NVIDIA_MOFED"]) == ("enabled", "enabled")
         assert set(defined_devices(cdi_root)) == {f"k8s.device-plugin.nvidia.com/gpu={GPU0}"}
+
+
+async def test_the_imex_channel_is_named_only_with_its_spec(tmp_path: Path, kubelet: KubeletEmulator) -> None:
+    cdi_root = tmp_path / "cdi"
+    s = Settings(simulate=write_node(tmp_path / "node.yaml", [gpu(0)], imexChannels=[0]),
+                 kubelet_socket=kubelet.socket, cdi_root=cdi_root, device_list_strategy=("cdi-cri",),
+                 imex_channel_ids=(0,))
+    async with daemon(s):
+        assert await wait_for(kubelet, lambda k: k.devices("nvidia.com/gpu") == {GPU0: "Healthy"})
+        container = await allocate(kubelet, "nvidia.com/gpu", [GPU0])
+        defined = defined_devices(cdi_root)
+        names = [d.name for d in container.cdi_devices]
+        assert names == [f"k8s.device-plugin.nvidia.com/gpu={GPU0}", "k8s.device-plugin.nvidia.com/imex-channel=0"]
+        assert defined["k8s.device-plugin.nvidia.com/imex-channel=0"] == ["/dev/nvidia-caps-imex-channels/channel0"]

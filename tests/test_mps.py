@@ -24,7 +24,7 @@ from nvdp import mps, sim
 from nvdp.core.plan.model import MpsDaemonSpec
 from nvdp.mps import shm
 from nvdp.mps.control_daemon import DaemonState, DaemonTimings
-from nvdp.mps.launcher import read_pid_file
+from nvdp.mps.launcher import make_dirs, read_pid_file
 from nvdp.nvml import adapter
 from tests.harness import LIMIT_S, eventually
 from tests.helpers import gpu, write_node
@@ -659,3 +659,30 @@ async def test_mps_daemons_through_the_host_leave_on_shutdown_and_quit_on_remova
         assert modes.changes == [(GPU0, 3), (GPU0, 0), (GPU0, 3)]
         host_nursery.cancel_scope.cancel()  # the host's SIGTERM: the removal
     assert gone(pid) and commands(spec)[-1] == "quit"
+
+
+async def test_a_daemon_started_as_its_start_is_cancelled_can_still_be_found_and_removed(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGTERM right after the control daemon was spawned (seen once in tests/faults/test_sigterm.py): the pid file is
+    written all the same, so the removal finds the daemon instead of leaving it running."""
+    spec = make_spec(root)
+    paths = mps.DaemonPaths.of(spec)
+    make_dirs(paths)
+    launcher = mps.LocalLauncher(CONTROL, PATH)
+    scope = trio.CancelScope()
+    spawn = trio.lowlevel.open_process
+
+    async def spawn_then_cancel(*args: object, **kwargs: object) -> trio.Process:
+        process = await spawn(*args, **kwargs)  # type: ignore[arg-type]
+        scope.cancel()  # the signal lands now: the daemon exists, nvdp has not recorded it yet
+        return process
+
+    monkeypatch.setattr(trio.lowlevel, "open_process", spawn_then_cancel)
+    with scope:
+        pid = await launcher.start(paths)
+    assert read_pid_file(paths) == pid
+    with trio.fail_after(5):
+        await mps.stop_mps_daemon(spec, control=CONTROL, launcher=launcher, compute_mode=None, timings=FAST,
+                                  path_env=PATH)
+    assert gone(pid) and read_pid_file(paths) is None

@@ -332,6 +332,30 @@ class _Timed:
         self.report(self.resource, time.perf_counter() - self.started, exc_type is None)
 
 
+class _CachedUnary:
+    """One of the service's cached unary methods, as grpclib's handler for it (`grpc_guard.ImmediateUnary`)."""
+
+    __slots__ = ("answer", "cache", "report", "resource", "service")
+
+    def __init__(self, service: DevicePluginService, cache: ResponseCache, answer: Callable[[Any], Answer],
+                 report: Callable[[str, float, bool], None]) -> None:
+        self.service = service
+        self.cache = cache
+        self.answer = answer
+        self.report = report
+        self.resource = service.context.resource.name
+
+    async def __call__(self, stream: GuardedStream) -> None:
+        await self.service._serve(stream, self.cache, self.answer, self.report)
+
+    def immediate(self, request: bytes) -> bytes | None:
+        kept = self.cache.get(request)
+        return None if kept is None else kept.encode()
+
+    def observed(self, seconds: float) -> None:
+        self.report(self.resource, seconds, True)
+
+
 class DevicePluginService(api.DevicePluginBase):
     def __init__(self, context: ServingContext, mirror: DeviceListMirror, observer: CallObserver) -> None:
         self.context = context
@@ -341,14 +365,17 @@ class DevicePluginService(api.DevicePluginBase):
         self.preferred_cache = ResponseCache()
 
     def __mapping__(self) -> dict[str, grpclib.const.Handler]:
-        # Allocate and GetPreferredAllocation answer with bytes encoded once per device set, sent in one write.
+        # Allocate and GetPreferredAllocation answer with bytes encoded once per device set, sent in one write, and
+        # a repeated request is answered without a task (`grpc_guard.ImmediateUnary`).
         mapping = super().__mapping__()
-        for path, func, request, reply in (
-            ("/v1beta1.DevicePlugin/Allocate", self._allocate_rpc, api.AllocateRequest, api.AllocateResponse),
-            ("/v1beta1.DevicePlugin/GetPreferredAllocation", self._preferred_rpc, api.PreferredAllocationRequest,
-             api.PreferredAllocationResponse),
+        for path, cache, answer, report, request, reply in (
+            ("/v1beta1.DevicePlugin/Allocate", self.allocate_cache, self.allocate_answer,
+             self.observer.allocate_observed, api.AllocateRequest, api.AllocateResponse),
+            ("/v1beta1.DevicePlugin/GetPreferredAllocation", self.preferred_cache, self.preferred_answer,
+             self.observer.preferred_observed, api.PreferredAllocationRequest, api.PreferredAllocationResponse),
         ):
-            mapping[path] = grpclib.const.Handler(func, grpclib.const.Cardinality.UNARY_UNARY, request, reply)
+            method = _CachedUnary(self, cache, answer, report)
+            mapping[path] = grpclib.const.Handler(method, grpclib.const.Cardinality.UNARY_UNARY, request, reply)
         return mapping
 
     async def get_device_plugin_options(self, message: api.Empty) -> api.DevicePluginOptions:
@@ -359,12 +386,6 @@ class DevicePluginService(api.DevicePluginBase):
         async for response in self.mirror.updates():
             # Already serialized (see DeviceListEncoder); the server's codec passes the bytes through.
             yield response  # type: ignore[misc]
-
-    async def _allocate_rpc(self, stream: GuardedStream) -> None:
-        await self._serve(stream, self.allocate_cache, self.allocate_answer, self.observer.allocate_observed)
-
-    async def _preferred_rpc(self, stream: GuardedStream) -> None:
-        await self._serve(stream, self.preferred_cache, self.preferred_answer, self.observer.preferred_observed)
 
     async def _serve(self, stream: GuardedStream, cache: ResponseCache, answer: Callable[[Any], Answer],
                      report: Callable[[str, float, bool], None]) -> None:

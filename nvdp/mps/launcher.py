@@ -299,10 +299,13 @@ class LocalLauncher:
             os.close(out)
         _EXITS.pop(process.pid, None)
         self._children[process.pid] = process
-        try:
-            await trio.to_thread.run_sync(write_pid_file, paths, process.pid)
-        except OSError as exc:
-            log.warning("cannot write %s: %s; a later nvdp will not adopt this daemon", paths.pid_file, exc)
+        # Shielded: a daemon is running now, and a cancellation here (SIGTERM while it starts) would leave it with no
+        # pid file, so that neither `stop_mps_daemon` nor a later nvdp could find it.
+        with trio.CancelScope(shield=True):
+            try:
+                await trio.to_thread.run_sync(write_pid_file, paths, process.pid)
+            except OSError as exc:
+                log.warning("cannot write %s: %s; a later nvdp will not adopt this daemon", paths.pid_file, exc)
         if self._nursery is not None:
             self._nursery.start_soon(self._reap, process)
         return process.pid

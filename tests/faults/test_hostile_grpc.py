@@ -28,7 +28,7 @@ from nvdp.core.plan.allocate import MAX_ID_CHARS, AllocateOptions, describe_ids
 from nvdp.core.plan.model import Device, Resource
 from nvdp.kubelet import grpc_guard
 from nvdp.kubelet.plugin_server import BoundServer, ServingContext, start_server, stop_server
-from tests.hostile_h2 import ALLOCATE, LIST_AND_WATCH, OPTIONS, H2Client, allocate_request, grpc_frame
+from tests.hostile_h2 import ALLOCATE, LIST_AND_WATCH, OPTIONS, Answer, H2Client, allocate_request, grpc_frame
 
 T = TypeVar("T")
 OK, CANCELLED, UNKNOWN, INVALID_ARGUMENT, DEADLINE_EXCEEDED = 0, 1, 2, 3, 4
@@ -409,3 +409,89 @@ def test_settings_of_a_plugin_server(served: Served) -> None:
         settings = client.h2.remote_settings
         assert settings.max_header_list_size == grpc_guard.MAX_HEADER_LIST_SIZE
         assert settings.initial_window_size == grpc_guard.WINDOW_BYTES
+
+
+# ---------------------------------------------------------------------------------------------- call deadlines
+
+
+def test_a_deadline_ends_a_call_that_waits_and_costs_no_timer_to_one_that_does_not(
+    served: Served, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    armed: list[bool] = []
+    arm = grpc_guard._Deadline.arm
+
+    def recording_arm(self: grpc_guard._Deadline) -> None:
+        arm(self)
+        armed.append(self.timer is not None)
+
+    monkeypatch.setattr(grpc_guard._Deadline, "arm", recording_arm)
+    with H2Client(served.path) as client:
+        # Answered in the handler's first step: the deadline is checked, no timer is scheduled.
+        assert client.call(ALLOCATE, grpc_frame(allocate_request(GPU0)), ("grpc-timeout", "5S")).status == OK
+        assert served.on_loop(lambda: list(armed)) == [False]
+        # The request never arrives: the handler waits for it, so the deadline ends the call (the request timeout,
+        # 10 s, is longer than this test waits).
+        waiting = client.open(ALLOCATE, ("grpc-timeout", "200m"))
+        answer = client.wait(waiting, 5)
+        assert answer.status == DEADLINE_EXCEEDED, answer
+        assert served.on_loop(lambda: list(armed)) == [False, True]
+    served.answers()
+
+
+# ------------------------------------------------------------------------------------ headers of a kept request
+
+_STANDARD = [(":method", "POST"), (":scheme", "http"), (":path", ALLOCATE), (":authority", "localhost"),
+             ("content-type", "application/grpc"), ("te", "trailers")]
+
+
+def _replaced(name: str, value: str | None, new_name: str | None = None) -> list[tuple[str, str]]:
+    headers = [(k, v) for k, v in _STANDARD if k != name]
+    if value is not None:
+        headers.append((new_name or name, value))
+    return headers
+
+
+BAD_HEADERS = [
+    pytest.param(_replaced(":method", "GET"), UNIMPLEMENTED, id="GET"),
+    pytest.param(_replaced("content-type", "application/json"), UNKNOWN, id="not gRPC"),
+    pytest.param(_replaced("content-type", "application/grpc+json"), UNKNOWN, id="not protobuf"),
+    pytest.param(_replaced("content-type", "application/grpc", "Content-Type"), UNKNOWN, id="upper-case name"),
+    pytest.param(_replaced("te", None), UNKNOWN, id="no te"),
+    pytest.param(_replaced(":path", "/v1beta1.DevicePlugin/Nope"), UNIMPLEMENTED, id="unknown method"),
+    pytest.param([*_STANDARD, ("grpc-timeout", "soon")], INVALID_ARGUMENT, id="grpc-timeout not a number"),
+    pytest.param([*_STANDARD, ("grpc-timeout", "1n")], DEADLINE_EXCEEDED, id="grpc-timeout 1n"),
+]
+
+
+@pytest.mark.parametrize(("headers", "status"), BAD_HEADERS)
+def test_a_kept_request_with_bad_headers_gets_the_same_status_as_any_other(
+    served: Served, headers: list[tuple[str, str]], status: int
+) -> None:
+    """h2 does not validate request headers (grpclib's configuration); `request_handler` checks what gRPC needs,
+    and a request answered at once from the cache (`GuardedHandler`) must pass the same checks."""
+    body = grpc_frame(allocate_request(GPU0))
+    with H2Client(served.path) as client:
+        # So that the client's h2 sends these headers as they are (it would refuse or fix some).
+        client.h2.config.validate_outbound_headers = False
+        client.h2.config.normalize_outbound_headers = False
+        kept = client.call(ALLOCATE, body)
+        assert kept.status == OK
+        for _ in range(2):
+            stream_id = client.h2.get_next_available_stream_id()
+            client.h2.send_headers(stream_id, headers)
+            client.h2.send_data(stream_id, body, end_stream=True)
+            client.answers[stream_id] = Answer()
+            client.flush()
+            answer = client.wait(stream_id)
+            assert answer.status == status, answer
+            assert answer.data == b""
+        assert client.call(ALLOCATE, body).data == kept.data
+    served.answers()
+
+
+def test_h2_passes_headers_through_and_nvdp_checks_them(served: Served) -> None:
+    """docs/security.md, "Request headers": h2's own header validation is off (grpclib's configuration)."""
+    config = served.bound.server._h2_config
+    assert not (config.validate_inbound_headers or config.normalize_inbound_headers
+                or config.validate_outbound_headers or config.normalize_outbound_headers
+                or config.split_outbound_cookies)

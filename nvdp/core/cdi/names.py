@@ -32,7 +32,7 @@ def qualified_name(device_class: str, name: str) -> str:
 
 
 def classes_without_spec(built: BuiltSpecs | None, enabled: Sequence[str]) -> tuple[str, ...]:
-    """Of the `enabled` feature classes (gds, mofed, gdrcopy), those whose spec was not built: Allocate must not name
-    a device the runtime cannot resolve (the container would fail to start)."""
+    """Of the `enabled` classes with a spec of their own (imex-channel, gds, mofed, gdrcopy), those whose spec was not
+    built: Allocate must not name a device the runtime cannot resolve (the container would fail to start)."""
     written = built.specs if built is not None else {}
     return tuple(c for c in enabled if spec_filename(f"{VENDOR}/{c}") not in written)

@@ -22,7 +22,7 @@ import posixpath
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from nvdp.core.cdi.names import GDRCOPY_CLASS, GDS_CLASS, MOFED_CLASS, VENDOR, qualified_name
+from nvdp.core.cdi.names import GDRCOPY_CLASS, GDS_CLASS, GPU_CLASS, IMEX_CLASS, MOFED_CLASS, VENDOR, qualified_name
 from nvdp.core.inventory import imex_channel_path
 from nvdp.core.plan.model import Device, MpsSlice, Resource
 
@@ -297,8 +297,9 @@ class _ResponseBuilder:
 
 def cdi_device_names(ids: Sequence[str], options: AllocateOptions) -> tuple[str, ...]:
     """The CDI devices for a container holding `ids` (translated IDs), in upstream's order."""
-    names = [cdi_name("gpu", device_id) for device_id in ids]
-    names += [cdi_name("imex-channel", str(channel)) for channel in options.imex_channels]
+    names = [cdi_name(GPU_CLASS, device_id) for device_id in ids]
+    if IMEX_CLASS not in options.cdi_classes_without_spec:
+        names += [cdi_name(IMEX_CLASS, str(channel)) for channel in options.imex_channels]
     names += [cdi_name(cdi_class, "all") for cdi_class, enabled in CDI_FEATURE_CLASSES
               if getattr(options, enabled) and cdi_class not in options.cdi_classes_without_spec]
     return tuple(names)
