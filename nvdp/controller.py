@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import trio
 
-from nvdp.core.cdi.build import IMEX_CLASS, DevicePluginSpecs, classes_without_spec
+from nvdp.core.cdi.names import IMEX_CLASS, classes_without_spec
 from nvdp.core.config.errors import ConfigError
 from nvdp.core.config.load import ConfigWarning
 from nvdp.core.config.schema import Config
@@ -42,6 +42,7 @@ from nvdp.nvml.health import watch_nvml_health
 from nvdp.supervise import SupervisionReporter, Supervisor, Task
 
 if TYPE_CHECKING:
+    from nvdp.core.cdi.build import DevicePluginSpecs
     from nvdp.gfd import LabelPublisher
     from nvdp.k8s.client import ApiConfig
     from nvdp.mps import MpsDaemons

@@ -12,16 +12,24 @@ permission) leave here as `InotifyError`, with the sysctl to raise where a limit
 
 from __future__ import annotations
 
+import ctypes
 import errno
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal
 
+import inotify_simple
 import trio
 from inotify_simple import INotify, flags
 
 __all__ = ["DirEvent", "DirectoryWatch", "InotifyError", "flags"]
+
+# inotify_simple finds libc with `ctypes.util.find_library("c")` at its first INotify, which runs `ldconfig -p` in a
+# child process (~2 ms on the trio thread at start-up, and a fork of the whole daemon). The C library is already in
+# the process: the process's own symbols (dlopen(NULL)) include inotify_init1 and friends.
+if getattr(inotify_simple, "_libc", False) is None:
+    inotify_simple._libc = ctypes.CDLL(None, use_errno=True)
 
 #: What the parent's watch asks for: a directory of the watched name created or moved into place.
 _PARENT_MASK = flags.CREATE | flags.MOVED_TO

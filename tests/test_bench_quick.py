@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -62,3 +63,31 @@ def test_quick_benchmark_runs_and_reports_every_figure(tmp_path: Path) -> None:
     # The encode figure is per update; the one-time encoder build is reported apart.
     assert "encode_build_ms" in data["figures"]["scale.list_and_watch_encode"]["summary"]
     assert "| Figure |" in json_file.with_suffix(".md").read_text()
+
+
+def test_the_simulated_nodes_files_go_to_tmpfs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """docs/performance.md: the benchmark's nvdp gets a TMPDIR of its own on tmpfs (where `--simulate` writes the
+    node's files), removed with it; one the scenario sets is kept."""
+    from bench import harness
+
+    started: list[dict[str, str]] = []
+
+    class Exited:
+        pid, returncode = 0, 0
+
+        def __init__(self, argv: list[str], **kwargs: Any) -> None:
+            started.append(kwargs["env"])
+
+        def poll(self) -> int:
+            return 0
+
+    monkeypatch.setattr(harness.subprocess, "Popen", Exited)
+    monkeypatch.setattr(harness, "SCRATCH_PARENT", str(tmp_path))
+    with harness.Nvdp(tmp_path, tmp_path / "node.yaml"):
+        scratch = Path(started[0]["TMPDIR"])
+        assert scratch.parent == tmp_path and scratch.is_dir()
+    assert not scratch.exists()
+    with harness.Nvdp(tmp_path, tmp_path / "node.yaml", env={"TMPDIR": "/elsewhere"}):
+        assert started[1]["TMPDIR"] == "/elsewhere"
+    monkeypatch.undo()  # the real parent: /dev/shm where it is writable
+    assert ("/dev/shm" if os.access("/dev/shm", os.W_OK) else None) == harness.SCRATCH_PARENT

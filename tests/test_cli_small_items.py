@@ -81,3 +81,20 @@ def test_demo_takes_a_config_file_and_run_flags(tmp_path: Path, capsys: pytest.C
     assert "nvidia.com/gpu: 8/8 healthy" in out  # two replicas of each of the four GPUs
     assert "env    NVIDIA_VISIBLE_DEVICES=0" in out
     assert "device /dev/nvidia0 <-" in out
+
+
+@pytest.mark.parametrize("argv", [["run", "--help"], ["--mig-strategy", "none", "--help"], ["demo", "--help"],
+                                  ["config", "validate", "--help"]])
+def test_each_command_that_takes_runs_flags_lists_them(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    """The parser is built with only the chosen command's copy of run's flags (start-up, docs/performance.md)."""
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    assert exited.value.code == 0
+    assert "--mig-strategy" in capsys.readouterr().out
+
+
+def test_a_parser_for_one_command_leaves_runs_flags_off_the_others() -> None:
+    parser = build_parser("run")
+    assert parser.parse_args(["run", "--mig-strategy", "mixed"]).mig_strategy == "mixed"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["demo", "--mig-strategy", "mixed"])

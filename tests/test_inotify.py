@@ -95,6 +95,16 @@ def test_inotify_errors_become_nvdp_errors(tmp_path: Path, monkeypatch: pytest.M
     assert closed == [True]  # the inotify descriptor does not leak
 
 
+def test_the_c_library_is_the_processs_own_and_errno_still_reaches_python(tmp_path: Path) -> None:
+    """nvdp.inotify gives inotify_simple the process's own symbols, so it never runs `ldconfig` to find libc; the
+    kernel's errno must still come through (what `_error` turns into hints)."""
+    import inotify_simple
+
+    assert inotify_simple._libc is not None and inotify_simple._libc._name is None  # dlopen(NULL), not a search
+    with inotify.INotify() as raw, pytest.raises(FileNotFoundError):
+        raw.add_watch(tmp_path / "missing", MASK)
+
+
 def test_no_inotify_instance_left(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     def refuse(*args: Any, **kwargs: Any) -> None:
         raise OSError(errno.EMFILE, "Too many open files")

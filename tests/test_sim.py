@@ -137,7 +137,20 @@ def test_build_is_cached_by_source_hash(tmp_path: Path) -> None:
     assert first.name == "libnvidia-ml.so.1"
     assert build_fake_nvml(tmp_path) == first
     assert first.stat().st_mtime_ns == mtime
-    assert [p.name for p in first.parent.iterdir()] == ["libnvidia-ml.so.1"]  # no temporary left behind
+    # no temporary left behind
+    assert sorted(p.name for p in first.parent.iterdir()) == ["built-from", "libnvidia-ml.so.1"]
+
+
+def test_a_build_from_other_source_bytes_is_not_reused(tmp_path: Path) -> None:
+    """The cache directory's name is only a CRC: what the build came from is compared byte for byte."""
+    first = build_fake_nvml(tmp_path)
+    stamp = first.parent / "built-from"
+    built_from = stamp.read_bytes()
+    stamp.write_bytes(built_from.replace(b"nvml", b"NVML", 1))  # as if another source had the same CRC
+    first.write_bytes(b"stale")
+    rebuilt = build_fake_nvml(tmp_path)
+    assert rebuilt == first and rebuilt.read_bytes() != b"stale"
+    assert stamp.read_bytes() == built_from
 
 
 def test_build_without_compiler_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

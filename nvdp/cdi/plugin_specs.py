@@ -2,29 +2,28 @@
 
 `update_device_plugin_specs` is what the controller calls whenever it applies a plan (start, reload, MIG change, a
 GPU gone), before servers advertise devices. Failures are logged here, precisely, and never stop serving: the specs
-already on disk stay as they were.
+already on disk stay as they were. Without a CDI device list strategy it only removes nvdp's old files, so the scan
+(`nvdp.cdi.discover`) and the spec model (`nvdp.core.cdi.build`) are imported where specs are built.
 """
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import trio
 
 from nvdp.cdi import CdiError
-from nvdp.cdi.discover import SCAN_TIMEOUT_S, ScanRoots, choose_roots, discover_driver_files
 from nvdp.cdi.writer import SyncResult, sync_specs
-from nvdp.core.cdi.build import (
-    VENDOR,
-    CdiOptions,
-    DevicePluginSpecs,
-    DriverFiles,
-    device_plugin_specs,
-)
+from nvdp.core.cdi.names import VENDOR
 from nvdp.core.config.settings import Settings
 from nvdp.core.inventory import NodeInventory
 from nvdp.core.plan.model import Plan
+
+if TYPE_CHECKING:
+    from nvdp.cdi.discover import ScanRoots
+    from nvdp.core.cdi.build import CdiOptions, DevicePluginSpecs, DriverFiles
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +32,8 @@ OWNED_PREFIX = f"{VENDOR}-"
 
 
 def cdi_options(settings: Settings, host_driver_root: str, host_dev_root: str) -> CdiOptions:
+    from nvdp.core.cdi.build import CdiOptions
+
     return CdiOptions(
         hook_path=settings.nvidia_cdi_hook_path,
         disabled_hooks=frozenset(settings.cdi_disable_hooks),
@@ -49,6 +50,8 @@ def cdi_options(settings: Settings, host_driver_root: str, host_dev_root: str) -
 
 def scan_roots(settings: Settings, simulated_root: Path | None) -> tuple[ScanRoots, str, str]:
     """(where to scan, host driver root, host dev root). A simulated node's root is its own host."""
+    from nvdp.cdi.discover import ScanRoots, choose_roots
+
     if simulated_root is not None:
         roots = ScanRoots(simulated_root, simulated_root, sys_root=simulated_root, proc_root=simulated_root,
                           plain_file_nodes=True, kernel_release="simulated")
@@ -63,6 +66,8 @@ async def load_driver_files(settings: Settings, inventory: NodeInventory,
     """The node's driver files and the options to build edits from them (what DRA's per-claim specs need too:
     `common_edits(files, options)`, `gpu_edits(gpu, files, options)`, `mig_edits(...)`). What was not found is
     logged as warnings. Raises trio.TooSlowError past the scan's bound."""
+    from nvdp.cdi.discover import discover_driver_files
+
     roots, host_driver, host_dev = scan_roots(settings, simulated_root)
     files = await discover_driver_files(roots, inventory)
     for note in files.notes:
@@ -72,6 +77,8 @@ async def load_driver_files(settings: Settings, inventory: NodeInventory,
 
 async def build_specs(settings: Settings, inventory: NodeInventory, plan: Plan,
                       simulated_root: Path | None) -> DevicePluginSpecs:
+    from nvdp.core.cdi.build import device_plugin_specs
+
     files, options = await load_driver_files(settings, inventory, simulated_root)
     return device_plugin_specs(inventory, plan.resources, files, options)
 
@@ -122,6 +129,8 @@ async def update_device_plugin_specs(
 
 
 def _log_failure(root: Path, exc: Exception) -> None:
+    from nvdp.cdi.discover import SCAN_TIMEOUT_S
+
     reason = (f"scanning the driver root took longer than {SCAN_TIMEOUT_S:.0f} s"
               if isinstance(exc, trio.TooSlowError) else str(exc))
     log.error("CDI specs in %s not updated: %s; the specs already there stay as they were, so a container asking "

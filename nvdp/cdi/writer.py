@@ -19,11 +19,14 @@ import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import trio
 
 from nvdp.cdi import CdiError
-from nvdp.core.cdi.spec import CdiSpecError, Spec, render
+
+if TYPE_CHECKING:
+    from nvdp.core.cdi.spec import Spec
 
 #: A spec file larger than this is not read back for comparison (nvdp's are a few hundred KiB at most): rewritten.
 COMPARE_MAX_BYTES = 16 << 20
@@ -114,6 +117,10 @@ def owned_files(directory: Path, prefix: str) -> list[str]:
 
 def render_all(specs: Mapping[str, Spec]) -> dict[str, str]:
     """Each spec's text; refuses a set in which one qualified device name appears twice."""
+    if not specs:  # removing nvdp's files (no CDI device list strategy) needs no spec model
+        return {}
+    from nvdp.core.cdi.spec import CdiSpecError, render
+
     seen: dict[str, str] = {}
     texts = {}
     for name, spec in specs.items():

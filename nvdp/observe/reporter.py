@@ -10,13 +10,17 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 from nvdp.core.config.load import ConfigWarning
 from nvdp.core.inventory import NodeInventory
 from nvdp.core.plan.model import Plan
-from nvdp.observe.events import EventRecorder
 from nvdp.observe.http import ProbeState
 from nvdp.observe.metrics import Metrics
+
+if TYPE_CHECKING:
+    # Node Events need API access, and the daemon imports them only then.
+    from nvdp.observe.events import EventRecorder
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,6 @@ import ctypes
 import os
 import shutil
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 
 from nvdp.core.inventory import IMEX_CHANNELS_DIR
@@ -42,7 +41,7 @@ STATE_ENV = "NVDP_SIM_STATE"
 
 def default_node_path() -> Path:
     """The shipped 4-GPU node (4x A100 SXM4 40GB, NVLink all-to-all, two NUMA nodes, MIG off)."""
-    return Path(str(resources.files("nvdp.sim").joinpath("default-node.yaml")))
+    return Path(__file__).with_name("default-node.yaml")
 
 
 def __getattr__(name: str) -> SimNode:

@@ -13,14 +13,16 @@ import posixpath
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+# The vocabulary (vendor, classes, names) lives in `names`, which needs none of the model below: what runs without
+# CDI specs imports only that. Re-exported here, where it was first defined.
+from nvdp.core.cdi.names import GDRCOPY_CLASS, GDS_CLASS, GPU_CLASS, IMEX_CLASS, MOFED_CLASS, VENDOR, spec_filename
+from nvdp.core.cdi.names import classes_without_spec as classes_without_spec
+from nvdp.core.cdi.names import qualified_name as qualified_name
 from nvdp.core.cdi.spec import ContainerEdits, Device, DeviceNode, Hook, Mount, Spec, transform_edits
 from nvdp.core.inventory import Gpu, MigDevice, NodeInventory
 from nvdp.core.plan.model import Device as PlanDevice
 from nvdp.core.plan.model import Resource
 
-#: The device plugin's CDI vendor and classes (upstream's names, so pods and policies written for it keep working).
-VENDOR = "k8s.device-plugin.nvidia.com"
-GPU_CLASS, IMEX_CLASS, GDS_CLASS, MOFED_CLASS, GDRCOPY_CLASS = "gpu", "imex-channel", "gds", "mofed", "gdrcopy"
 #: NVIDIA's DRA driver's per-claim kind (its vendor differs from the device plugin's: names never collide).
 CLAIM_VENDOR = "k8s.gpu.nvidia.com"
 CLAIM_KIND = f"{CLAIM_VENDOR}/claim"
@@ -280,20 +282,10 @@ def mig_edits(gpu: Gpu, mig: MigDevice, files: DriverFiles, options: CdiOptions)
 # -- the device plugin's specs ----------------------------------------------------------------------------------------
 
 
-def spec_filename(kind: str) -> str:
-    """`vendor-class.json`, the file name NVIDIA's tools give a spec of that kind."""
-    vendor, _, cls = kind.partition("/")
-    return f"{vendor}-{cls}.json"
-
-
 def device_name(device: PlanDevice, device_id_strategy: str) -> str:
     """A plan device's CDI device name: its GPU or MIG UUID, or its index (`0`, `0:1`) with the index strategy.
     Replicas share their GPU's name."""
     return device.index if device_id_strategy == "index" else device.physical_id
-
-
-def qualified_name(device_class: str, name: str) -> str:
-    return f"{VENDOR}/{device_class}={name}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -397,10 +389,3 @@ def claim_spec(claim_uid: str, devices: Sequence[tuple[str, ContainerEdits]], co
     `common_edits(...)`). The claim UID makes every name unique in the CDI root for the claim's life."""
     return Spec(kind=CLAIM_KIND, devices=tuple(Device(f"{claim_uid}-{name}", edits) for name, edits in devices),
                 container_edits=common)
-
-
-def classes_without_spec(built: DevicePluginSpecs | None, enabled: Sequence[str]) -> tuple[str, ...]:
-    """Of the `enabled` classes with a spec of their own (imex-channel, gds, mofed, gdrcopy), those whose spec was not
-    built: Allocate must not name a device the runtime cannot resolve (the container would fail to start)."""
-    written = built.specs if built is not None else {}
-    return tuple(c for c in enabled if spec_filename(f"{VENDOR}/{c}") not in written)

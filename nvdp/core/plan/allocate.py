@@ -22,7 +22,7 @@ import posixpath
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from nvdp.core.cdi.build import GDRCOPY_CLASS, GDS_CLASS, GPU_CLASS, IMEX_CLASS, MOFED_CLASS, VENDOR, qualified_name
+from nvdp.core.cdi.names import GDRCOPY_CLASS, GDS_CLASS, GPU_CLASS, IMEX_CLASS, MOFED_CLASS, VENDOR, qualified_name
 from nvdp.core.inventory import imex_channel_path
 from nvdp.core.plan.model import Device, MpsSlice, Resource
 
