@@ -98,8 +98,9 @@ def _run_loop(loop: asyncio.AbstractEventLoop) -> None:
         loop.run_forever()
         # A few more iterations first: a connection accepted in the loop's last moments has its setup task and
         # callbacks queued; run them (a stopped server then closes the connection) rather than cancel them before
-        # they start, which would leave the accepted socket to the garbage collector.
-        loop.run_until_complete(asyncio.sleep(0.02))
+        # they start, which would leave the accepted socket to the garbage collector. Until nothing is ready, not
+        # for a fixed time: a fixed 20 ms was half of SIGTERM -> exit.
+        _drain(loop)
         # Whatever is still scheduled (normally nothing: every `run()` caller has finished) is cancelled here, so the
         # thread never leaves a coroutine behind.
         pending = asyncio.all_tasks(loop)
