@@ -70,6 +70,8 @@ class Node:
     feed: DraHealthFeed
     tracker: HealthTracker
     scope: trio.CancelScope
+    #: Set when the plugin's child has returned (its sockets unbound).
+    exited: trio.Event
 
     async def kubelet(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         return await trio.to_thread.run_sync(lambda: fn(*args, **kwargs))
@@ -89,18 +91,20 @@ async def dra_node(short_dir: Path, *, resend_s: float = 10.0, deadline_s: float
     async with open_asyncio_thread() as host, trio.open_nursery() as nursery:
         plugin = DraKubeletPlugin(host, paths, ClaimCalls(preparer, deadline_s=deadline_s), feed,
                                   health_resend_s=resend_s)
-        scope = trio.CancelScope()
+        scope, exited = trio.CancelScope(), trio.Event()
 
         async def run(task_status: trio.TaskStatus[None]) -> None:
-            with scope:
-                await plugin.run(task_status=task_status)
+            try:
+                with scope:
+                    await plugin.run(task_status=task_status)
+            finally:
+                exited.set()
 
         await nursery.start(run)
         if paths.registry_dir.is_dir():
             with trio.fail_after(5):
-                while not plugin.binds:  # the registration socket follows dra.sock
-                    await trio.sleep(0.005)
-        yield Node(short_dir, paths, plugin, preparer, feed, tracker, scope)
+                await plugin.wait_until(lambda p: p.binds)  # the registration socket follows dra.sock
+        yield Node(short_dir, paths, plugin, preparer, feed, tracker, scope, exited)
         nursery.cancel_scope.cancel()
 
 
@@ -154,8 +158,7 @@ async def test_a_kubelet_without_a_common_version_refuses_and_the_plugin_says_wh
         with DraKubeletEmulator(node.paths.registry_dir, versions=("v1alpha4.DRAPlugin",)) as kubelet:
             await node.kubelet(kubelet.wait_for, lambda k: k.registrations)
             with trio.fail_after(5):
-                while not node.plugin.state.last_error:
-                    await trio.sleep(0.01)
+                await node.plugin.wait_until(lambda p: p.state.last_error)
     assert not kubelet.registrations[0].accepted
     assert "none of services supported by the plugin" in node.plugin.state.last_error
     assert not node.plugin.state.registered.is_set()
@@ -189,10 +192,9 @@ async def test_both_sockets_are_removed_on_the_way_out_but_not_a_socket_that_is_
     async with dra_node(short_dir) as node:
         assert node.paths.plugin_socket.exists() and node.paths.registration_socket.exists()
         node.scope.cancel()
-        await trio.sleep(0.1)  # let the child unwind
         with trio.fail_after(5):
-            while node.paths.registration_socket.exists() or node.paths.plugin_socket.exists():
-                await trio.sleep(0.01)
+            await node.exited.wait()
+        assert not node.paths.registration_socket.exists() and not node.paths.plugin_socket.exists()
     async with dra_node(short_dir) as node:
         # Someone else's socket now sits at dra.sock (a new instance): ours must not remove it.
         node.paths.plugin_socket.unlink()
@@ -201,8 +203,8 @@ async def test_both_sockets_are_removed_on_the_way_out_but_not_a_socket_that_is_
             theirs = os.stat(node.paths.plugin_socket).st_ino
             node.scope.cancel()
             with trio.fail_after(5):
-                while node.paths.registration_socket.exists():
-                    await trio.sleep(0.01)
+                await node.exited.wait()
+            assert not node.paths.registration_socket.exists()
             assert os.stat(node.paths.plugin_socket).st_ino == theirs
 
 
@@ -236,7 +238,7 @@ async def test_the_registry_directory_is_waited_for(short_dir: Path) -> None:
             await node.kubelet(kubelet.wait_for, registered)
 
 
-# -- Prepare / Unprepare ------------------------------------------------------------------------------------------------
+# -- Prepare / Unprepare -----------------------------------------------------------------------------------------------
 
 
 async def test_an_empty_request_gets_an_empty_map_without_asking_the_preparer(short_dir: Path) -> None:

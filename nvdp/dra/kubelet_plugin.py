@@ -122,10 +122,20 @@ class DraKubeletPlugin:
         #: Binds of the pair of sockets over the child's lives (each one a registration for the kubelet).
         self.binds = 0
         self._token: trio.lowlevel.TrioToken | None = None
+        self._changed = trio.Event()
 
     def __repr__(self) -> str:
         return (f"<DraKubeletPlugin {self.paths.driver} binds={self.binds} "
                 f"registered={self.state.registered.is_set()} {self.calls!r}>")
+
+    async def wait_until(self, predicate: Callable[[DraKubeletPlugin], object]) -> None:
+        """Until `predicate(self)` holds; checked whenever a bind or the kubelet's verdict changes something."""
+        while not predicate(self):
+            await self._changed.wait()
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
 
     @property
     def identity(self) -> PluginIdentity:
@@ -183,6 +193,7 @@ class DraKubeletPlugin:
             raise
         self.binds += 1
         self.state = RegistrationState()
+        self._notify()
         log.info("DRA driver %s: serving %s, registration socket %s", paths.driver, paths.plugin_socket,
                  paths.registration_socket)
         return plugin, registration
@@ -212,6 +223,7 @@ class DraKubeletPlugin:
         else:
             self.state.last_error = error
             log.error("the kubelet refused DRA driver %s: %s", self.paths.driver, error or "no reason given")
+        self._notify()
 
     # -- watching ------------------------------------------------------------------------------------------------------
 

@@ -16,6 +16,7 @@ It is synchronous and thread-based (grpcio's API); call it from trio through `tr
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -200,11 +201,10 @@ class DraKubeletEmulator:
                 old = self.plugins.get(info.name)
             if old is not None and old.endpoint == info.endpoint and old.registration_socket != socket:
                 error = f"endpoint {info.endpoint} is already registered"
-        try:
-            _unary(channel, "/pluginregistration.Registration/NotifyRegistrationStatus", reg.RegistrationStatusResponse)(
-                bytes(reg.RegistrationStatus(plugin_registered=not error, error=error)), timeout=DIAL_TIMEOUT_S)
-        except grpc.RpcError:
-            pass
+        notify = _unary(channel, "/pluginregistration.Registration/NotifyRegistrationStatus",
+                        reg.RegistrationStatusResponse)
+        with contextlib.suppress(grpc.RpcError):
+            notify(bytes(reg.RegistrationStatus(plugin_registered=not error, error=error)), timeout=DIAL_TIMEOUT_S)
         channel.close()
         self._record(Registration(info.name, str(socket), not error, error, versions, info.endpoint, time.monotonic()))
         if error:
