@@ -33,7 +33,6 @@ from nvdp.core.plan.build import PlanError, build_plan
 from nvdp.validate import validate_configs
 from tests.helpers import gpu, write_node
 
-
 U = [f"GPU-{i:08d}-aaaa-bbbb-cccc-000000000000" for i in range(3)]
 
 
@@ -76,7 +75,7 @@ def test_dra_off_leaves_every_gpu_to_the_device_plugin() -> None:
     pytest.param("[GPU-00000000-0000-0000-0000-000000000009]", "no such GPU", id="unknown-uuid"),
 ])
 def test_dra_devices_that_do_not_fit_the_node_are_refused(devices: str, message: str) -> None:
-    with pytest.raises(DraSplitError, match="dra.devices") as caught:
+    with pytest.raises(DraSplitError, match=r"dra\.devices") as caught:
         split_gpus(NODE, True, _config(f"dra:\n  devices: {devices}\n"))
     assert message in str(caught.value)
 
