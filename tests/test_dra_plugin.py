@@ -47,11 +47,18 @@ class FakePreparer:
     calls: list[tuple[str, tuple[str, ...]]] = field(default_factory=list)
     fail: Exception | None = None
     block: bool = False
+    #: Set when a blocked prepare began, and when it was cancelled.
+    blocked: trio.Event = field(default_factory=trio.Event)
+    cancelled: trio.Event = field(default_factory=trio.Event)
 
     async def prepare(self, claims: Sequence[ClaimRef]) -> Mapping[str, PrepareResult]:
         self.calls.append(("prepare", tuple(c.uid for c in claims)))
         if self.block:
-            await trio.sleep_forever()
+            try:
+                self.blocked.set()
+                await trio.sleep_forever()
+            finally:
+                self.cancelled.set()
         if self.fail is not None:
             raise self.fail
         return {c.uid: self.answers[c.uid] for c in claims if c.uid in self.answers}
@@ -78,7 +85,7 @@ class Node:
 
 
 @contextlib.asynccontextmanager
-async def dra_node(short_dir: Path, *, resend_s: float = 10.0, deadline_s: float = 30.0,
+async def dra_node(short_dir: Path, *, resend_s: float = 10.0, deadline_s: float = 30.0, max_pending: int = 16,
                    before: Callable[[DraPluginPaths], None] | None = None) -> AsyncIterator[Node]:
     paths = DraPluginPaths(DRIVER, short_dir / "plugins_registry", short_dir / "plugins")
     paths.registry_dir.mkdir(exist_ok=True)
@@ -89,8 +96,8 @@ async def dra_node(short_dir: Path, *, resend_s: float = 10.0, deadline_s: float
     feed = DraHealthFeed(NODE, tracker)
     feed.set_targets(TARGETS)
     async with open_asyncio_thread() as host, trio.open_nursery() as nursery:
-        plugin = DraKubeletPlugin(host, paths, ClaimCalls(preparer, deadline_s=deadline_s), feed,
-                                  health_resend_s=resend_s)
+        calls = ClaimCalls(preparer, deadline_s=deadline_s, max_pending=max_pending)
+        plugin = DraKubeletPlugin(host, paths, calls, feed, health_resend_s=resend_s)
         scope, exited = trio.CancelScope(), trio.Event()
 
         async def run(task_status: trio.TaskStatus[None]) -> None:
@@ -292,6 +299,38 @@ async def test_a_call_is_answered_within_its_deadline_even_when_the_preparer_han
             answer = await node.kubelet(kubelet.prepare, DRIVER, [("ns", "a", "a")])
     assert answer["a"].error == "prepare did not finish within 0.3 s; the kubelet will retry"
     assert node.plugin.calls.timed_out == 1 and node.plugin.calls.pending == 0
+
+
+async def test_a_call_the_kubelet_gave_up_on_is_cancelled(short_dir: Path) -> None:
+    async with dra_node(short_dir) as node:
+        node.preparer.block = True
+        with DraKubeletEmulator(node.paths.registry_dir) as kubelet:
+            await node.kubelet(kubelet.wait_for, registered)
+            with pytest.raises(grpc.RpcError) as caught:
+                await node.kubelet(kubelet.prepare, DRIVER, [("ns", "a", "a")], timeout=0.2)
+            with trio.fail_after(5):
+                await node.preparer.cancelled.wait()
+    assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+async def test_calls_beyond_the_bound_are_answered_at_once_with_an_error(short_dir: Path) -> None:
+    async with dra_node(short_dir, max_pending=1, deadline_s=1.0) as node:
+        node.preparer.block = True
+        with DraKubeletEmulator(node.paths.registry_dir) as kubelet:
+            await node.kubelet(kubelet.wait_for, registered)
+            async with trio.open_nursery() as nursery:
+                first: dict[str, Any] = {}
+
+                async def hold() -> None:
+                    first.update(await node.kubelet(kubelet.prepare, DRIVER, [("ns", "a", "a")]))
+
+                nursery.start_soon(hold)
+                with trio.fail_after(5):
+                    await node.preparer.blocked.wait()
+                second = await node.kubelet(kubelet.prepare, DRIVER, [("ns", "b", "b")])
+    assert second["b"].error.startswith("nvdp is busy (1 prepare/unprepare calls running)")
+    assert "did not finish within 1 s" in first["a"].error
+    assert node.plugin.calls.refused == 1
 
 
 async def test_more_claims_than_a_pod_can_have_are_refused_whole(short_dir: Path) -> None:

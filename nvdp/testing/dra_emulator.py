@@ -275,7 +275,7 @@ class DraKubeletEmulator:
             return self.plugins[driver]
 
     def prepare(self, driver: str, claims: Sequence[tuple[str, str, str]], *,
-                version: str | None = None) -> dict[str, ClaimAnswer]:
+                version: str | None = None, timeout: float = CALL_TIMEOUT_S) -> dict[str, ClaimAnswer]:
         """NodePrepareResources with `(namespace, uid, name)` claims; the answer per UID."""
         plugin = self.plugin(driver)
         version = version or plugin.dra_version
@@ -284,7 +284,7 @@ class DraKubeletEmulator:
             claims=[api.Claim(namespace=ns, uid=uid, name=name) for ns, uid, name in claims])
         response = _unary(plugin.channel, f"/k8s.io.kubelet.pkg.apis.dra.{version.split('.')[0]}.DRAPlugin/"
                           "NodePrepareResources", api.NodePrepareResourcesResponse)(
-            bytes(request), timeout=CALL_TIMEOUT_S)
+            bytes(request), timeout=timeout)
         return {uid: ClaimAnswer(r.error, tuple(
             (tuple(d.request_names), d.pool_name, d.device_name, tuple(d.cdi_device_ids), getattr(d, "share_id", None))
             for d in r.devices)) for uid, r in response.claims.items()}
