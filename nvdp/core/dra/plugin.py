@@ -26,9 +26,10 @@ PLUGIN_SOCKET = "dra.sock"
 #: Claims one Prepare or Unprepare may carry. The kubelet sends one call per pod and driver, and a pod has at most
 #: 128 claims (`spec.resourceClaims`); more is not a kubelet and is refused whole.
 MAX_CLAIMS_PER_CALL = 128
-#: How long one Prepare or Unprepare may take before every claim still open is answered with an error: well inside
-#: the kubelet's 45 s per call, so that the answer (not a deadline error) reaches it and the pod's events say why.
-CALL_DEADLINE_S = 30.0
+#: How long one Prepare or Unprepare may take before every claim still open is answered with an error: inside the
+#: kubelet's 45 s per call, so that the answer (not a deadline error) reaches it and the pod's events say why. A
+#: backstop: the claim preparer's own deadline (30 s) and rollback bound (5 s) come first.
+CALL_DEADLINE_S = 38.0
 #: Calls waiting or running at once; the kubelet makes one per pod start or end, so more means something is stuck.
 MAX_PENDING_CALLS = 16
 
