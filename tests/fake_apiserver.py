@@ -167,7 +167,7 @@ class FakeApiServer:
         self._act("reset" if abrupt else "drop")
 
     def fail_next(self, kind: str, status: int = 500, count: int = 1) -> None:
-        self.faults[kind].extend([status] * count)
+        self.faults.setdefault(kind, []).extend([status] * count)
 
     def wake(self) -> None:
         old, self._changed = self._changed, trio.Event()

@@ -200,11 +200,7 @@ class SlicePublisher:
                 self._seen = state
                 now = trio.current_time()
                 for name, written in list(self._written.items()):
-                    shown = state.get(name)
-                    if written.until <= now or (
-                            shown is None if written.obj is None
-                            else shown is not None
-                            and shown.metadata.resource_version == written.obj.metadata.resource_version):
+                    if written.until <= now or _shown(state, name, written.obj):
                         del self._written[name]
                 self._watch_ready = True
                 self._wake()
@@ -222,7 +218,11 @@ class SlicePublisher:
         return current
 
     def _remember(self, name: str, obj: ResourceSlice | None) -> None:
-        self._written[name] = _Written(obj, trio.current_time() + self.options.write_memory_s)
+        if _shown(self._seen, name, obj):
+            # The watch was quicker than the write's answer.
+            self._written.pop(name, None)
+        else:
+            self._written[name] = _Written(obj, trio.current_time() + self.options.write_memory_s)
 
     def _wake(self) -> None:
         self._changed.set()
@@ -343,3 +343,19 @@ class SlicePublisher:
     def _count(self, operation: str, ok: bool) -> None:
         if self.observer is not None:
             self.observer.slice_write(self.driver, operation, ok)
+
+
+def _shown(seen: Mapping[str, ResourceSlice], name: str, written: ResourceSlice | None) -> bool:
+    """Whether the watch's state already reflects an own write (`written` None: a delete).
+
+    A resourceVersion is opaque to clients, but the API server's are etcd revisions: when both are integers, a
+    later one shown by the watch also covers the write (someone wrote after nvdp); otherwise only the same one."""
+    shown = seen.get(name)
+    if written is None:
+        return shown is None
+    if shown is None:
+        return False
+    mine, theirs = written.metadata.resource_version, shown.metadata.resource_version
+    if mine.isdigit() and theirs.isdigit():
+        return int(theirs) >= int(mine)
+    return theirs == mine
