@@ -400,6 +400,14 @@ class FakeApiServer:
         """Every create, update and delete of a ResourceSlice, in order."""
         return [r for r in self.requests if r.kind in ("create", "update", "delete") and r.path.startswith(SLICES)]
 
+    async def wait_for(self, condition: Callable[[], bool]) -> None:
+        """Until `condition()` holds, checked again after every change of any object."""
+        while True:
+            changed = self._changed  # before looking, so that no change is missed
+            if condition():
+                return
+            await changed.wait()
+
     def resourceslices(self, node_name: str | None = None) -> list[dict[str, Any]]:
         return [copy.deepcopy(o) for (c, _), o in sorted(self.objects.items())
                 if c == SLICES and (node_name is None or o["spec"].get("nodeName") == node_name)]

@@ -168,8 +168,7 @@ async def test_wiped_slices_come_back_under_a_new_generation(autojump_clock: tri
             assert await publisher.wait_synced() == 1
             assert fake.wipe_resourceslices("node-1") == 3
             with trio.fail_after(30):
-                while len(pool_of(fake)) != 3:
-                    await trio.sleep(0.05)
+                await fake.wait_for(lambda: len(pool_of(fake)) == 3)
             await trio.sleep(2)
             slices = pool_of(fake)
             assert {s["spec"]["pool"]["generation"] for s in slices} == {2}
@@ -188,8 +187,7 @@ async def test_a_slice_edited_by_someone_else_is_put_back(autojump_clock: trio.t
             edited["spec"]["devices"] = edited["spec"]["devices"][:1]
             fake.put_resourceslice(edited)
             with trio.fail_after(30):
-                while devices_of(pool_of(fake)) != ["gpu-0", "gpu-1"]:
-                    await trio.sleep(0.05)
+                await fake.wait_for(lambda: devices_of(pool_of(fake)) == ["gpu-0", "gpu-1"])
             assert pool_of(fake)[0]["spec"]["pool"]["generation"] == 2
 
 
@@ -204,8 +202,7 @@ async def test_relist_after_410_and_a_wipe_meanwhile(autojump_clock: trio.testin
             fake.expire()
             fake.wipe_resourceslices("node-1")
             with trio.fail_after(30):
-                while len(pool_of(fake)) != 1:
-                    await trio.sleep(0.05)
+                await fake.wait_for(lambda: len(pool_of(fake)) == 1)
             assert fake.count("list", RESOURCESLICES_PATH) > lists
 
 
@@ -222,8 +219,7 @@ async def test_conflict_on_update_is_read_again_and_retried(autojump_clock: trio
             fake.put_resourceslice(other)
             publisher.set_devices(fake_devices(3))
             with trio.fail_after(30):
-                while devices_of(pool_of(fake)) != ["gpu-0", "gpu-1", "gpu-2"]:
-                    await trio.sleep(0.05)
+                await fake.wait_for(lambda: devices_of(pool_of(fake)) == ["gpu-0", "gpu-1", "gpu-2"])
             statuses = [(r.kind, r.status) for r in fake.dra_writes()]
             assert ("update", 409) in statuses
             assert statuses[-1] == ("update", 200)
