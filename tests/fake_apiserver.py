@@ -366,16 +366,18 @@ class FakeApiServer:
                     if watch.action == "reset":
                         raise _Abort("connection reset by the fake API server")
                     if not self.stalled:
-                        for change in [h for h in self.history if h.rv > cursor]:
+                        # Up to the version now: a change made while an event is being sent is sent next round.
+                        upto = self.rv
+                        for change in [h for h in self.history if cursor < h.rv <= upto]:
                             if change.collection == collection and (name is None or
                                                                     change.obj["metadata"]["name"] == name) \
                                     and (match is None or match(change.obj)):
                                 await _chunk(send, {"type": change.type, "object": change.obj})
-                        cursor = self.rv
+                        cursor = upto
                         if bookmarks and trio.current_time() >= next_bookmark:
                             kind = _BOOKMARK_KINDS.get(collection, "Node" if collection == NODES else "ConfigMap")
                             await _chunk(send, {"type": "BOOKMARK", "object": {
-                                "kind": kind, "apiVersion": "v1", "metadata": {"resourceVersion": str(self.rv)}}})
+                                "kind": kind, "apiVersion": "v1", "metadata": {"resourceVersion": str(upto)}}})
                             next_bookmark = trio.current_time() + (self.bookmark_interval_s or math.inf)
                         if trio.current_time() >= deadline:
                             break

@@ -9,13 +9,14 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
+import pytest
 import trio
 import trio.testing
 
 from nvdp.core.dra.devices import HealthFact, build_devices
 from nvdp.core.dra.slices import INDEX_LABEL
 from nvdp.dra.publisher import PublisherOptions, SlicePublisher
-from nvdp.k8s.client import ApiClient, open_client
+from nvdp.k8s.client import ApiClient, ApiError, open_client
 from nvdp.k8s.resourceslices import (
     RESOURCESLICES_PATH,
     SliceWriteError,
@@ -288,3 +289,62 @@ async def test_admission_policy_refusal_is_a_precise_error(autojump_clock: trio.
             else:
                 raise AssertionError("deleted")
             assert await delete_slice(client, created.metadata.name, uid=created.metadata.uid)
+
+
+async def test_a_fight_with_another_writer_backs_off(autojump_clock: trio.testing.MockClock, caplog) -> None:
+    async with open_fake_apiserver() as fake:
+        fake.set_node("node-1")
+        async with publishing(fake) as (publisher, _, _):
+            publisher.set_devices(fake_devices(2))
+            await publisher.wait_synced()
+            gaps = []
+            for _ in range(6):
+                edited = pool_of(fake)[0]
+                edited["spec"]["devices"] = []
+                fake.put_resourceslice(edited)
+                start = trio.current_time()
+                with trio.fail_after(60):
+                    await fake.wait_for(lambda: len(devices_of(pool_of(fake))) == 2)
+                gaps.append(trio.current_time() - start)
+            # The first rewrites come after the settling delay only; once it looks like a fight, with backoff.
+            assert max(gaps[:2]) < 0.5
+            assert gaps[-1] > gaps[0]
+            assert "another writer" in caplog.text
+
+
+async def test_the_watch_sees_only_nvdps_slices_of_its_node_and_driver(
+        autojump_clock: trio.testing.MockClock) -> None:
+    async with open_fake_apiserver() as fake:
+        fake.set_node("node-1")
+        foreign = {"metadata": {"name": "other-driver", "labels": {"app.kubernetes.io/managed-by": "nvdp"}},
+                   "spec": {"driver": "other.example.com", "nodeName": "node-1",
+                            "pool": {"name": "node-1", "generation": 1, "resourceSliceCount": 1}, "devices": []}}
+        fake.put_resourceslice(foreign)
+        fake.put_resourceslice({**foreign, "metadata": {"name": "unlabelled"},
+                                "spec": {**foreign["spec"], "driver": DRIVER}})
+        fake.put_resourceslice({**foreign, "metadata": {"name": "node-2-slice", "labels": foreign["metadata"][
+            "labels"]}, "spec": {**foreign["spec"], "driver": DRIVER, "nodeName": "node-2"}})
+        async with publishing(fake) as (publisher, _, _):
+            publisher.set_devices(fake_devices(1))
+            await publisher.wait_synced()
+            # Nothing but its own slice was touched: the others are not nvdp's to delete.
+            assert [r.kind for r in fake.dra_writes()] == ["create"]
+            assert {s["metadata"]["name"] for s in fake.resourceslices()} >= {"other-driver", "unlabelled",
+                                                                                "node-2-slice"}
+
+
+async def test_claims_and_device_classes_are_served(autojump_clock: trio.testing.MockClock) -> None:
+    async with open_fake_apiserver() as fake:
+        fake.set_resourceclaim({"apiVersion": "resource.k8s.io/v1", "kind": "ResourceClaim",
+                                "metadata": {"name": "c1", "namespace": "ns1"}, "spec": {}})
+        fake.set_deviceclass({"apiVersion": "resource.k8s.io/v1", "kind": "DeviceClass",
+                              "metadata": {"name": "gpu.nvidia.com"}, "spec": {}})
+        async with open_client(fake.api_config(token="token-1")) as client:
+            claim = await client.get_json("/apis/resource.k8s.io/v1/namespaces/ns1/resourceclaims/c1")
+            assert b'"uid"' in claim and b'"c1"' in claim
+            with pytest.raises(ApiError) as info:
+                await client.get_json("/apis/resource.k8s.io/v1/namespaces/ns2/resourceclaims/c1")
+            assert info.value.status == 404
+            listing = await client.get_json("/apis/resource.k8s.io/v1/deviceclasses")
+            assert b"gpu.nvidia.com" in listing
+            assert b"gpu.nvidia.com" in await client.get_json("/apis/resource.k8s.io/v1/deviceclasses/gpu.nvidia.com")

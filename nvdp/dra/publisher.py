@@ -73,8 +73,10 @@ class PublisherOptions:
     #: After a failed write: 0.5 s doubling to 30 s, with jitter, as the watches.
     backoff_initial_s: float = 0.5
     backoff_max_s: float = 30.0
-    #: Rewriting passes in a row without a new set_devices() before backing off (someone else keeps changing them).
+    #: Rewriting passes within `churn_window_s` without a new set_devices() before backing off (someone else keeps
+    #: changing the slices). A kubelet wipe now and then costs one pass each and never trips it.
     churn_passes: int = 3
+    churn_window_s: float = 60.0
     #: How long an own write is trusted over a watch that has not shown it yet.
     write_memory_s: float = 60.0
     #: Bound on deleting the slices on the way out (`withdraw_on_stop`).
@@ -177,6 +179,7 @@ class SlicePublisher:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run until cancelled. Reports started at once: the API server may be down for a while, and the other
         children need not wait for it (`wait_synced()` says when the slices are there)."""
+        self._watch_ready = False  # a restarted run trusts only its own watch
         task_status.started()
         try:
             async with trio.open_nursery() as nursery:
@@ -245,7 +248,7 @@ class SlicePublisher:
         backoff = Backoff(options.backoff_initial_s, options.backoff_max_s)
         bucket = _TokenBucket(options.writes_per_s, options.write_burst)
         pool = await self._ensure_pool(backoff)
-        churn = 0
+        passes: list[float] = []  # when the writing passes for `churn_version` began
         churn_version = -1
         while True:
             await self._changed.wait()
@@ -260,12 +263,15 @@ class SlicePublisher:
                 self.generation = plan.generation
                 self._report_synced(version, plan, current)
                 continue
-            churn = churn + 1 if version == churn_version else 1
-            churn_version = version
+            now = trio.current_time()
+            passes = [t for t in passes if t > now - options.churn_window_s] if version == churn_version else []
+            passes.append(now)
+            churn_version, churn = version, len(passes)
             if churn > options.churn_passes:
                 delay = backoff.next_delay()
-                log.warning("the ResourceSlices of driver %s needed rewriting %d times without a change of "
-                            "devices (another writer?); next try in %.1f s", self.driver, churn, delay)
+                log.warning("the ResourceSlices of driver %s needed rewriting %d times in %.0f s without a change of "
+                            "devices (another writer?); next try in %.1f s", self.driver, churn,
+                            options.churn_window_s, delay)
                 await trio.sleep(delay)
             try:
                 await self._execute(plan, current, bucket)
