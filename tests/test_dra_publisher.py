@@ -348,3 +348,15 @@ async def test_claims_and_device_classes_are_served(autojump_clock: trio.testing
             listing = await client.get_json("/apis/resource.k8s.io/v1/deviceclasses")
             assert b"gpu.nvidia.com" in listing
             assert b"gpu.nvidia.com" in await client.get_json("/apis/resource.k8s.io/v1/deviceclasses/gpu.nvidia.com")
+
+
+def test_pcie_roots_from_sysfs(tmp_path) -> None:
+    from nvdp.dra.sysfs import pcie_roots
+
+    device = tmp_path / "devices" / "pci0000:40" / "0000:40:01.0" / "0000:47:00.0"
+    device.mkdir(parents=True)
+    links = tmp_path / "bus" / "pci" / "devices"
+    links.mkdir(parents=True)
+    (links / "0000:47:00.0").symlink_to(device)
+    (links / "0000:99:00.0").symlink_to(tmp_path / "elsewhere")  # dangling
+    assert pcie_roots(["0000:47:00.0", "0000:99:00.0", "0000:07:00.0"], tmp_path) == {"0000:47:00.0": "pci0000:40"}
