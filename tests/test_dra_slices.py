@@ -8,6 +8,7 @@ import dataclasses
 import pytest
 
 from nvdp.core.dra.devices import (
+    ALL_GPUS,
     HealthFact,
     build_devices,
     check_device,
@@ -171,6 +172,15 @@ def test_a_mig_fault_taints_its_own_device_a_gpu_fault_all_on_the_gpu() -> None:
     assert [bool(d.tainted) for d in on_one.devices] == [False, True]
     on_all = build_devices(mig_node(), {"GPU-0000"}, facts=[HealthFact("GPU-0000", xid=79, lost=True)])
     assert all(d.tainted for d in on_all.devices)
+
+
+def test_a_node_wide_fact_taints_every_device() -> None:
+    from nvdp.core.health.tracker import ALL_GPUS as TRACKER_ALL_GPUS
+
+    facts = [HealthFact(ALL_GPUS, unmonitored=True)]
+    devices = build_devices(mig_node(), {"GPU-0000", "GPU-0001"}, facts=facts)
+    assert all(d.api["taints"] == [{"key": "gpu.nvidia.com/unmonitored", "effect": "None"}] for d in devices.devices)
+    assert ALL_GPUS == TRACKER_ALL_GPUS
 
 
 def test_taints_capped_at_16_keeping_gpu_lost() -> None:

@@ -48,6 +48,9 @@ _PCI_BUS_ID = re.compile(r"^(?:[0-9a-fA-F]{4})?([0-9a-fA-F]{4}):([0-9a-fA-F]{2})
 _LABEL_NAME = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
 _SEMVER_CORE = re.compile(r"^[0-9]+(\.[0-9]+){0,2}$")
 
+#: A `HealthFact` on every GPU (the health tracker's node-wide scope uses the same value).
+ALL_GPUS = "*"
+
 #: Taint effects (`DeviceTaintEffect`): NoSchedule keeps new claims off a device; None only informs.
 NO_SCHEDULE = "NoSchedule"
 EFFECT_NONE = "None"
@@ -120,6 +123,7 @@ def mig_device_name(gpu: Gpu, mig: MigDevice) -> str:
 class HealthFact:
     """One thing wrong with a GPU or one MIG instance of it, as the health loop knows it."""
 
+    #: The GPU, or `ALL_GPUS` for what concerns every GPU of the node (the health watch itself failing).
     gpu_uuid: str
     #: `(gi, ci)` of the MIG instance it concerns; None for the whole GPU (and so every device on it).
     placement: tuple[int, int] | None = None
@@ -235,7 +239,7 @@ def _taints(
     device and to a whole GPU (the instance is part of it)."""
     found: dict[tuple[str, str], str] = {}
     for fact in facts:
-        if fact.gpu_uuid != gpu_uuid:
+        if fact.gpu_uuid not in (gpu_uuid, ALL_GPUS):
             continue
         if fact.placement is not None and placement is not None and fact.placement != placement:
             continue
