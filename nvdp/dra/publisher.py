@@ -30,6 +30,7 @@ GPUs moved back to the device plugin), the integrator calls `withdraw_on_stop()`
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -250,9 +251,14 @@ class SlicePublisher:
         pool = await self._ensure_pool(backoff)
         passes: list[float] = []  # when the writing passes for `churn_version` began
         churn_version = -1
+        hold_until = -math.inf  # a fight with another writer: no pass before then
+        held = False
         while True:
             await self._changed.wait()
             await trio.sleep(options.settle_s)
+            if trio.current_time() < hold_until and self._version == churn_version:  # new devices never wait
+                await trio.sleep_until(hold_until)
+                held = True
             self._changed = trio.Event()
             if self._devices is None or not self._watch_ready:
                 continue
@@ -265,14 +271,17 @@ class SlicePublisher:
                 continue
             now = trio.current_time()
             passes = [t for t in passes if t > now - options.churn_window_s] if version == churn_version else []
-            passes.append(now)
-            churn_version, churn = version, len(passes)
-            if churn > options.churn_passes:
+            churn_version = version
+            if len(passes) >= options.churn_passes and not held:
                 delay = backoff.next_delay()
-                log.warning("the ResourceSlices of driver %s needed rewriting %d times in %.0f s without a change of "
-                            "devices (another writer?); next try in %.1f s", self.driver, churn,
+                log.warning("the ResourceSlices of driver %s needed rewriting %d times in %.0f s without a change "
+                            "of devices (another writer?); next try in %.1f s", self.driver, len(passes),
                             options.churn_window_s, delay)
-                await trio.sleep(delay)
+                hold_until = now + delay
+                self._wake()
+                continue
+            held = False
+            passes.append(now)
             try:
                 await self._execute(plan, current, bucket)
             except (SliceWriteError, ApiUnreachable) as exc:
@@ -285,7 +294,7 @@ class SlicePublisher:
                 self._wake()
                 continue
             self.generation = max(self.generation, plan.generation)
-            if churn <= options.churn_passes:
+            if len(passes) <= options.churn_passes:
                 backoff.reset()
             log.info("published %d ResourceSlice(s) of driver %s for node %s at generation %d (%d write(s))",
                      len(plan.updates) + len(plan.creates), self.driver, self.node_name, plan.generation,
