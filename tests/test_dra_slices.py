@@ -255,6 +255,15 @@ def test_plan_a_change_rewrites_every_slice_under_a_new_generation() -> None:
     assert "generateName" not in plan.updates[0].body["metadata"]
 
 
+def test_plan_an_update_keeps_the_time_a_taint_was_added() -> None:
+    there = build_slices(POOL, fake_devices(3, tainted={1}), 7)
+    there[0]["spec"]["devices"][1]["taints"][0]["timeAdded"] = "2026-12-06T10:00:00Z"
+    plan = plan_sync(POOL, fake_devices(3, tainted={1, 2}), states(there), generation=7)
+    devices = plan.updates[0].body["spec"]["devices"]
+    assert devices[1]["taints"][0]["timeAdded"] == "2026-12-06T10:00:00Z"
+    assert "timeAdded" not in devices[2]["taints"][0]
+
+
 def test_plan_shrinking_pool_deletes_surplus_and_duplicates() -> None:
     there = states(build_slices(POOL, fake_devices(300), 3))
     duplicate = dataclasses.replace(there[0], name="s9", uid="u9")

@@ -230,6 +230,7 @@ def plan_sync(
         spec = slice_spec(pool, chunk, new, count)
         if i in kept:
             state = kept[i]
+            _keep_taint_times(spec, state.spec)
             body = slice_object(pool, i, spec)
             meta = body["metadata"]
             del meta["generateName"]
@@ -239,3 +240,18 @@ def plan_sync(
         else:
             creates.append(Create(i, slice_object(pool, i, spec)))
     return SyncPlan(new, deletes, tuple(updates), tuple(creates))
+
+
+def _keep_taint_times(spec: dict[str, Any], old: Mapping[str, Any]) -> None:
+    """A taint still there keeps the `timeAdded` the API server gave it: it says how long a device has been bad."""
+    times = {}
+    for device in old.get("devices") or ():
+        for taint in (device.get("taints") or ()) if isinstance(device, Mapping) else ():
+            if taint.get("timeAdded"):
+                key = (device.get("name"), taint.get("key"), taint.get("value"), taint.get("effect"))
+                times[key] = taint["timeAdded"]
+    for device in spec["devices"]:
+        for taint in device.get("taints") or ():
+            added = times.get((device.get("name"), taint.get("key"), taint.get("value"), taint.get("effect")))
+            if added:
+                taint["timeAdded"] = added
