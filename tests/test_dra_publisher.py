@@ -16,7 +16,7 @@ import trio.testing
 from nvdp.core.dra.devices import HealthFact, build_devices
 from nvdp.core.dra.slices import INDEX_LABEL
 from nvdp.dra.publisher import PublisherOptions, SlicePublisher
-from nvdp.k8s.client import ApiClient, ApiError, open_client
+from nvdp.k8s.client import ApiClient, ApiConfig, ApiError, open_client
 from nvdp.k8s.resourceslices import (
     RESOURCESLICES_PATH,
     SliceWriteError,
@@ -348,6 +348,14 @@ async def test_claims_and_device_classes_are_served(autojump_clock: trio.testing
             listing = await client.get_json("/apis/resource.k8s.io/v1/deviceclasses")
             assert b"gpu.nvidia.com" in listing
             assert b"gpu.nvidia.com" in await client.get_json("/apis/resource.k8s.io/v1/deviceclasses/gpu.nvidia.com")
+
+
+async def test_a_node_name_no_pool_can_carry_is_refused_at_once() -> None:
+    async with open_client(ApiConfig(server="https://127.0.0.1:1", source="test")) as client:
+        with pytest.raises(ValueError, match="node name"):
+            SlicePublisher(client, "Node_1", DRIVER)
+        with pytest.raises(ValueError, match="driver name"):
+            SlicePublisher(client, "node-1", "bad driver")
 
 
 def test_pcie_roots_from_sysfs(tmp_path) -> None:

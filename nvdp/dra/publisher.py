@@ -111,7 +111,8 @@ class _Written:
 
 
 class SlicePublisher:
-    """Publishes one node's devices for one driver. Create it, `run()` it as a child, call `set_devices()`."""
+    """Publishes one node's devices for one driver. Create it (ValueError for a node or driver name that cannot
+    name a pool), `run()` it as a child, call `set_devices()`."""
 
     def __init__(
         self,
@@ -123,6 +124,7 @@ class SlicePublisher:
         observer: SliceObserver | None = None,
         watch_observer: WatchObserver | None = None,
     ) -> None:
+        Pool(node_name, "", driver)  # a node or driver name no slice can carry is a start-up error (ValueError)
         self.client = client
         self.node_name = node_name
         self.driver = driver
