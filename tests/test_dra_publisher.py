@@ -256,7 +256,7 @@ async def test_withdraw_on_stop_deletes_the_pool(autojump_clock: trio.testing.Mo
         assert pool_of(fake) == []
 
 
-async def test_admission_policy_refusal_is_a_precise_error(autojump_clock: trio.testing.MockClock) -> None:
+async def test_write_errors_are_precise(autojump_clock: trio.testing.MockClock) -> None:
     async with open_fake_apiserver() as fake:
         fake.set_node("node-1")
         fake.slice_writer_node = "node-2"
@@ -264,30 +264,21 @@ async def test_admission_policy_refusal_is_a_precise_error(autojump_clock: trio.
             body = {"metadata": {"generateName": "x-"}, "spec": {
                 "driver": DRIVER, "nodeName": "node-1", "pool": {"name": "node-1", "generation": 1,
                                                                  "resourceSliceCount": 1}, "devices": []}}
-            try:
+            with pytest.raises(SliceWriteError) as refused:
                 await create_slice(client, body)
-            except SliceWriteError as exc:
-                assert exc.status == 403
-                assert "own ResourceSlices" in str(exc) and "admission policy" in str(exc)
-            else:
-                raise AssertionError("created")
+            assert refused.value.status == 403
+            assert "own ResourceSlices" in str(refused.value) and "admission policy" in str(refused.value)
             fake.slice_writer_node = None
             created = await create_slice(client, body)
             assert created.metadata.name.startswith("x-") and created.metadata.uid
             body["metadata"] = {"name": created.metadata.name, "resourceVersion": "1"}
-            try:
+            with pytest.raises(SliceWriteError) as stale:
                 await update_slice(client, created.metadata.name, body)
-            except SliceWriteError as exc:
-                assert exc.conflict and "read again" in str(exc)
-            else:
-                raise AssertionError("updated")
+            assert stale.value.conflict and "read again" in str(stale.value)
             assert not await delete_slice(client, "missing")
-            try:
+            with pytest.raises(SliceWriteError) as precondition:
                 await delete_slice(client, created.metadata.name, uid="other-uid")
-            except SliceWriteError as exc:
-                assert exc.conflict
-            else:
-                raise AssertionError("deleted")
+            assert precondition.value.conflict
             assert await delete_slice(client, created.metadata.name, uid=created.metadata.uid)
 
 
