@@ -510,7 +510,7 @@ class FakeApiServer:
         if method == "GET":
             await self._get_one(send, request, SLICES, name or "")
             return
-        body = await _read_body(receive)
+        body = await _read_json_body(receive)
         request.kind = {"POST": "create", "PUT": "update", "DELETE": "delete"}.get(method, "other")
         faults = self.faults.setdefault(request.kind, [])
         if faults:
@@ -631,7 +631,7 @@ def _slice_problem(spec: dict[str, Any]) -> str:
     return ""
 
 
-async def _read_body(receive: Receive) -> dict[str, Any]:
+async def _read_json_body(receive: Receive) -> dict[str, Any]:
     body = b""
     while True:
         message = await receive()
