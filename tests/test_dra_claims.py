@@ -56,7 +56,8 @@ def test_other_drivers_results_and_configs_are_ignored() -> None:
 
 
 def test_a_claim_with_another_uid_got_replaced() -> None:
-    assert "claim default/claim-u1 got replaced: its UID is u2" in error(claim("u2", [result("gpu-0")], name="claim-u1"))
+    body = claim("u2", [result("gpu-0")], name="claim-u1")
+    assert "claim default/claim-u1 got replaced: its UID is u2, the kubelet asked for u1" in error(body)
 
 
 def test_a_claim_without_allocation_is_not_allocated() -> None:
