@@ -107,7 +107,9 @@ class MpsProvider(Protocol):
 
 class TimeSlicer(Protocol):
     async def set_interval(self, gpu_uuid: str, interval: int) -> None:
-        """Set a whole GPU's time slice (`INTERVALS`' values: 0 Default .. 3 Long). Raises `SideEffectError`."""
+        """Put a whole GPU in compute mode DEFAULT with this time slice (`INTERVALS`' values: 0 Default .. 3 Long;
+        NVIDIA's driver runs `nvidia-smi -c DEFAULT` and `nvidia-smi compute-policy --set-timeslice`). Raises
+        `SideEffectError`."""
         ...
 
 
@@ -193,11 +195,13 @@ class ClaimPreparer:
     async def _each(self, claims: Sequence[ClaimRef],
                     work: Callable[[ClaimRef, float, trio.CapacityLimiter, Any], Awaitable[None]],
                     answers: Any) -> None:
-        unique = {ref.uid: ref for ref in reversed(claims)}
+        unique: dict[str, ClaimRef] = {}
+        for ref in claims:
+            unique.setdefault(ref.uid, ref)
         deadline = trio.current_time() + self._deadline_s
         limiter = trio.CapacityLimiter(self._concurrency)
         async with trio.open_nursery() as nursery:
-            for ref in reversed(unique.values()):
+            for ref in unique.values():
                 nursery.start_soon(work, ref, deadline, limiter, answers)
 
     async def _prepare_bounded(self, ref: ClaimRef, deadline: float, limiter: trio.CapacityLimiter,
@@ -220,7 +224,7 @@ class ClaimPreparer:
         log.warning("DRA %s of claim %s/%s (%s) did not finish within %g s; answered with an error, the kubelet "
                     "retries", what, ref.namespace, ref.name, ref.uid, self._deadline_s)
         return (f"{what} of claim {ref.namespace}/{ref.name} did not finish within {self._deadline_s:g} s; "
-                "what was done is rolled back and the kubelet will retry")
+                "nvdp rolls back what it did and the kubelet will retry")
 
     @asynccontextmanager
     async def _claim_lock(self, uid: str) -> AsyncIterator[None]:
