@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import msgspec
 import pytest
 
 from nvdp.core.dra.claims import ClaimPlan, NodeDevice, plan_claim
@@ -181,3 +182,18 @@ def test_node_device_of_finds_a_mig_devices_parent() -> None:
     assert NodeDevice.of(inventory, MIG) == NodeDevice(GPU1, MIG)
     assert NodeDevice.of(inventory, GPU2) == NodeDevice(GPU2)
     assert (NodeDevice(GPU1, MIG).uuid, NodeDevice(GPU1, MIG).kind) == (MIG.uuid, "mig")
+
+
+def test_a_claim_may_come_as_a_msgspec_struct() -> None:
+    class Meta(msgspec.Struct):
+        name: str
+        namespace: str
+        uid: str
+
+    class Claim(msgspec.Struct):
+        metadata: Meta
+        status: dict[str, Any]
+
+    body = claim("u1", [result("gpu-0")])
+    typed = Claim(Meta("claim-u1", "default", "u1"), body["status"])
+    assert plan(typed) == plan(body)

@@ -187,7 +187,8 @@ class _Candidate:
 def plan_claim(
     claim: object, ref: ClaimRef, driver: str, pool: str, devices: Mapping[str, NodeDevice],
 ) -> ClaimPlan | str:
-    """The devices of `claim` this driver prepares on this node, or the per-claim error saying why it cannot."""
+    """The devices of `claim` (the API's JSON as a dict, or a msgspec struct encoding to it) this driver prepares on
+    this node, or the per-claim error saying why it cannot."""
     try:
         return _plan(claim, ref, driver, pool, devices)
     except ClaimError as e:
@@ -196,6 +197,9 @@ def plan_claim(
 
 def _plan(claim: object, ref: ClaimRef, driver: str, pool: str, devices: Mapping[str, NodeDevice]) -> ClaimPlan:
     where = f"claim {ref.namespace}/{ref.name}"
+    if isinstance(claim, msgspec.Struct):
+        # A caller's own typed claim: read it through its wire names, like the JSON it came from.
+        claim = msgspec.to_builtins(claim)
     try:
         decoded = msgspec.convert(claim, _Claim)
     except msgspec.ValidationError as e:
