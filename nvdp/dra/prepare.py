@@ -22,9 +22,10 @@ Rules (docs/dra.md, "Preparing claims"; the reference's §2.4 and §5):
 
 Time slices: NVIDIA's driver runs `nvidia-smi compute-policy --set-timeslice`; nvdp does it through a
 `TimeSlicer` when the daemon gives one (`nvdp.dra.timeslice.NvidiaSmiTimeSlicer` where nvidia-smi is found),
-only on whole GPUs (MIG devices have no time slice of their own, as there). Without one, a TimeSlicing config with interval `Default` is accepted
-(the GPU's own setting, nothing to change: the claim still counts as time-sliced for sharing) and any other
-interval fails the claim with an error that says the interval cannot be set on this node.
+only on whole GPUs (MIG devices have no time slice of their own, as there). Without one, a TimeSlicing config
+with interval `Default` is accepted (the GPU's own setting, nothing to change: the claim still counts as
+time-sliced for sharing) and any other interval fails the claim with an error that says the interval cannot be
+set on this node.
 """
 
 from __future__ import annotations
