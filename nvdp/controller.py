@@ -348,6 +348,8 @@ class Controller:
         await self.tasks.apply({**self.tasks.specs, "nvml-health": Task(self.watch_health, (gpus,))})
         self.health.plan = plan
         self.health.publish()
+        # CDI specs before any server advertises: a device on ListAndWatch is already defined for the runtime.
+        await self.write_cdi(settings, inventory, plan)
         await self.servers.start_missing(contexts)
         self.generation += 1
         summary = describe_plan(plan)
@@ -359,6 +361,16 @@ class Controller:
         await self.write_labels(settings, inventory, plan)
         if not plan.resources:
             log.warning("No devices found. Waiting indefinitely.")
+
+    async def write_cdi(self, settings: Settings, inventory: NodeInventory, plan: Plan) -> None:
+        """The device plugin's CDI spec files follow every plan (docs/cdi.md); a failure is logged and serving goes
+        on. They stay when nvdp stops: containers created while it restarts still need them."""
+        if settings.cdi_root is None:
+            return
+        from nvdp.cdi.plugin_specs import update_device_plugin_specs
+
+        simulated = self.session.driver_root if settings.simulate is not None else None
+        await update_device_plugin_specs(settings, inventory, plan, simulated)
 
     async def write_labels(self, settings: Settings, inventory: NodeInventory, plan: Plan) -> None:
         """The sharing labels upstream's GFD would write, as an NFD local feature file (when NFD's directory is

@@ -445,3 +445,50 @@ def render_report(meta: Mapping[str, str], steps: Sequence[Step], notes: Sequenc
 
 def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
+
+
+# ------------------------------------------------------------------------------------------------ CDI comparison
+
+
+def _hook_names(edits: Mapping[str, Any]) -> set[str]:
+    names = set()
+    for hook in edits.get("hooks") or []:
+        args = list(hook.get("args") or [])
+        if args[1:2] == ["hook"]:
+            args = args[1:]
+        if len(args) > 1:
+            names.add(args[1])
+    return names
+
+
+def cdi_facets(spec: Mapping[str, Any]) -> dict[str, set[str]]:
+    """What two CDI specs of the same node can be compared on, whatever their kind: device names, each device's
+    nodes, the spec-wide nodes, mounts (container paths), hooks (by hook command), env variable names."""
+    common = spec.get("containerEdits") or {}
+    facets: dict[str, set[str]] = {
+        "device names": {d["name"] for d in spec.get("devices") or []},
+        "spec device nodes": {n["path"] for n in common.get("deviceNodes") or []},
+        "spec mounts": {m["containerPath"] for m in common.get("mounts") or []},
+        "spec hooks": _hook_names(common),
+        "spec env names": {e.split("=", 1)[0] for e in common.get("env") or []},
+    }
+    for device in spec.get("devices") or []:
+        edits = device.get("containerEdits") or {}
+        facets[f"device {device['name']} nodes"] = {n["path"] for n in edits.get("deviceNodes") or []}
+        facets[f"device {device['name']} hooks"] = _hook_names(edits)
+    return facets
+
+
+def cdi_diff(ours: Mapping[str, Any], theirs: Mapping[str, Any]) -> list[str]:
+    """A markdown table of what differs between nvdp's spec and `nvidia-ctk cdi generate`'s, facet by facet (only
+    facets both could have: a device only one side names is one row of the device names)."""
+    a, b = cdi_facets(ours), cdi_facets(theirs)
+    rows = ["| facet | only in nvdp | only in nvidia-ctk |", "|---|---|---|"]
+    for facet in sorted(set(a) | set(b), key=lambda f: (not f.startswith("spec"), f)):
+        if facet.startswith("device ") and (facet not in a or facet not in b):
+            continue
+        mine, other = a.get(facet, set()), b.get(facet, set())
+        if mine != other:
+            rows.append(f"| {facet} | {_cell(', '.join(sorted(mine - other)) or '-')} | "
+                        f"{_cell(', '.join(sorted(other - mine)) or '-')} |")
+    return rows if len(rows) > 2 else ["nvdp's spec and nvidia-ctk's agree on every facet compared."]

@@ -216,7 +216,9 @@ def test_activate_writes_the_host_root(tmp_path: Path) -> None:
     )
     handle = sim.activate(node, tmp_path / "work")
     root = handle.host_root
-    assert sorted(p.name for p in (root / "dev").iterdir()) == ["nvidia-modeset", "nvidia3", "nvidia5", "nvidiactl"]
+    # nvidia-caps: the MIG capability nodes of the simulated driver root (docs/cdi.md).
+    assert sorted(p.name for p in (root / "dev").iterdir()) == ["nvidia-caps", "nvidia-modeset", "nvidia3", "nvidia5",
+                                                                 "nvidiactl"]
     assert (root / "sys/bus/pci/devices/0000:10:00.0/numa_node").read_text() == "1\n"
     assert (root / "sys/bus/pci/devices/0000:11:00.0/numa_node").read_text() == "-1\n"
     minors = dict(line.split() for line in (root / "proc/driver/nvidia-caps/mig-minors").read_text().splitlines())

@@ -15,6 +15,7 @@ from importlib import resources
 from pathlib import Path
 
 from nvdp.sim.build import SimBuildError, build_fake_nvml
+from nvdp.sim.driver_root import write_driver_root
 from nvdp.sim.node import SimGpu, SimMigDevice, SimNode, SimNodeError, load_node, mig_slots, parse_node, render_state
 
 __all__ = [
@@ -146,6 +147,7 @@ def activate(node: SimNode, workdir: Path, cache_dir: Path | None = None) -> Sim
     compute_mode_log.write_text("")
     host_root = workdir / "host"
     _write_host_root(node, host_root)
+    write_driver_root(node, host_root)
     state_file = workdir / "nvml-state"
     tmp = state_file.with_suffix(".tmp")
     tmp.write_text(render_state(node, events_file, compute_mode_log))

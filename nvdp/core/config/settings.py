@@ -174,6 +174,21 @@ OPTIONS: tuple[Option, ...] = (
     Option("kubelet_plugins_dir", ("--kubelet-plugins-dir",), ("KUBELET_PLUGINS_DIR",), (),
            DEFAULT_KUBELET_PLUGINS_DIR, "path",
            help="the kubelet's plugins directory; the DRA socket is <dir>/<driver name>/dra.sock"),
+    # CDI (docs/cdi.md): the spec files nvdp writes when a device list strategy starts with cdi-.
+    Option("cdi_root", ("--cdi-root",), ("CDI_ROOT",), (), "/var/run/cdi", "path",
+           help="directory nvdp writes its CDI spec files into (a container runtime's CDI spec directory)"),
+    Option("nvidia_cdi_hook_path", ("--nvidia-cdi-hook-path", "--nvidia-ctk-path"),
+           ("NVIDIA_CDI_HOOK_PATH", "NVIDIA_CTK_PATH"), ("flags", "plugin", "nvidia_ctk_path"), "/usr/bin/nvidia-ctk",
+           help="host path of nvidia-ctk or nvidia-cdi-hook, which the CDI specs' hooks run"),
+    Option("container_driver_root", ("--container-driver-root", "--driver-root-ctr-path"),
+           ("CONTAINER_DRIVER_ROOT", "DRIVER_ROOT_CTR_PATH"), ("flags", "plugin", "container_driver_root"),
+           "/driver-root", "path",
+           help="where the host's driver root is mounted in nvdp's container (CDI host paths are rewritten from it "
+                "to --nvidia-driver-root)"),
+    Option("cdi_feature_flags", ("--cdi-feature-flags",), ("CDI_FEATURE_FLAGS",), (), "",
+           help="CDI generation feature flags (comma list): disable-ipc-discoverer, disable-nvsandboxutils"),
+    Option("cdi_disable_hooks", ("--cdi-disable-hooks",), ("CDI_DISABLE_HOOKS",), (), "",
+           help="CDI hooks to leave out of the specs (comma list of hook names, or all)"),
 )
 
 OPTIONS_BY_DEST = {o.dest: o for o in OPTIONS}
@@ -231,6 +246,18 @@ class Settings:
     kubelet_plugins_dir: Path = Path(DEFAULT_KUBELET_PLUGINS_DIR)
     #: The parsed config file (or an empty one): the sharing sections are read from here.
     config: Config = field(default_factory=Config)
+    #: CDI (docs/cdi.md). None: no spec file is written or removed (embedded daemons and tests must not touch the
+    #: host's /var/run/cdi); the command line's default is /var/run/cdi.
+    cdi_root: Path | None = None
+    nvidia_cdi_hook_path: str = "/usr/bin/nvidia-ctk"
+    container_driver_root: Path = Path("/driver-root")
+    cdi_feature_flags: tuple[str, ...] = ()
+    cdi_disable_hooks: tuple[str, ...] = ()
+
+    @property
+    def cdi_enabled(self) -> bool:
+        """Any device list strategy is a CDI one: nvdp writes the CDI specs (as upstream)."""
+        return any(s.startswith("cdi-") for s in self.device_list_strategy)
 
     @property
     def plugin_dir(self) -> Path | None:
@@ -383,6 +410,11 @@ def resolve(
     # Upstream: an unset or empty dev root means the driver root.
     values["dev_root"] = values["dev_root"] or values["driver_root"]
     values["kubelet_socket"] = Path(values["kubelet_socket"]) if values["kubelet_socket"] else None
+    values["cdi_root"] = Path(values["cdi_root"]) if values["cdi_root"] else None
+    values["container_driver_root"] = Path(values["container_driver_root"] or "/driver-root")
+    for dest in ("cdi_feature_flags", "cdi_disable_hooks"):
+        given = values[dest]
+        values[dest] = tuple(parse_list(given) if isinstance(given, str) else given or ())
     settings = Settings(config=config, **values)
     validate(settings, config_source, origins)
     check_strict(settings.config_warnings, settings.strict_config, origins.get("strict_config", "default"))
@@ -427,6 +459,7 @@ def validate(
             raise ConfigError(f"{where('metrics_address')}: {exc}") from None
     if settings.dra_enabled:
         _validate_dra(settings, where)
+    _validate_cdi(settings, where)
     config = settings.config
     if config.version not in (None, "", "v1"):
         raise ConfigError(f"{config_source}: $.version: unknown version {config.version!r}: accepted values are v1")
@@ -487,3 +520,26 @@ def parse_address(address: str) -> tuple[str | None, int]:
     elif ":" in host:
         raise ValueError(f"invalid address {address!r}: put an IPv6 address in brackets, e.g. [::1]:9400")
     return host or None, int(port_text)
+
+
+#: `--cdi-feature-flags` nvdp accepts: it acts on disable-ipc-discoverer; it never uses nvsandboxutils, so
+#: disable-nvsandboxutils (which NVIDIA's DRA driver passes) already holds.
+CDI_FEATURE_FLAGS = ("disable-ipc-discoverer", "disable-nvsandboxutils")
+#: `--cdi-disable-hooks` names: the hooks nvdp writes, two it never writes (chmod, off by default upstream too, and
+#: update-application-profile), and all.
+CDI_HOOK_NAMES = ("create-symlinks", "enable-cuda-compat", "update-ldcache", "disable-device-node-modification",
+                  "chmod", "update-application-profile", "all")
+
+
+def _validate_cdi(settings: Settings, where: Any) -> None:
+    unknown = [f for f in settings.cdi_feature_flags if f not in CDI_FEATURE_FLAGS]
+    if unknown:
+        raise ConfigError(f"{where('cdi_feature_flags')}: unknown CDI feature flag {unknown[0]!r}: accepted values "
+                          f"are {', '.join(CDI_FEATURE_FLAGS)}")
+    unknown = [h for h in settings.cdi_disable_hooks if h not in CDI_HOOK_NAMES]
+    if unknown:
+        raise ConfigError(f"{where('cdi_disable_hooks')}: unknown CDI hook {unknown[0]!r}: accepted values are "
+                          f"{', '.join(CDI_HOOK_NAMES)}")
+    if not settings.nvidia_cdi_hook_path.startswith("/"):
+        raise ConfigError(f"{where('nvidia_cdi_hook_path')}: the CDI hook path must be an absolute host path, got "
+                          f"{settings.nvidia_cdi_hook_path!r}")
