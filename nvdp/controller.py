@@ -33,6 +33,7 @@ from nvdp.core.plan.allocate import AllocateOptions
 from nvdp.core.plan.build import PlanError, build_plan
 from nvdp.core.plan.labels import sharing_labels
 from nvdp.core.plan.model import Plan
+from nvdp.kubelet.aio import AsyncioThread
 from nvdp.kubelet.plugin_server import ServingContext
 from nvdp.kubelet.servers import ResourceServers
 from nvdp.mps import HostLauncher, MpsDaemons, MpsError, NvmlComputeMode, find_control_binary
@@ -44,7 +45,8 @@ from nvdp.nvml.health import watch_nvml_health
 from nvdp.supervise import SupervisionReporter, Supervisor, Task
 
 if TYPE_CHECKING:
-    from nvdp.k8s.client import ApiConfig
+    from nvdp.dra.service import DraService
+    from nvdp.k8s.client import ApiClient, ApiConfig
     from nvdp.node_config import ConfigSources, ConfigUpdate
 
 log = logging.getLogger(__name__)
@@ -208,6 +210,8 @@ class HealthPublisher:
         self.mps_down: set[str] = set()
         self.plan = Plan(resources=())
         self.servers: ResourceServers | None = None
+        #: Also told of every health change (the DRA service: its taints and health stream).
+        self.listeners: list[Callable[[], None]] = []
 
     def publish(self) -> None:
         devices = [d for r in self.plan.resources for d in r.devices]
@@ -218,6 +222,8 @@ class HealthPublisher:
                     unhealthy.setdefault(device.id, "MPS control daemon not answering")
         if self.servers is not None:
             self.servers.publish_health(unhealthy)
+        for listener in self.listeners:
+            listener()
         self.observer.health_changed(self.plan, unhealthy, self.tracker.fault(ALL_GPUS) is None)
 
 
@@ -276,6 +282,10 @@ class Controller:
         self.plan = Plan(resources=())
         self.servers: ResourceServers | None = None
         self.mps: MpsDaemons | None = None
+        #: The DRA kubelet plugin (None with DRA off), and what it needs from the tree (`attach_dra`).
+        self.dra: DraService | None = None
+        self.dra_client: ApiClient | None = None
+        self.dra_host: AsyncioThread | None = None
         #: The process of each MPS daemon last seen answering (a new one answering is a restart, for /metrics).
         self._mps_pids: dict[str, int] = {}
 
@@ -348,6 +358,7 @@ class Controller:
         await self.tasks.apply({**self.tasks.specs, "nvml-health": Task(self.watch_health, (gpus,))})
         self.health.plan = plan
         self.health.publish()
+        await self.apply_dra(settings, inventory, plan)
         # CDI specs before any server advertises: a device on ListAndWatch is already defined for the runtime.
         await self.write_cdi(settings, inventory, plan)
         await self.servers.start_missing(contexts)
@@ -361,6 +372,32 @@ class Controller:
         await self.write_labels(settings, inventory, plan)
         if not plan.resources:
             log.warning("No devices found. Waiting indefinitely.")
+
+    def attach_dra(self, client: ApiClient | None, host: AsyncioThread) -> None:
+        """What DRA needs from the tree: the API client (None without API access) and grpclib's loop."""
+        self.dra_client, self.dra_host = client, host
+
+    async def apply_dra(self, settings: Settings, inventory: NodeInventory, plan: Plan) -> None:
+        """The DRA kubelet plugin follows the plan (docs/dra.md): started with DRA on, given the plan's DRA GPUs,
+        stopped (its slices withdrawn) when DRA goes off or its identity changes."""
+        from nvdp.dra.service import PLUGIN_CHILD, SLICES_CHILD, DraIdentity, DraService
+
+        wanted = settings.dra_enabled and self.dra_client is not None and self.dra_host is not None
+        if self.dra is not None and (not wanted or self.dra.identity != DraIdentity.of(settings)):
+            self.dra.withdraw()
+            self.health.listeners.remove(self.dra.health_changed)
+            await self.tasks.apply({k: v for k, v in self.tasks.specs.items() if k not in (PLUGIN_CHILD, SLICES_CHILD)})
+            self.dra = None
+        if not wanted:
+            return
+        assert self.dra_client is not None and self.dra_host is not None
+        if self.dra is None:
+            simulated = self.session.driver_root if settings.simulate is not None else None
+            self.dra = DraService(settings, self.dra_client, self.dra_host, self.health.tracker,
+                                  simulated_root=simulated, path_env=self.search_path)
+            self.health.listeners.append(self.dra.health_changed)
+        await self.dra.apply(settings, inventory, plan)
+        await self.tasks.apply({**self.tasks.specs, **self.dra.tasks})
 
     async def write_cdi(self, settings: Settings, inventory: NodeInventory, plan: Plan) -> None:
         """The device plugin's CDI spec files follow every plan (docs/cdi.md); a failure is logged and serving goes

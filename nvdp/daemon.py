@@ -139,6 +139,7 @@ class Tree:
         #: Why the live source's first config was refused (None: it was not, or there is no live source).
         self.first_refused: ConfigError | None = None
         self.controller: Controller | None = None
+        self.client: ApiClient | None = None
 
     def __repr__(self) -> str:
         return f"<Tree {self.controller!r} {self.observer!r}>"
@@ -152,7 +153,8 @@ class Tree:
                 await root.start(watch_signals, root.cancel_scope, self.commands)
             root_tasks: Supervisor[str, Task] = Supervisor(root, run_task, reporter=observer)
             await self.start_http(root_tasks)
-            client = await self.start_api(stack, root_tasks)
+            client = self.client = await self.start_api(stack, root_tasks)
+            self.check_dra(client)
             if self.node_config is not None and self.node_config.sources is not None:
                 settings = self.settings = await self.start_config_watch(root_tasks, self.node_config.sources,
                                                                           client)
@@ -207,6 +209,7 @@ class Tree:
             servers_nursery, host, settings.plugin_dir or Path(tempfile.gettempdir()), settings.kubelet_socket,
             observer=self.observer.metrics, on_change=controller.servers_changed, reporter=self.observer)
         controller.attach(servers)
+        controller.attach_dra(self.client, host)
         if settings.kubelet_socket is not None:
             await node_tasks.start("kubelet-watch", Task(watch_kubelet, (settings.kubelet_socket, self.commands)))
         if refused is None:
@@ -215,6 +218,19 @@ class Tree:
             controller.serve_nothing(settings, inventory, refused)
         node.start_soon(report_ready, servers, notify_socket, task_status)
         await controller.run(self._receive)
+
+    def check_dra(self, client: ApiClient | None) -> None:
+        """DRA reads claims and writes ResourceSlices through the API, and writes CDI specs: all must be there."""
+        settings = self.settings
+        if not settings.dra_enabled:
+            return
+        if client is None:
+            raise StartupError("DRA is enabled but nvdp has no Kubernetes API access (give --node-name, and run in "
+                               "a pod with a service account or give --kubeconfig)")
+        if not settings.node_name:
+            raise StartupError("DRA is enabled but this node's name is unknown: set --node-name (env NODE_NAME)")
+        if settings.cdi_root is None:
+            raise StartupError("DRA is enabled but there is no CDI root to write claim specs to: set --cdi-root")
 
     async def start_http(self, tasks: Supervisor[str, Task]) -> None:
         address = self.settings.metrics_address

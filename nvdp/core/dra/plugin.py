@@ -6,13 +6,15 @@ dra-and-cdi.md §2 (registration, wire names, Prepare/Unprepare semantics, the h
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import PurePath
 
+from nvdp.core.dra.devices import HealthFact
 from nvdp.core.dra.types import ClaimRef, PreparedDevice, PrepareResult, UnprepareResult
-from nvdp.core.health.tracker import HealthTracker
+from nvdp.core.health.tracker import Fault, HealthTracker
 from nvdp.core.plan.model import Device
 
 #: `PluginInfo.type` of a DRA driver.
@@ -150,3 +152,28 @@ def unhealthy_targets(tracker: HealthTracker, targets: Sequence[HealthTarget]) -
     stand_ins = [Device(id=t.device_name, physical_id=t.device_name, index="", gpu_uuid=t.gpu_uuid, gpu_index=-1,
                         paths=(), mig_placement=t.mig_placement) for t in targets]
     return tracker.unhealthy(stand_ins)
+
+
+_XID_REASON = re.compile(r"^XID ([0-9]+)\b")
+#: What the double-bit ECC event is as an XID (NVIDIA's driver taints it as `xid=48`).
+ECC_XID = 48
+#: XID 79: the GPU fell off the bus.
+GPU_LOST_XID = 79
+
+
+def health_facts(faults: Sequence[Fault]) -> tuple[HealthFact, ...]:
+    """The tracker's faults as the ResourceSlice taints' facts: an XID (fatal: the tracker keeps only critical
+    ones), a lost GPU, or a GPU nothing watches (an NVML error, the health watch down: scope `*`)."""
+    facts = []
+    for fault in faults:
+        match = _XID_REASON.match(fault.reason)
+        if match is not None:
+            xid = int(match.group(1))
+            facts.append(HealthFact(fault.gpu_uuid, fault.placement, xid=xid, lost=xid == GPU_LOST_XID))
+        elif fault.reason.startswith("double-bit ECC"):
+            facts.append(HealthFact(fault.gpu_uuid, fault.placement, xid=ECC_XID))
+        elif fault.permanent and "lost" in fault.reason.lower():
+            facts.append(HealthFact(fault.gpu_uuid, fault.placement, lost=True))
+        else:
+            facts.append(HealthFact(fault.gpu_uuid, fault.placement, unmonitored=True))
+    return tuple(facts)

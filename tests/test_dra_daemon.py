@@ -1,0 +1,181 @@
+"""DRA end to end on the simulated node: the daemon in-process with the device-plugin kubelet emulator, the DRA
+kubelet emulator and the fake API server (resource.k8s.io/v1). GPU 1 of a 2-GPU node goes to DRA, GPU 0 stays with
+the device plugin."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from nvdp.controller import NodeConfig
+from nvdp.core.config.load import parse_config
+from nvdp.core.config.settings import Settings
+from nvdp.testing.dra_emulator import DraKubeletEmulator
+from nvdp.testing.kubelet_emulator import KubeletEmulator
+from tests.fake_apiserver import FakeApiServer, open_fake_apiserver
+from tests.harness import GPU0, daemon, wait_for
+from tests.helpers import gpu, write_node
+
+NODE = "node-a"
+DRIVER = "gpu.nvidia.com"
+GPU1_UUID = gpu(1)["uuid"]
+LIMIT_S = 60.0
+
+
+@dataclass
+class DraNode:
+    root: Path
+    fake: FakeApiServer
+    kubelet: KubeletEmulator
+    dra: DraKubeletEmulator
+    settings: Settings
+
+    @property
+    def cdi_root(self) -> Path:
+        return self.root / "cdi"
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.root / "plugins" / DRIVER / "checkpoint.json"
+
+    async def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        return await trio.to_thread.run_sync(lambda: fn(*args, **kwargs))
+
+
+def claim(uid: str, device: str, name: str = "") -> dict[str, Any]:
+    return {
+        "apiVersion": "resource.k8s.io/v1", "kind": "ResourceClaim",
+        "metadata": {"name": name or f"claim-{uid}", "namespace": "default", "uid": uid, "resourceVersion": "3"},
+        "spec": {"devices": {"requests": [{"name": "gpu", "exactly": {"deviceClassName": "gpu.nvidia.com"}}]}},
+        "status": {"allocation": {"devices": {"results": [
+            {"request": "gpu", "driver": DRIVER, "pool": NODE, "device": device}], "config": []}},
+            "reservedFor": [{"resource": "pods", "name": "p", "uid": "pod-1"}]},
+    }
+
+
+@contextlib.asynccontextmanager
+async def dra_node(short_dir: Path, kubelet: KubeletEmulator, config: str = "dra:\n  enabled: true\n  devices: [1]\n",
+                   **overrides: Any) -> AsyncIterator[DraNode]:
+    (short_dir / "xids").write_text("")
+    node_file = write_node(short_dir / "node.yaml", [gpu(0), gpu(1)], eventsFile=str(short_dir / "xids"))
+    settings = Settings(simulate=node_file, kubelet_socket=kubelet.socket, config=parse_config(config, "test"),
+                        **overrides,
+                        dra_enabled=True, node_name=NODE, cdi_root=short_dir / "cdi",
+                        kubelet_registry_dir=short_dir / "plugins_registry", kubelet_plugins_dir=short_dir / "plugins")
+    async with open_fake_apiserver() as fake:
+        fake.set_node(NODE)
+        node_config = NodeConfig(None, fake.api_config(token="token-1"), lambda config, source: settings)
+        with DraKubeletEmulator(settings.kubelet_registry_dir) as dra:
+            async with daemon(settings, node_config=node_config):
+                # A bound on the whole test: the fake API server's waits have none of their own.
+                with trio.fail_after(LIMIT_S):
+                    yield DraNode(short_dir, fake, kubelet, dra, settings)
+
+
+def registered(dra: DraKubeletEmulator) -> Any:
+    return dra.plugins.get(DRIVER)
+
+
+def slice_devices(fake: FakeApiServer) -> list[str]:
+    return [d["name"] for s in fake.resourceslices(NODE) for d in s["spec"].get("devices", [])]
+
+
+async def test_a_gpu_goes_to_dra_and_is_prepared_and_unprepared_end_to_end(
+    short_dir: Path, kubelet: KubeletEmulator,
+) -> None:
+    async with dra_node(short_dir, kubelet) as node:
+        # The device plugin advertises GPU 0 only; GPU 1 is DRA's.
+        assert await wait_for(kubelet, lambda k: k.devices("nvidia.com/gpu") == {GPU0: "Healthy"})
+        plugin = await node.call(node.dra.wait_for, registered)
+        assert plugin.dra_version == "v1.DRAPlugin"
+        await node.fake.wait_for(lambda: slice_devices(node.fake) == ["gpu-1"])
+        (published,) = node.fake.resourceslices(NODE)
+        assert published["spec"]["nodeName"] == NODE and published["spec"]["pool"]["name"] == NODE
+        await node.call(node.dra.wait_for, lambda d: registered(d).devices)
+        assert set(registered(node.dra).devices) == {(NODE, "gpu-1")}
+
+        node.fake.set_resourceclaim(claim("uid-1", "gpu-1"))
+        answer = await node.call(node.dra.prepare, DRIVER, [("default", "uid-1", "claim-uid-1")])
+        assert answer["uid-1"].error == ""
+        ((requests, pool, device, cdi_ids, _),) = answer["uid-1"].devices
+        assert (requests, pool, device) == (("gpu",), NODE, "gpu-1")
+        assert cdi_ids == ("k8s.gpu.nvidia.com/claim=uid-1-gpu-1",)
+        # The CDI ID resolves to the spec nvdp wrote: kind, device name, the GPU's device node.
+        spec_file = node.cdi_root / "k8s.gpu.nvidia.com-claim_uid-1.json"
+        spec = json.loads(spec_file.read_text())
+        kind, _, name = cdi_ids[0].partition("=")
+        assert spec["kind"] == kind
+        (spec_device,) = [d for d in spec["devices"] if d["name"] == name]
+        assert [n["path"] for n in spec_device["containerEdits"]["deviceNodes"]] == ["/dev/nvidia1"]
+        assert "NVIDIA_VISIBLE_DEVICES=void" in spec["containerEdits"]["env"]
+        assert "uid-1" in node.checkpoint.read_text()
+
+        # Prepare again (a kubelet restart): the same answer.
+        again = await node.call(node.dra.prepare, DRIVER, [("default", "uid-1", "claim-uid-1")])
+        assert again == answer
+
+        # A claim for GPU 0 (the device plugin's) is refused for that claim only.
+        node.fake.set_resourceclaim(claim("uid-2", "gpu-0"))
+        refused = await node.call(node.dra.prepare, DRIVER, [("default", "uid-2", "claim-uid-2")])
+        assert refused["uid-2"].error and refused["uid-2"].devices == ()
+
+        assert await node.call(node.dra.unprepare, DRIVER, [("default", "uid-1", "claim-uid-1")]) == {"uid-1": ""}
+        assert not spec_file.exists()
+        assert "uid-1" not in node.checkpoint.read_text()
+
+
+async def test_an_mps_config_is_a_per_claim_error_that_says_why(short_dir: Path, kubelet: KubeletEmulator) -> None:
+    async with dra_node(short_dir, kubelet) as node:
+        await node.call(node.dra.wait_for, registered)
+        mps = claim("uid-m", "gpu-1")
+        mps["status"]["allocation"]["devices"]["config"] = [{"source": "FromClaim", "opaque": {
+            "driver": DRIVER, "parameters": {"apiVersion": "resource.nvidia.com/v1beta1", "kind": "GpuConfig",
+                                             "sharing": {"strategy": "MPS"}}}}]
+        node.fake.set_resourceclaim(mps)
+        answer = await node.call(node.dra.prepare, DRIVER, [("default", "uid-m", "claim-uid-m")])
+    assert "MPS is not available on this node" in answer["uid-m"].error
+
+
+def taints(fake: FakeApiServer) -> list[tuple[str, str, str]]:
+    return [(t.get("key", ""), t.get("value", ""), t.get("effect", ""))
+            for s in fake.resourceslices(NODE) for d in s["spec"].get("devices", []) for t in d.get("taints", [])]
+
+
+def health(dra: DraKubeletEmulator) -> str:
+    seen = registered(dra).devices.get((NODE, "gpu-1")) if registered(dra) else None
+    return seen.health if seen is not None else ""
+
+
+async def test_an_xid_reaches_the_health_stream_and_a_taint_and_recovery_removes_both(
+    short_dir: Path, kubelet: KubeletEmulator,
+) -> None:
+    async with dra_node(short_dir, kubelet, health_quiet_period=1.0) as node:
+        await node.call(node.dra.wait_for, lambda d: health(d) == "HEALTHY")
+        await node.fake.wait_for(lambda: slice_devices(node.fake) == ["gpu-1"])
+        assert taints(node.fake) == []
+        with (short_dir / "xids").open("a") as events:
+            events.write(f"xid {GPU1_UUID} 48\n")
+        await node.call(node.dra.wait_for, lambda d: health(d) == "UNHEALTHY")
+        assert "XID 48" in registered(node.dra).devices[(NODE, "gpu-1")].message
+        await node.fake.wait_for(lambda: taints(node.fake) == [(f"{DRIVER}/xid", "48", "NoSchedule")])
+        # GPU 0 (the device plugin's) is untouched.
+        assert await wait_for(kubelet, lambda k: k.devices("nvidia.com/gpu") == {GPU0: "Healthy"})
+        # No new XID for the quiet period: probed, healthy again, the taint gone.
+        await node.call(node.dra.wait_for, lambda d: health(d) == "HEALTHY")
+        await node.fake.wait_for(lambda: taints(node.fake) == [])
+
+
+async def test_without_api_access_dra_does_not_start(short_dir: Path, kubelet: KubeletEmulator) -> None:
+    from nvdp.daemon import StartupError, run_daemon
+
+    settings = Settings(simulate=write_node(short_dir / "node.yaml", [gpu(0)]), kubelet_socket=kubelet.socket,
+                        dra_enabled=True, node_name=NODE, cdi_root=short_dir / "cdi")
+    with pytest.raises(StartupError, match="no Kubernetes API access"):
+        await run_daemon(settings, handle_signals=False)
