@@ -179,3 +179,30 @@ async def test_without_api_access_dra_does_not_start(short_dir: Path, kubelet: K
                         dra_enabled=True, node_name=NODE, cdi_root=short_dir / "cdi")
     with pytest.raises(StartupError, match="no Kubernetes API access"):
         await run_daemon(settings, handle_signals=False)
+
+
+async def test_slices_the_kubelet_wipes_come_back(short_dir: Path, kubelet: KubeletEmulator) -> None:
+    async with dra_node(short_dir, kubelet) as node:
+        await node.fake.wait_for(lambda: slice_devices(node.fake) == ["gpu-1"])
+        assert node.fake.wipe_resourceslices(NODE) == 1
+        assert slice_devices(node.fake) == []
+        await node.fake.wait_for(lambda: slice_devices(node.fake) == ["gpu-1"])
+
+
+async def test_after_a_restart_prepare_gives_the_same_answer_from_the_checkpoint(
+    short_dir: Path, kubelet: KubeletEmulator,
+) -> None:
+    async with dra_node(short_dir, kubelet) as node:
+        await node.call(node.dra.wait_for, registered)
+        node.fake.set_resourceclaim(claim("uid-1", "gpu-1"))
+        first = await node.call(node.dra.prepare, DRIVER, [("default", "uid-1", "claim-uid-1")])
+        spec_file = node.cdi_root / "k8s.gpu.nvidia.com-claim_uid-1.json"
+        written = spec_file.stat().st_mtime_ns
+    # nvdp stopped; its sockets are gone and the kubelet forgot the driver.
+    assert not (short_dir / "plugins_registry" / f"{DRIVER}-reg.sock").exists()
+    async with dra_node(short_dir, kubelet) as node:
+        await node.call(node.dra.wait_for, registered)
+        # This API server has never heard of the claim: a completed claim is answered from the checkpoint.
+        again = await node.call(node.dra.prepare, DRIVER, [("default", "uid-1", "claim-uid-1")])
+        assert spec_file.stat().st_mtime_ns == written
+    assert first["uid-1"].error == "" and again == first
