@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import signal
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +63,7 @@ def claim(uid: str, device: str, name: str = "") -> dict[str, Any]:
 
 @contextlib.asynccontextmanager
 async def dra_node(short_dir: Path, kubelet: KubeletEmulator, config: str = "dra:\n  enabled: true\n  devices: [1]\n",
-                   **overrides: Any) -> AsyncIterator[DraNode]:
+                   reload: Callable[[Settings], Settings] | None = None, **overrides: Any) -> AsyncIterator[DraNode]:
     (short_dir / "xids").write_text("")
     node_file = write_node(short_dir / "node.yaml", [gpu(0), gpu(1)], eventsFile=str(short_dir / "xids"))
     settings = Settings(simulate=node_file, kubelet_socket=kubelet.socket, config=parse_config(config, "test"),
@@ -73,7 +74,10 @@ async def dra_node(short_dir: Path, kubelet: KubeletEmulator, config: str = "dra
         fake.set_node(NODE)
         node_config = NodeConfig(None, fake.api_config(token="token-1"), lambda config, source: settings)
         with DraKubeletEmulator(settings.kubelet_registry_dir) as dra:
-            async with daemon(settings, node_config=node_config):
+            extra: dict[str, Any] = {}
+            if reload is not None:
+                extra = {"handle_signals": True, "reload_settings": lambda: reload(settings)}
+            async with daemon(settings, node_config=node_config, **extra):
                 # A bound on the whole test: the fake API server's waits have none of their own.
                 with trio.fail_after(LIMIT_S):
                     yield DraNode(short_dir, fake, kubelet, dra, settings)
@@ -206,3 +210,19 @@ async def test_after_a_restart_prepare_gives_the_same_answer_from_the_checkpoint
         again = await node.call(node.dra.prepare, DRIVER, [("default", "uid-1", "claim-uid-1")])
         assert spec_file.stat().st_mtime_ns == written
     assert first["uid-1"].error == "" and again == first
+
+
+async def test_turning_dra_off_withdraws_the_slices_and_gives_the_gpu_back_to_the_device_plugin(
+    short_dir: Path, kubelet: KubeletEmulator,
+) -> None:
+    def dra_off(settings: Settings) -> Settings:
+        return replace(settings, dra_enabled=False)
+
+    async with dra_node(short_dir, kubelet, reload=dra_off) as node:
+        await node.fake.wait_for(lambda: slice_devices(node.fake) == ["gpu-1"])
+        await node.call(node.dra.wait_for, registered)
+        signal.raise_signal(signal.SIGHUP)
+        assert await wait_for(kubelet, lambda k: set(k.devices("nvidia.com/gpu")) == {GPU0, GPU1_UUID})
+        await node.fake.wait_for(lambda: node.fake.resourceslices(NODE) == [])
+        # The kubelet no longer finds the driver: its registration socket is gone.
+        await node.call(node.dra.wait_for, lambda d: not registered(d))

@@ -16,3 +16,18 @@ def test_the_dra_budgets_in_security_md_are_the_constants() -> None:
     assert f"at least every {plugin.HEALTH_RESEND_S:g} s (`HEALTH_RESEND_S`)" in section
     assert f"cut to {plugin.MAX_HEALTH_MESSAGE} characters" in section
     assert plugin.CALL_DEADLINE_S < 45
+
+
+def test_dra_md_says_what_the_code_does() -> None:
+    from nvdp.core.config.settings import OPTIONS_BY_DEST
+
+    text = " ".join((ROOT / "docs" / "dra.md").read_text().split())  # line breaks do not matter
+    for dest in ("dra_enabled", "dra_driver_name", "kubelet_registry_dir", "kubelet_plugins_dir"):
+        option = OPTIONS_BY_DEST[dest]
+        default = str(option.default).lower() if isinstance(option.default, bool) else option.default
+        assert f"| `{option.flags[0]}` | `{option.envs[0]}` |" in text and f"`{default}` |" in text, dest
+    assert ", ".join(f"`{v}`" for v in plugin.SUPPORTED_VERSIONS) in text
+    assert f"within {plugin.CALL_DEADLINE_S:g} s" in text
+    assert f"at least every {plugin.HEALTH_RESEND_S:g} s" in text
+    assert "which API serves each GPU (DRA driver gpu.nvidia.com):" in text  # tests/test_dra_settings.py prints it
+    assert "MPS is not available on this node" in text  # tests/test_dra_daemon.py gets it
