@@ -45,7 +45,7 @@ from nvdp.nvml.health import watch_nvml_health
 from nvdp.supervise import SupervisionReporter, Supervisor, Task
 
 if TYPE_CHECKING:
-    from nvdp.dra.service import DraService
+    from nvdp.dra.service import DraMetrics, DraService
     from nvdp.k8s.client import ApiClient, ApiConfig
     from nvdp.node_config import ConfigSources, ConfigUpdate
 
@@ -286,6 +286,7 @@ class Controller:
         self.dra: DraService | None = None
         self.dra_client: ApiClient | None = None
         self.dra_host: AsyncioThread | None = None
+        self.dra_metrics: DraMetrics | None = None
         #: The process of each MPS daemon last seen answering (a new one answering is a restart, for /metrics).
         self._mps_pids: dict[str, int] = {}
 
@@ -373,9 +374,9 @@ class Controller:
         if not plan.resources:
             log.warning("No devices found. Waiting indefinitely.")
 
-    def attach_dra(self, client: ApiClient | None, host: AsyncioThread) -> None:
-        """What DRA needs from the tree: the API client (None without API access) and grpclib's loop."""
-        self.dra_client, self.dra_host = client, host
+    def attach_dra(self, client: ApiClient | None, host: AsyncioThread, metrics: DraMetrics | None = None) -> None:
+        """What DRA needs from the tree: the API client (None without API access), grpclib's loop, metrics."""
+        self.dra_client, self.dra_host, self.dra_metrics = client, host, metrics
 
     async def apply_dra(self, settings: Settings, inventory: NodeInventory, plan: Plan) -> None:
         """The DRA kubelet plugin follows the plan (docs/dra.md): started with DRA on, given the plan's DRA GPUs,
@@ -394,7 +395,7 @@ class Controller:
         if self.dra is None:
             simulated = self.session.driver_root if settings.simulate is not None else None
             self.dra = DraService(settings, self.dra_client, self.dra_host, self.health.tracker,
-                                  simulated_root=simulated, path_env=self.search_path)
+                                  simulated_root=simulated, path_env=self.search_path, metrics=self.dra_metrics)
             self.health.listeners.append(self.dra.health_changed)
         await self.dra.apply(settings, inventory, plan)
         await self.tasks.apply({**self.tasks.specs, **self.dra.tasks})

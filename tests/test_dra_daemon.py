@@ -18,10 +18,11 @@ import trio
 from nvdp.controller import NodeConfig
 from nvdp.core.config.load import parse_config
 from nvdp.core.config.settings import Settings
+from nvdp.observe.metrics import Metrics
 from nvdp.testing.dra_emulator import DraKubeletEmulator
 from nvdp.testing.kubelet_emulator import KubeletEmulator
 from tests.fake_apiserver import FakeApiServer, open_fake_apiserver
-from tests.harness import GPU0, daemon, wait_for
+from tests.harness import GPU0, daemon, eventually, wait_for
 from tests.helpers import gpu, write_node
 
 NODE = "node-a"
@@ -37,6 +38,7 @@ class DraNode:
     kubelet: KubeletEmulator
     dra: DraKubeletEmulator
     settings: Settings
+    metrics: Metrics
 
     @property
     def cdi_root(self) -> Path:
@@ -77,10 +79,11 @@ async def dra_node(short_dir: Path, kubelet: KubeletEmulator, config: str = "dra
             extra: dict[str, Any] = {}
             if reload is not None:
                 extra = {"handle_signals": True, "reload_settings": lambda: reload(settings)}
-            async with daemon(settings, node_config=node_config, **extra):
+            metrics = Metrics()
+            async with daemon(settings, node_config=node_config, metrics=metrics, **extra):
                 # A bound on the whole test: the fake API server's waits have none of their own.
                 with trio.fail_after(LIMIT_S):
-                    yield DraNode(short_dir, fake, kubelet, dra, settings)
+                    yield DraNode(short_dir, fake, kubelet, dra, settings, metrics)
 
 
 def registered(dra: DraKubeletEmulator) -> Any:
@@ -133,6 +136,13 @@ async def test_a_gpu_goes_to_dra_and_is_prepared_and_unprepared_end_to_end(
         assert await node.call(node.dra.unprepare, DRIVER, [("default", "uid-1", "claim-uid-1")]) == {"uid-1": ""}
         assert not spec_file.exists()
         assert "uid-1" not in node.checkpoint.read_text()
+        sample = node.metrics.registry.get_sample_value
+        assert sample("nvdp_dra_claims_total", {"call": "prepare", "result": "ok"}) == 2
+        assert sample("nvdp_dra_claims_total", {"call": "prepare", "result": "error"}) == 1
+        assert sample("nvdp_dra_call_duration_seconds_count", {"call": "unprepare"}) == 1
+        # Reported once the API server is seen to hold the slices as wanted.
+        await eventually(lambda: sample("nvdp_dra_slices_devices", {"driver": DRIVER}) == 1, "slices reported")
+        assert sample("nvdp_dra_slice_writes_total", {"driver": DRIVER, "operation": "create", "result": "ok"}) == 1
 
 
 async def test_an_mps_config_is_a_per_claim_error_that_says_why(short_dir: Path, kubelet: KubeletEmulator) -> None:

@@ -20,6 +20,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import trio
 
@@ -45,14 +46,15 @@ from nvdp.core.dra.plugin import HealthTarget, health_facts
 from nvdp.core.health.tracker import HealthTracker
 from nvdp.core.inventory import NodeInventory
 from nvdp.core.plan.model import Plan
-from nvdp.dra.calls import ClaimCalls
+from nvdp.dra.calls import CallObserver, ClaimCalls
 from nvdp.dra.kubelet_plugin import DraHealthFeed, DraKubeletPlugin, DraPluginPaths
 from nvdp.dra.prepare import ClaimFetchError, ClaimPreparer, SideEffectError
-from nvdp.dra.publisher import SlicePublisher
+from nvdp.dra.publisher import SliceObserver, SlicePublisher
 from nvdp.dra.sysfs import pcie_roots
 from nvdp.dra.timeslice import NvidiaSmiTimeSlicer, find_nvidia_smi
 from nvdp.k8s.client import ApiClient, ApiError, ApiUnreachable
 from nvdp.k8s.resourceclaims import ClaimReadError, get_claim
+from nvdp.k8s.watch import WatchObserver
 from nvdp.kubelet.aio import AsyncioThread
 from nvdp.supervise import Task
 
@@ -65,6 +67,10 @@ RECOVER_TIMEOUT_S = 30.0
 BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
 CHECKPOINT = "checkpoint.json"
 _CLAIM_SPEC_PREFIX = f"{CLAIM_VENDOR}-claim_"
+
+
+class DraMetrics(CallObserver, SliceObserver, WatchObserver, Protocol):
+    """Where DRA reports (nvdp.observe.metrics.Metrics)."""
 
 
 class ApiClaimGetter:
@@ -177,7 +183,7 @@ class DraService:
     """See the module docstring. Created by the controller; `tasks` go to its task supervisor."""
 
     def __init__(self, settings: Settings, client: ApiClient, host: AsyncioThread, tracker: HealthTracker, *,
-                 simulated_root: Path | None, path_env: str) -> None:
+                 simulated_root: Path | None, path_env: str, metrics: DraMetrics | None = None) -> None:
         self.identity = DraIdentity.of(settings)
         identity = self.identity
         self.tracker = tracker
@@ -190,9 +196,10 @@ class DraService:
             ApiClaimGetter(client), self.cdi, None, {},
             timeslicer=NvidiaSmiTimeSlicer(smi) if smi is not None else None)
         self.feed = DraHealthFeed(identity.node, tracker)
-        self.calls = ClaimCalls(self.preparer)
+        self.calls = ClaimCalls(self.preparer, observer=metrics)
         self.plugin = DraKubeletPlugin(host, self.paths, self.calls, self.feed)
-        self.publisher = SlicePublisher(client, identity.node, identity.driver)
+        self.publisher = SlicePublisher(client, identity.node, identity.driver, observer=metrics,
+                                        watch_observer=metrics)
         self.inventory = NodeInventory(driver_version="", cuda_driver_version=0, gpus=())
         self.served: frozenset[str] = frozenset()
         self._roots: dict[str, str] = {}
