@@ -16,6 +16,9 @@ the same way)::
         └ node nursery
           ├ [supervised] nvml-health    NVML events -> tracker -> HealthPublisher; new GPUs restart it
           ├ [supervised] kubelet-watch  kubelet.sock created -> KubeletStarted; a socket deleted -> SocketDeleted
+          ├ [supervised] dra-plugin     (with --dra) dra.sock, then <driver>-reg.sock; Prepare/Unprepare on trio;
+          │                               the health stream; re-registers when the registry dir is re-created
+          ├ [supervised] dra-slices     (with --dra) the node's ResourceSlices, kept in sync by their own watch
           ├ report ready                every resource registered -> sd_notify READY=1 (then ends)
           ├ MPS nursery                 [supervised] one control daemon per MPS-shared GPU (nvdp.mps)
           │ └ servers nursery           [supervised] one grpclib server + registration per resource
