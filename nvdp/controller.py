@@ -32,7 +32,7 @@ from nvdp.core.inventory import NodeInventory
 from nvdp.core.plan.allocate import AllocateOptions
 from nvdp.core.plan.build import PlanError, build_plan
 from nvdp.core.plan.labels import sharing_labels
-from nvdp.core.plan.model import Plan
+from nvdp.core.plan.model import MpsDaemonSpec, Plan
 from nvdp.kubelet.aio import AsyncioThread
 from nvdp.kubelet.plugin_server import ServingContext
 from nvdp.kubelet.servers import ResourceServers
@@ -287,6 +287,8 @@ class Controller:
         self.dra_client: ApiClient | None = None
         self.dra_host: AsyncioThread | None = None
         self.dra_metrics: DraMetrics | None = None
+        #: One change of the MPS daemons at a time: the controller's plans and DRA claims both change them.
+        self._mps_lock = trio.Lock()
         #: The process of each MPS daemon last seen answering (a new one answering is a restart, for /metrics).
         self._mps_pids: dict[str, int] = {}
 
@@ -349,7 +351,8 @@ class Controller:
         await self.servers.stop_unwanted(contexts)
         if self.mps is not None:
             try:
-                await self.mps.apply(plan.mps_daemons)
+                async with self._mps_lock:
+                    await self.mps.apply(self.mps_specs(plan))
             except MpsError as exc:
                 log.error("MPS: %s; the affected slices stay Unhealthy until their daemon answers", exc)
         # Servers start with the current health snapshot, so a new server never advertises a faulty GPU as Healthy.
@@ -374,6 +377,25 @@ class Controller:
         if not plan.resources:
             log.warning("No devices found. Waiting indefinitely.")
 
+    def mps_specs(self, plan: Plan) -> tuple[MpsDaemonSpec, ...]:
+        """The device plugin's MPS daemons and those DRA claims use (on other GPUs: DRA's are not in the plan)."""
+        dra = self.dra.mps.specs() if self.dra is not None and self.dra.mps is not None else ()
+        return (*plan.mps_daemons, *dra)
+
+    async def apply_dra_mps(self) -> None:
+        """A DRA claim started or stopped using MPS on a GPU: the daemons follow (`nvdp.dra.mps`)."""
+        from nvdp.dra.prepare import SideEffectError
+
+        async with self._mps_lock:
+            specs = self.mps_specs(self.plan)
+            try:
+                if specs:
+                    await self.prepare_mps(self.settings, replace(self.plan, mps_daemons=specs))
+                if self.mps is not None:
+                    await self.mps.apply(specs)
+            except (MpsError, ShmError) as exc:
+                raise SideEffectError(f"MPS: {exc}") from None
+
     def attach_dra(self, client: ApiClient | None, host: AsyncioThread, metrics: DraMetrics | None = None) -> None:
         """What DRA needs from the tree: the API client (None without API access), grpclib's loop, metrics."""
         self.dra_client, self.dra_host, self.dra_metrics = client, host, metrics
@@ -381,6 +403,7 @@ class Controller:
     async def apply_dra(self, settings: Settings, inventory: NodeInventory, plan: Plan) -> None:
         """The DRA kubelet plugin follows the plan (docs/dra.md): started with DRA on, given the plan's DRA GPUs,
         stopped (its slices withdrawn) when DRA goes off or its identity changes."""
+        from nvdp.dra.mps import DraMps
         from nvdp.dra.service import PLUGIN_CHILD, SLICES_CHILD, DraIdentity, DraService
 
         wanted = settings.dra_enabled and self.dra_client is not None and self.dra_host is not None
@@ -395,7 +418,8 @@ class Controller:
         if self.dra is None:
             simulated = self.session.driver_root if settings.simulate is not None else None
             self.dra = DraService(settings, self.dra_client, self.dra_host, self.health.tracker,
-                                  simulated_root=simulated, path_env=self.search_path, metrics=self.dra_metrics)
+                                  simulated_root=simulated, path_env=self.search_path, metrics=self.dra_metrics,
+                                  mps=DraMps(settings.mps_root, self.apply_dra_mps))
             self.health.listeners.append(self.dra.health_changed)
         await self.dra.apply(settings, inventory, plan)
         await self.tasks.apply({**self.tasks.specs, **self.dra.tasks})
@@ -458,6 +482,8 @@ class Controller:
     # -- MPS daemons' health ----------------------------------------------------------------------------------------
 
     def _mps_health(self, gpu_uuid: str, healthy: bool) -> None:
+        if self.dra is not None and self.dra.mps is not None:
+            self.dra.mps.daemon_health(gpu_uuid, healthy)
         running = self.mps.running.get(gpu_uuid) if self.mps is not None else None
         if healthy:
             self.health.mps_down.discard(gpu_uuid)

@@ -145,16 +145,49 @@ async def test_a_gpu_goes_to_dra_and_is_prepared_and_unprepared_end_to_end(
         assert sample("nvdp_dra_slice_writes_total", {"driver": DRIVER, "operation": "create", "result": "ok"}) == 1
 
 
-async def test_an_mps_config_is_a_per_claim_error_that_says_why(short_dir: Path, kubelet: KubeletEmulator) -> None:
+def mps_claim(uid: str, **mps_config: Any) -> dict[str, Any]:
+    mps = claim(uid, "gpu-1")
+    sharing: dict[str, Any] = {"strategy": "MPS"}
+    if mps_config:
+        sharing["mpsConfig"] = mps_config
+    mps["status"]["allocation"]["devices"]["config"] = [{"source": "FromClaim", "opaque": {
+        "driver": DRIVER, "parameters": {"apiVersion": "resource.nvidia.com/v1beta1", "kind": "GpuConfig",
+                                         "sharing": sharing}}}]
+    return mps
+
+
+async def test_an_mps_claim_gets_its_gpus_control_daemon_and_limits(
+    short_dir: Path, kubelet: KubeletEmulator, mps_root: Path,
+) -> None:
+    async with dra_node(short_dir, kubelet, mps_root=str(mps_root)) as node:
+        await node.call(node.dra.wait_for, registered)
+        node.fake.set_resourceclaim(mps_claim("uid-m", defaultActiveThreadPercentage=50,
+                                              defaultPinnedDeviceMemoryLimit="10Gi"))
+        answer = await node.call(node.dra.prepare, DRIVER, [("default", "uid-m", "claim-uid-m")])
+        assert answer["uid-m"].error == ""
+        pipe = mps_root / GPU1_UUID / "pipe"
+        assert (pipe / "control").exists()  # GPU 1's control daemon runs and listens
+        spec = json.loads((node.cdi_root / "k8s.gpu.nvidia.com-claim_uid-m.json").read_text())
+        (device,) = spec["devices"]
+        edits = device["containerEdits"]
+        assert f"CUDA_MPS_PIPE_DIRECTORY={pipe}" in edits["env"]
+        assert "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=50" in edits["env"]
+        assert "CUDA_MPS_PINNED_DEVICE_MEM_LIMIT=0=10240M" in edits["env"]
+        assert {(m["hostPath"], m["containerPath"]) for m in edits["mounts"]} >= {
+            (str(pipe), str(pipe)), (str(mps_root / "shm"), "/dev/shm")}
+        # The last claim using MPS on the GPU goes: its daemon is told to quit.
+        assert await node.call(node.dra.unprepare, DRIVER, [("default", "uid-m", "claim-uid-m")]) == {"uid-m": ""}
+        commands = mps_root / GPU1_UUID / "commands.log"
+        await eventually(lambda: commands.exists() and commands.read_text().splitlines()[-1:] == ["quit"],
+                         "the daemon told to quit")
+
+
+async def test_an_mps_claim_without_an_mps_root_fails_and_says_why(short_dir: Path, kubelet: KubeletEmulator) -> None:
     async with dra_node(short_dir, kubelet) as node:
         await node.call(node.dra.wait_for, registered)
-        mps = claim("uid-m", "gpu-1")
-        mps["status"]["allocation"]["devices"]["config"] = [{"source": "FromClaim", "opaque": {
-            "driver": DRIVER, "parameters": {"apiVersion": "resource.nvidia.com/v1beta1", "kind": "GpuConfig",
-                                             "sharing": {"strategy": "MPS"}}}}]
-        node.fake.set_resourceclaim(mps)
+        node.fake.set_resourceclaim(mps_claim("uid-m"))
         answer = await node.call(node.dra.prepare, DRIVER, [("default", "uid-m", "claim-uid-m")])
-    assert "MPS is not available on this node" in answer["uid-m"].error
+    assert "MPS needs --mps-root" in answer["uid-m"].error
 
 
 def taints(fake: FakeApiServer) -> list[tuple[str, str, str]]:

@@ -30,4 +30,4 @@ def test_dra_md_says_what_the_code_does() -> None:
     assert f"within {plugin.CALL_DEADLINE_S:g} s" in text
     assert f"at least every {plugin.HEALTH_RESEND_S:g} s" in text
     assert "which API serves each GPU (DRA driver gpu.nvidia.com):" in text  # tests/test_dra_settings.py prints it
-    assert "MPS is not available on this node" in text  # tests/test_dra_daemon.py gets it
+    assert "`CUDA_MPS_PINNED_DEVICE_MEM_LIMIT=0=<MiB>M`" in text  # tests/test_dra_daemon.py checks the spec

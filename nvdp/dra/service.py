@@ -3,8 +3,8 @@
 `DraService` owns, for one driver name on one node:
 
 * the `ClaimPreparer` (`nvdp.dra.prepare`) with the real seams: claims read through the API (`ApiClaimGetter`),
-  per-claim CDI specs written with the CDI generator's edits (`ClaimSpecs`), no MPS provider yet (an MPS
-  `GpuConfig` is a per-claim error saying so), time slices through nvidia-smi where it is found;
+  per-claim CDI specs written with the CDI generator's edits (`ClaimSpecs`), MPS through nvdp's per-GPU control
+  daemons (`nvdp.dra.mps`, run by the controller), time slices through nvidia-smi where it is found;
 * the kubelet plugin's sockets and gRPC servers (`DraKubeletPlugin`) and the health feed of its stream;
 * the ResourceSlice publisher (`SlicePublisher`).
 
@@ -48,6 +48,7 @@ from nvdp.core.inventory import NodeInventory
 from nvdp.core.plan.model import Plan
 from nvdp.dra.calls import CallObserver, ClaimCalls
 from nvdp.dra.kubelet_plugin import DraHealthFeed, DraKubeletPlugin, DraPluginPaths
+from nvdp.dra.mps import DraMps
 from nvdp.dra.prepare import ClaimFetchError, ClaimPreparer, SideEffectError
 from nvdp.dra.publisher import SliceObserver, SlicePublisher
 from nvdp.dra.sysfs import pcie_roots
@@ -183,17 +184,19 @@ class DraService:
     """See the module docstring. Created by the controller; `tasks` go to its task supervisor."""
 
     def __init__(self, settings: Settings, client: ApiClient, host: AsyncioThread, tracker: HealthTracker, *,
-                 simulated_root: Path | None, path_env: str, metrics: DraMetrics | None = None) -> None:
+                 simulated_root: Path | None, path_env: str, metrics: DraMetrics | None = None,
+                 mps: DraMps | None = None) -> None:
         self.identity = DraIdentity.of(settings)
         identity = self.identity
         self.tracker = tracker
+        self.mps = mps
         self.simulated_root = simulated_root
         self.paths = DraPluginPaths(identity.driver, identity.registry_dir, identity.plugins_dir)
         self.cdi = ClaimSpecs(identity.cdi_root)
         smi = find_nvidia_smi(settings.driver_root, path_env)
         self.preparer = ClaimPreparer(
             identity.driver, identity.node, self.paths.plugin_socket.parent / CHECKPOINT, read_boot_id(),
-            ApiClaimGetter(client), self.cdi, None, {},
+            ApiClaimGetter(client), self.cdi, mps, {},
             timeslicer=NvidiaSmiTimeSlicer(smi) if smi is not None else None)
         self.feed = DraHealthFeed(identity.node, tracker)
         self.calls = ClaimCalls(self.preparer, observer=metrics)
@@ -218,6 +221,8 @@ class DraService:
         """Serve `plan.dra_gpus` of `inventory`: slices, the preparer's devices, health targets, driver files. The
         first call also recovers the checkpoint (before the plugin's socket exists: no Prepare races it)."""
         self.inventory, self.served = inventory, frozenset(plan.dra_gpus)
+        if self.mps is not None:
+            self.mps.set_inventory(inventory)
         self._roots = await trio.to_thread.run_sync(self._pcie_roots, inventory)
         try:
             self.cdi.files = await load_driver_files(settings, inventory, self.simulated_root)
