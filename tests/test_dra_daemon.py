@@ -65,9 +65,10 @@ def claim(uid: str, device: str, name: str = "") -> dict[str, Any]:
 
 @contextlib.asynccontextmanager
 async def dra_node(short_dir: Path, kubelet: KubeletEmulator, config: str = "dra:\n  enabled: true\n  devices: [1]\n",
-                   reload: Callable[[Settings], Settings] | None = None, **overrides: Any) -> AsyncIterator[DraNode]:
+                   reload: Callable[[Settings], Settings] | None = None, gpus: list[dict[str, Any]] | None = None,
+                   **overrides: Any) -> AsyncIterator[DraNode]:
     (short_dir / "xids").write_text("")
-    node_file = write_node(short_dir / "node.yaml", [gpu(0), gpu(1)], eventsFile=str(short_dir / "xids"))
+    node_file = write_node(short_dir / "node.yaml", gpus or [gpu(0), gpu(1)], eventsFile=str(short_dir / "xids"))
     settings = Settings(simulate=node_file, kubelet_socket=kubelet.socket, config=parse_config(config, "test"),
                         **overrides,
                         dra_enabled=True, node_name=NODE, cdi_root=short_dir / "cdi",
@@ -269,3 +270,32 @@ async def test_turning_dra_off_withdraws_the_slices_and_gives_the_gpu_back_to_th
         await node.fake.wait_for(lambda: node.fake.resourceslices(NODE) == [])
         # The kubelet no longer finds the driver: its registration socket is gone.
         await node.call(node.dra.wait_for, lambda d: not registered(d))
+
+
+async def test_a_mig_device_is_published_and_prepared_with_its_parent_and_capability_nodes(
+    short_dir: Path, kubelet: KubeletEmulator,
+) -> None:
+    from nvdp.sim import mig_minor
+
+    mig = {"uuid": "MIG-11111111-1111-1111-1111-111111111111", "profile": "1g.5gb", "memoryMiB": 4864, "gi": 7,
+           "ci": 0}
+    gpus = [gpu(0), gpu(1, migEnabled=True, migDevices=[mig])]
+    async with dra_node(short_dir, kubelet, gpus=gpus) as node:
+        await node.fake.wait_for(lambda: len(slice_devices(node.fake)) == 1)
+        (name,) = slice_devices(node.fake)
+        assert name.startswith("gpu-1-mig-1g5gb-")
+        (device,) = [d for s in node.fake.resourceslices(NODE) for d in s["spec"]["devices"]]
+        assert device["attributes"]["type"] == {"string": "mig"}
+        assert device["attributes"]["parentUUID"] == {"string": GPU1_UUID}
+        # The whole GPU 1 is DRA's too: the device plugin has GPU 0 only.
+        assert await wait_for(kubelet, lambda k: k.devices("nvidia.com/gpu") == {GPU0: "Healthy"})
+
+        node.fake.set_resourceclaim(claim("uid-g", name))
+        answer = await node.call(node.dra.prepare, DRIVER, [("default", "uid-g", "claim-uid-g")])
+        assert answer["uid-g"].error == ""
+        spec = json.loads((node.cdi_root / "k8s.gpu.nvidia.com-claim_uid-g.json").read_text())
+        (spec_device,) = spec["devices"]
+        assert spec_device["name"] == f"uid-g-{name}"
+        assert [n["path"] for n in spec_device["containerEdits"]["deviceNodes"]] == [
+            "/dev/nvidia1", f"/dev/nvidia-caps/nvidia-cap{mig_minor(1, 7)}",
+            f"/dev/nvidia-caps/nvidia-cap{mig_minor(1, 7, 0)}"]
