@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import signal
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -21,7 +24,7 @@ from nvdp.core.config.settings import Settings
 from nvdp.observe.metrics import Metrics
 from nvdp.testing.dra_emulator import DraKubeletEmulator
 from nvdp.testing.kubelet_emulator import KubeletEmulator
-from tests.fake_apiserver import FakeApiServer, open_fake_apiserver
+from tests.fake_apiserver import FakeApiServer, open_fake_apiserver, write_kubeconfig
 from tests.harness import GPU0, daemon, eventually, wait_for
 from tests.helpers import gpu, write_node
 
@@ -299,3 +302,34 @@ async def test_a_mig_device_is_published_and_prepared_with_its_parent_and_capabi
         assert [n["path"] for n in spec_device["containerEdits"]["deviceNodes"]] == [
             "/dev/nvidia1", f"/dev/nvidia-caps/nvidia-cap{mig_minor(1, 7)}",
             f"/dev/nvidia-caps/nvidia-cap{mig_minor(1, 7, 0)}"]
+
+
+async def test_nvdp_run_with_dra_registers_and_removes_its_sockets_on_sigterm(
+    short_dir: Path, kubelet: KubeletEmulator, two_gpu_node: Path,
+) -> None:
+    registry, plugins = short_dir / "plugins_registry", short_dir / "plugins"
+    async with open_fake_apiserver() as fake:
+        fake.set_node(NODE)
+        kubeconfig = write_kubeconfig(short_dir / "kubeconfig", fake, token="token-1")
+        with DraKubeletEmulator(registry) as dra, (short_dir / "out.log").open("w") as log_file:
+            process = await trio.lowlevel.open_process(
+                [sys.executable, "-m", "nvdp", "--kubelet-socket", str(kubelet.socket), "--simulate",
+                 str(two_gpu_node), "--dra", "--node-name", NODE, "--kubeconfig", str(kubeconfig), "--cdi-root",
+                 str(short_dir / "cdi"), "--kubelet-registry-dir", str(registry), "--kubelet-plugins-dir",
+                 str(plugins)],
+                env={**os.environ, "METRICS_ADDRESS": ""}, stdout=log_file, stderr=subprocess.STDOUT)
+            try:
+                await trio.to_thread.run_sync(dra.wait_for, registered, LIMIT_S)
+                await fake.wait_for(lambda: len(slice_devices(fake)) == 2)
+                process.send_signal(signal.SIGTERM)
+                with trio.fail_after(LIMIT_S):
+                    await process.wait()
+            finally:
+                if process.returncode is None:
+                    process.kill()
+                    await process.wait()
+    out = (short_dir / "out.log").read_text()
+    assert process.returncode == 0, out
+    assert list(registry.iterdir()) == [] and list((plugins / DRIVER).glob("*.sock")) == [], out
+    # The slices stay (a restarting nvdp finds them in sync); the kubelet removes them 30 s after the plugin went.
+    assert len(slice_devices(fake)) == 2
