@@ -407,6 +407,10 @@ class Controller:
         from nvdp.dra.service import PLUGIN_CHILD, SLICES_CHILD, DraIdentity, DraService
 
         wanted = settings.dra_enabled and self.dra_client is not None and self.dra_host is not None
+        if settings.dra_enabled and not wanted:
+            # Only a reload gets here (start-up refuses it): the plan already keeps these GPUs from the device plugin.
+            log.error("DRA is enabled but nvdp has no Kubernetes API access: the GPUs chosen for DRA are served by "
+                      "neither API until nvdp is restarted with --node-name and API access")
         if self.dra is not None and (not wanted or self.dra.identity != DraIdentity.of(settings)):
             self.dra.withdraw()
             self.health.listeners.remove(self.dra.health_changed)
