@@ -16,6 +16,7 @@ def test_the_dra_budgets_in_security_md_are_the_constants() -> None:
     assert f"at least every {plugin.HEALTH_RESEND_S:g} s (`HEALTH_RESEND_S`)" in section
     assert f"cut to {plugin.MAX_HEALTH_MESSAGE} characters" in section
     assert plugin.CALL_DEADLINE_S < 45
+    assert f"cut to {plugin.MAX_CLAIM_ERROR} characters\n(`MAX_CLAIM_ERROR`)" in section
 
 
 def test_dra_md_says_what_the_code_does() -> None:

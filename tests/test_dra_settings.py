@@ -228,3 +228,14 @@ def test_health_follows_the_device_plugins_tracker() -> None:
     assert "XID 79" in snapshot.devices[1].message
     tracker.on_error(None, "event wait failed", now=2.0)
     assert set(unhealthy_targets(tracker, targets)) == {t.device_name for t in targets}
+
+
+def test_a_claims_error_is_cut_to_what_an_event_holds() -> None:
+    from nvdp.core.dra.plugin import MAX_CLAIM_ERROR
+
+    long = "x" * 5000
+    claims = [ClaimRef("ns", "a", "a")]
+    (prepared,) = complete_prepare(claims, {"a": PrepareResult(error=long)}, "").values()
+    (unprepared,) = complete_unprepare(claims, {"a": UnprepareResult(long)}, "").values()
+    for error in (prepared.error, unprepared.error):
+        assert len(error) == MAX_CLAIM_ERROR and error.endswith("(5000 characters)")

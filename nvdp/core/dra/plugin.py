@@ -66,6 +66,17 @@ def unique_claims(claims: Sequence[ClaimRef]) -> tuple[ClaimRef, ...]:
     return tuple(seen.values())
 
 
+#: A claim's error is cut to this many characters (the kubelet puts it in a pod Event, whose message holds 1 KiB).
+MAX_CLAIM_ERROR = 1024
+
+
+def clip_error(text: str) -> str:
+    if len(text) <= MAX_CLAIM_ERROR:
+        return text
+    tail = f"... ({len(text)} characters)"
+    return text[: MAX_CLAIM_ERROR - len(tail)] + tail
+
+
 def complete_prepare(claims: Sequence[ClaimRef], results: Mapping[str, PrepareResult],
                      missing: str) -> dict[str, PrepareResult]:
     """An entry for every claim (the kubelet counts a missing one as skipped), `missing` for those without, and
@@ -77,7 +88,7 @@ def complete_prepare(claims: Sequence[ClaimRef], results: Mapping[str, PrepareRe
             answer[claim.uid] = PrepareResult(error=missing)
         elif result.error:
             # An error wins: the kubelet ignores devices next to one, so none are sent.
-            answer[claim.uid] = PrepareResult(error=result.error)
+            answer[claim.uid] = PrepareResult(error=clip_error(result.error))
         else:
             answer[claim.uid] = PrepareResult(devices=tuple(
                 PreparedDevice(kubelet_request_names(d.request_names), d.pool_name, d.device_name, d.cdi_device_ids,
@@ -88,7 +99,8 @@ def complete_prepare(claims: Sequence[ClaimRef], results: Mapping[str, PrepareRe
 def complete_unprepare(claims: Sequence[ClaimRef], results: Mapping[str, UnprepareResult],
                        missing: str) -> dict[str, UnprepareResult]:
     """An entry for every claim (the kubelet needs one for each), `missing` for those without."""
-    return {claim.uid: results.get(claim.uid, UnprepareResult(error=missing)) for claim in claims}
+    return {claim.uid: UnprepareResult(clip_error(results.get(claim.uid, UnprepareResult(error=missing)).error))
+            for claim in claims}
 
 
 def claim_problem(claim: ClaimRef) -> str:
