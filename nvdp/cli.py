@@ -23,7 +23,15 @@ from nvdp import __version__
 from nvdp.core.config.errors import ConfigError
 from nvdp.core.config.load import load_config_file
 from nvdp.core.config.schema import Config
-from nvdp.core.config.settings import OPTIONS, Option, Settings, cli_values, parse_bool, resolve
+from nvdp.core.config.settings import (
+    OPTIONS,
+    Option,
+    Settings,
+    check_dra_runnable,
+    cli_values,
+    parse_bool,
+    resolve,
+)
 from nvdp.observe.logs import setup_logging
 
 if TYPE_CHECKING:
@@ -349,6 +357,10 @@ def node_config_for(args: argparse.Namespace, env: Mapping[str, str], settings: 
         try:
             api = load_api_config(env, settings.kubeconfig)
         except KubeConfigError as exc:
+            if settings.dra_enabled:
+                # ResourceSlices and claims are read and written through the API: DRA cannot run without it.
+                raise ConfigError(f"DRA is enabled but there is no Kubernetes API access: {exc} (run in a pod with "
+                                  "a service account, or give --kubeconfig)") from None
             if sources is not None and sources.needs_api:
                 raise
             log.info("no Kubernetes API access (%s): no Events on the Node", exc)
@@ -371,6 +383,7 @@ def warn_about(settings: Settings) -> None:
 
 def run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     settings = load_settings(args, env)
+    check_dra_runnable(settings)
     from nvdp.daemon import StartupError, run_daemon
 
     setup_logging(settings.log_level, settings.log_format)

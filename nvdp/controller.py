@@ -33,7 +33,8 @@ from nvdp.core.inventory import NodeInventory
 from nvdp.core.plan import imex
 from nvdp.core.plan.allocate import AllocateOptions
 from nvdp.core.plan.build import PlanError, build_plan
-from nvdp.core.plan.model import Plan
+from nvdp.core.plan.model import MpsDaemonSpec, Plan
+from nvdp.kubelet.aio import AsyncioThread
 from nvdp.kubelet.plugin_server import ServingContext
 from nvdp.kubelet.servers import ResourceServers
 from nvdp.mps.errors import MpsError, ShmError
@@ -43,8 +44,9 @@ from nvdp.supervise import SupervisionReporter, Supervisor, Task
 
 if TYPE_CHECKING:
     from nvdp.core.cdi.build import DevicePluginSpecs
+    from nvdp.dra.service import DraMetrics, DraService
     from nvdp.gfd import LabelPublisher
-    from nvdp.k8s.client import ApiConfig
+    from nvdp.k8s.client import ApiClient, ApiConfig
     from nvdp.mps import MpsDaemons
     from nvdp.mps.control_daemon import DaemonTimings
     from nvdp.node_config import ConfigSources, ConfigUpdate
@@ -218,6 +220,8 @@ class HealthPublisher:
         self.servers: ResourceServers | None = None
         #: The GFD label child, told of every health change (None: labels are not published).
         self.labels: LabelPublisher | None = None
+        #: Also told of every health change (the DRA service: its taints and health stream).
+        self.listeners: list[Callable[[], None]] = []
 
     def publish(self) -> None:
         devices = [d for r in self.plan.resources for d in r.devices]
@@ -228,6 +232,8 @@ class HealthPublisher:
                     unhealthy.setdefault(device.id, "MPS control daemon not answering")
         if self.servers is not None:
             self.servers.publish_health(unhealthy)
+        for listener in self.listeners:
+            listener()
         self.observer.health_changed(self.plan, unhealthy, self.tracker.fault(ALL_GPUS) is None)
         if self.labels is not None:
             self.labels.nudge()
@@ -291,6 +297,13 @@ class Controller:
         self.plan = Plan(resources=())
         self.servers: ResourceServers | None = None
         self.mps: MpsDaemons | None = None
+        #: The DRA kubelet plugin (None with DRA off), and what it needs from the tree (`attach_dra`).
+        self.dra: DraService | None = None
+        self.dra_client: ApiClient | None = None
+        self.dra_host: AsyncioThread | None = None
+        self.dra_metrics: DraMetrics | None = None
+        #: One change of the MPS daemons at a time: the controller's plans and DRA claims both change them.
+        self._mps_lock = trio.Lock()
         #: The process of each MPS daemon last seen answering (a new one answering is a restart, for /metrics).
         self._mps_pids: dict[str, int] = {}
 
@@ -362,7 +375,8 @@ class Controller:
         await self.servers.stop_unwanted(contexts)
         if self.mps is not None:
             try:
-                await self.mps.apply(plan.mps_daemons)
+                async with self._mps_lock:
+                    await self.mps.apply(self.mps_specs(plan))
             except MpsError as exc:
                 log.error("MPS: %s; the affected slices stay Unhealthy until their daemon answers", exc)
         # Servers start with the current health snapshot, so a new server never advertises a faulty GPU as Healthy.
@@ -372,6 +386,7 @@ class Controller:
         await self.tasks.apply({**self.tasks.specs, "nvml-health": Task(self.watch_health, (gpus,))})
         self.health.plan = plan
         self.health.publish()
+        await self.apply_dra(settings, inventory, plan)
         # CDI specs before any server advertises: a device on ListAndWatch is already defined for the runtime.
         await self.write_cdi(settings, inventory, plan, cdi_specs)
         await self.servers.start_missing(contexts)
@@ -386,6 +401,59 @@ class Controller:
             self.health.labels.update(plan, inventory, settings.mig_strategy)
         if not plan.resources:
             log.warning("No devices found. Waiting indefinitely.")
+
+    def mps_specs(self, plan: Plan) -> tuple[MpsDaemonSpec, ...]:
+        """The device plugin's MPS daemons and those DRA claims use (on other GPUs: DRA's are not in the plan)."""
+        dra = self.dra.mps.specs() if self.dra is not None and self.dra.mps is not None else ()
+        return (*plan.mps_daemons, *dra)
+
+    async def apply_dra_mps(self) -> None:
+        """A DRA claim started or stopped using MPS on a GPU: the daemons follow (`nvdp.dra.mps`)."""
+        from nvdp.dra.prepare import SideEffectError
+
+        async with self._mps_lock:
+            specs = self.mps_specs(self.plan)
+            try:
+                if specs:
+                    await self.prepare_mps(self.settings, replace(self.plan, mps_daemons=specs))
+                if self.mps is not None:
+                    await self.mps.apply(specs)
+            except (MpsError, ShmError) as exc:
+                raise SideEffectError(f"MPS: {exc}") from None
+
+    def attach_dra(self, client: ApiClient | None, host: AsyncioThread, metrics: DraMetrics | None = None) -> None:
+        """What DRA needs from the tree: the API client (None without API access), grpclib's loop, metrics."""
+        self.dra_client, self.dra_host, self.dra_metrics = client, host, metrics
+
+    async def apply_dra(self, settings: Settings, inventory: NodeInventory, plan: Plan) -> None:
+        """The DRA kubelet plugin follows the plan (docs/dra.md): started with DRA on, given the plan's DRA GPUs,
+        stopped (its slices withdrawn) when DRA goes off or its identity changes."""
+        wanted = settings.dra_enabled and self.dra_client is not None and self.dra_host is not None
+        if self.dra is None and not settings.dra_enabled:
+            return  # nothing of DRA imported on a node that does not use it (start-up time, memory)
+        from nvdp.dra.mps import DraMps
+        from nvdp.dra.service import PLUGIN_CHILD, SLICES_CHILD, DraIdentity, DraService
+
+        if settings.dra_enabled and not wanted:
+            # Only a reload gets here (start-up refuses it): the plan already keeps these GPUs from the device plugin.
+            log.error("DRA is enabled but nvdp has no Kubernetes API access: the GPUs chosen for DRA are served by "
+                      "neither API until nvdp is restarted with --node-name and API access")
+        if self.dra is not None and (not wanted or self.dra.identity != DraIdentity.of(settings)):
+            self.dra.withdraw()
+            self.health.listeners.remove(self.dra.health_changed)
+            await self.tasks.apply({k: v for k, v in self.tasks.specs.items() if k not in (PLUGIN_CHILD, SLICES_CHILD)})
+            self.dra = None
+        if not wanted:
+            return
+        assert self.dra_client is not None and self.dra_host is not None
+        if self.dra is None:
+            simulated = self.session.driver_root if settings.simulate is not None else None
+            self.dra = DraService(settings, self.dra_client, self.dra_host, self.health.tracker,
+                                  simulated_root=simulated, path_env=self.search_path, metrics=self.dra_metrics,
+                                  mps=DraMps(settings.mps_root, self.apply_dra_mps))
+            self.health.listeners.append(self.dra.health_changed)
+        await self.dra.apply(settings, inventory, plan)
+        await self.tasks.apply({**self.tasks.specs, **self.dra.tasks})
 
     async def build_cdi(self, settings: Settings, inventory: NodeInventory, plan: Plan) -> DevicePluginSpecs | None:
         """The CDI specs `plan` needs, scanned and built but not written (None without CDI or when the scan
@@ -443,6 +511,8 @@ class Controller:
     # -- MPS daemons' health ----------------------------------------------------------------------------------------
 
     def _mps_health(self, gpu_uuid: str, healthy: bool) -> None:
+        if self.dra is not None and self.dra.mps is not None:
+            self.dra.mps.daemon_health(gpu_uuid, healthy)
         running = self.mps.running.get(gpu_uuid) if self.mps is not None else None
         if healthy:
             self.health.mps_down.discard(gpu_uuid)

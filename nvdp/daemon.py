@@ -17,6 +17,9 @@ the same way)::
           ├ [supervised] nvml-health    NVML events -> tracker -> HealthPublisher; new GPUs restart it
           ├ [supervised] kubelet-watch  kubelet.sock created -> KubeletStarted; a socket deleted -> SocketDeleted
           ├ [supervised] labels         GFD's labels for each applied plan -> NFD file, NodeFeature or Node labels
+          ├ [supervised] dra-plugin     (with --dra) dra.sock, then <driver>-reg.sock; Prepare/Unprepare on trio;
+          │                               the health stream; re-registers when the registry dir is re-created
+          ├ [supervised] dra-slices     (with --dra) the node's ResourceSlices, kept in sync by their own watch
           ├ report ready                every resource registered -> sd_notify READY=1 (then ends)
           ├ MPS nursery                 [supervised] one control daemon per MPS-shared GPU (nvdp.mps)
           │ └ servers nursery           [supervised] one grpclib server + registration per resource
@@ -157,6 +160,7 @@ class Tree:
             root_tasks: Supervisor[str, Task] = Supervisor(root, run_task, reporter=observer)
             await self.start_http(root_tasks)
             client = self.client = await self.start_api(stack, root_tasks)
+            self.check_dra(client)
             if self.node_config is not None and self.node_config.sources is not None:
                 settings = self.settings = await self.start_config_watch(root_tasks, self.node_config.sources,
                                                                           client)
@@ -211,6 +215,7 @@ class Tree:
             servers_nursery, host, settings.plugin_dir or Path(tempfile.gettempdir()), settings.kubelet_socket,
             observer=self.observer.metrics, on_change=controller.servers_changed, reporter=self.observer)
         controller.attach(servers)
+        controller.attach_dra(self.client, host, self.observer.metrics)
         if settings.kubelet_socket is not None:
             await node_tasks.start("kubelet-watch", Task(watch_kubelet, (settings.kubelet_socket, self.commands)))
         await self.start_labels(controller, node_tasks)
@@ -240,6 +245,18 @@ class Tree:
         controller.health.labels = publisher
         log.info("GPU feature labels go to the %s", sink.description)
         await tasks.start("labels", Task(publisher.run, ()))
+    def check_dra(self, client: ApiClient | None) -> None:
+        """DRA reads claims and writes ResourceSlices through the API, and writes CDI specs: all must be there."""
+        settings = self.settings
+        if not settings.dra_enabled:
+            return
+        if client is None:
+            raise StartupError("DRA is enabled but nvdp has no Kubernetes API access (give --node-name, and run in "
+                               "a pod with a service account or give --kubeconfig)")
+        if not settings.node_name:
+            raise StartupError("DRA is enabled but this node's name is unknown: set --node-name (env NODE_NAME)")
+        if settings.cdi_root is None:
+            raise StartupError("DRA is enabled but there is no CDI root to write claim specs to: set --cdi-root")
 
     async def start_http(self, tasks: Supervisor[str, Task]) -> None:
         address = self.settings.metrics_address

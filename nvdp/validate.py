@@ -35,6 +35,7 @@ from nvdp.core.config.schema import Config
 from nvdp.core.config.selection import check_fallbacks
 from nvdp.core.config.settings import OPTIONS, Settings, resolve
 from nvdp.core.config.sharing import Mps, ReplicatedResource, TimeSlicing
+from nvdp.core.dra.split import split_gpus
 from nvdp.core.inventory import NodeInventory
 from nvdp.core.plan.build import PlanError, build_plan
 from nvdp.core.plan.imex import select_imex_channels
@@ -529,6 +530,10 @@ def validate_one(data: bytes | None, source: str, cli: Mapping[str, str | None],
         return report
     report.plan.append(f"on {node_name}:")
     report.plan += [f"  {line}" for line in format_plan(plan).splitlines()]
+    if settings.dra_enabled:
+        split = split_gpus(inventory, True, config.dra)
+        report.plan.append(f"which API serves each GPU (DRA driver {settings.dra_driver_name}):")
+        report.plan += [f"  {line}" for line in split.describe(inventory)]
     per_client = mps_lines(plan, config, inventory)
     if per_client:
         report.plan.append("MPS, per client:")

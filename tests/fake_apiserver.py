@@ -12,6 +12,8 @@ Faults, all from the test's side:
 - `stalled = True`: open watches go silent and ignore `timeoutSeconds` (a half-open connection);
 - `fail_next(kind, status, count)`: answer the next lists or watches with an error status;
 - `offline()`: stop listening and drop every connection, then come back on the same port;
+- `wipe_resourceslices(node)`: the kubelet deleting a node's ResourceSlices (the resource.k8s.io/v1 block, near the
+  end of the class, says what of that API is served);
 - `token`: requests without `Authorization: Bearer <token>` get 401 (change it to simulate rotation); with
   `require_client_cert`, TLS itself checks the client certificate instead.
 """
@@ -26,6 +28,7 @@ import json
 import math
 import ssl
 import tempfile
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -169,7 +172,7 @@ class FakeApiServer:
         self._act("reset" if abrupt else "drop")
 
     def fail_next(self, kind: str, status: int = 500, count: int = 1) -> None:
-        self.faults[kind].extend([status] * count)
+        self.faults.setdefault(kind, []).extend([status] * count)
 
     def wake(self) -> None:
         old, self._changed = self._changed, trio.Event()
@@ -290,6 +293,8 @@ class FakeApiServer:
             request.status = 401
             await _respond(send, 401, _status(401, "Unauthorized", "Unauthorized"))
             return
+        if await self._dra_route(scope, receive, send, request, query):
+            return
         if scope["method"] == "POST" and path.startswith("/api/v1/namespaces/") and path.endswith("/events"):
             # Events the daemon posts about its Node: kept for the test to read.
             body = b""
@@ -327,7 +332,8 @@ class FakeApiServer:
                                        "metadata": {"resourceVersion": str(self.rv)}, "items": items})
 
     async def _watch(self, scope: Scope, receive: Receive, send: Send, request: Request, collection: str,
-                     name: str | None, query: dict[str, str]) -> None:
+                     name: str | None, query: dict[str, str],
+                     match: Callable[[dict[str, Any]], bool] | None = None) -> None:
         since = int(query.get("resourceVersion") or 0)
         if since and since < self.compacted_rv:
             message = f"too old resource version: {since} ({self.compacted_rv})"
@@ -351,7 +357,7 @@ class FakeApiServer:
             cursor = since
             if not since:  # "any version": the current state as ADDED events
                 for (c, n), obj in sorted(self.objects.items()):
-                    if c == collection and (name is None or n == name):
+                    if c == collection and (name is None or n == name) and (match is None or match(obj)):
                         await _chunk(send, {"type": "ADDED", "object": obj})
                 cursor = self.rv
             async with trio.open_nursery() as nursery:
@@ -367,15 +373,18 @@ class FakeApiServer:
                     if watch.action == "reset":
                         raise _Abort("connection reset by the fake API server")
                     if not self.stalled:
-                        for change in [h for h in self.history if h.rv > cursor]:
+                        # Up to the version now: a change made while an event is being sent is sent next round.
+                        upto = self.rv
+                        for change in [h for h in self.history if cursor < h.rv <= upto]:
                             if change.collection == collection and (name is None or
-                                                                    change.obj["metadata"]["name"] == name):
+                                                                    change.obj["metadata"]["name"] == name) \
+                                    and (match is None or match(change.obj)):
                                 await _chunk(send, {"type": change.type, "object": change.obj})
-                        cursor = self.rv
+                        cursor = upto
                         if bookmarks and trio.current_time() >= next_bookmark:
-                            kind = "Node" if collection == NODES else "ConfigMap"
+                            kind = _BOOKMARK_KINDS.get(collection, "Node" if collection == NODES else "ConfigMap")
                             await _chunk(send, {"type": "BOOKMARK", "object": {
-                                "kind": kind, "apiVersion": "v1", "metadata": {"resourceVersion": str(self.rv)}}})
+                                "kind": kind, "apiVersion": "v1", "metadata": {"resourceVersion": str(upto)}}})
                             next_bookmark = trio.current_time() + (self.bookmark_interval_s or math.inf)
                         if trio.current_time() >= deadline:
                             break
@@ -385,6 +394,200 @@ class FakeApiServer:
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
             self._watches.discard(watch)
+
+    # == resource.k8s.io/v1 (DRA): ResourceSlices, ResourceClaims, DeviceClasses ==================================
+    # ResourceSlices: list and watch with fieldSelector (metadata.name, spec.nodeName, spec.driver) and labelSelector
+    # (`k=v`, `k`), create with generateName, get, update with resourceVersion (409 on a stale one), delete with
+    # uid/resourceVersion preconditions; the server fills `timeAdded` of taints, as the real one does, and refuses
+    # a slice over the API's device limits or a change of an immutable field (422). `slice_writer_node`: refuse
+    # (403) writes of slices of any other node, as the chart's ValidatingAdmissionPolicy does. ResourceClaims:
+    # namespaced get of what the test put in. DeviceClasses: list and get. Nodes: get by name (with a uid).
+
+    slice_writer_node: str | None = None
+
+    def dra_writes(self) -> list[Request]:
+        """Every create, update and delete of a ResourceSlice, in order."""
+        return [r for r in self.requests if r.kind in ("create", "update", "delete") and r.path.startswith(SLICES)]
+
+    async def wait_for(self, condition: Callable[[], bool]) -> None:
+        """Until `condition()` holds, checked again after every change of any object."""
+        while True:
+            changed = self._changed  # before looking, so that no change is missed
+            if condition():
+                return
+            await changed.wait()
+
+    def resourceslices(self, node_name: str | None = None) -> list[dict[str, Any]]:
+        return [copy.deepcopy(o) for (c, _), o in sorted(self.objects.items())
+                if c == SLICES and (node_name is None or o["spec"].get("nodeName") == node_name)]
+
+    def put_resourceslice(self, obj: dict[str, Any]) -> dict[str, Any]:
+        """Store a slice as another writer would (kept as given, plus server fields)."""
+        obj = copy.deepcopy(obj)
+        meta = obj.setdefault("metadata", {})
+        meta.setdefault("uid", str(uuid.uuid4()))
+        self._put(SLICES, meta["name"], obj)
+        return self.objects[(SLICES, meta["name"])]
+
+    def wipe_resourceslices(self, node_name: str) -> int:
+        """What the kubelet does at its start and 30 s after a DRA plugin vanished: delete the node's slices."""
+        names = [n for (c, n), o in list(self.objects.items())
+                 if c == SLICES and o["spec"].get("nodeName") == node_name]
+        for name in names:
+            self._delete(SLICES, name)
+        return len(names)
+
+    def set_resourceclaim(self, claim: dict[str, Any]) -> None:
+        meta = claim["metadata"]
+        meta.setdefault("uid", str(uuid.uuid4()))
+        self._put(f"{RESOURCE_API}/namespaces/{meta['namespace']}/resourceclaims", meta["name"], claim)
+
+    def delete_resourceclaim(self, namespace: str, name: str) -> None:
+        self._delete(f"{RESOURCE_API}/namespaces/{namespace}/resourceclaims", name)
+
+    def set_deviceclass(self, obj: dict[str, Any]) -> None:
+        self._put(f"{RESOURCE_API}/deviceclasses", obj["metadata"]["name"], obj)
+
+    async def _dra_route(self, scope: Scope, receive: Receive, send: Send, request: Request,
+                         query: dict[str, str]) -> bool:
+        """Serve the request if it is one of this block's; False to leave it to the rest of the server."""
+        path: str = scope["path"]
+        method: str = scope["method"]
+        if method == "GET" and path.startswith(NODES + "/") and path.count("/") == 4:
+            node = self.objects.get((NODES, path.rsplit("/", 1)[1]))
+            request.kind = "get"
+            if node is None:
+                request.status = 404
+                await _respond(send, 404, _status(404, "NotFound", f"nodes {path.rsplit('/', 1)[1]!r} not found"))
+            else:
+                node = copy.deepcopy(node)
+                node["metadata"].setdefault("uid", f"uid-{node['metadata']['name']}")
+                await _respond(send, 200, node)
+            return True
+        if not path.startswith(RESOURCE_API + "/"):
+            return False
+        rest = path.removeprefix(RESOURCE_API + "/").split("/")
+        if rest[0] == "resourceslices" and len(rest) <= 2:
+            await self._slices(scope, receive, send, request, query, rest[1] if len(rest) == 2 else None)
+        elif len(rest) == 4 and rest[0] == "namespaces" and rest[2] == "resourceclaims" and method == "GET":
+            await self._get_one(send, request, f"{RESOURCE_API}/namespaces/{rest[1]}/resourceclaims", rest[3])
+        elif rest[0] == "deviceclasses" and len(rest) <= 2 and method == "GET":
+            if len(rest) == 2:
+                await self._get_one(send, request, f"{RESOURCE_API}/deviceclasses", rest[1])
+            else:
+                items = [copy.deepcopy(o) for (c, _), o in sorted(self.objects.items())
+                         if c == f"{RESOURCE_API}/deviceclasses"]
+                await _respond(send, 200, {"kind": "DeviceClassList", "apiVersion": "resource.k8s.io/v1",
+                                           "metadata": {"resourceVersion": str(self.rv)}, "items": items})
+        else:
+            request.kind, request.status = "other", 404
+            await _respond(send, 404, _status(404, "NotFound", f"{path} not found"))
+        return True
+
+    async def _get_one(self, send: Send, request: Request, collection: str, name: str) -> None:
+        request.kind = "get"
+        obj = self.objects.get((collection, name))
+        if obj is None:
+            request.status = 404
+            await _respond(send, 404, _status(404, "NotFound", f"{name!r} not found"))
+        else:
+            await _respond(send, 200, copy.deepcopy(obj))
+
+    async def _slices(self, scope: Scope, receive: Receive, send: Send, request: Request, query: dict[str, str],
+                      name: str | None) -> None:
+        method: str = scope["method"]
+        if method == "GET" and name is None:
+            try:
+                match = _slice_matcher(query.get("fieldSelector", ""), query.get("labelSelector", ""))
+            except ValueError as exc:
+                request.status = 400
+                await _respond(send, 400, _status(400, "BadRequest", str(exc)))
+                return
+            if self.faults[request.kind]:
+                request.status = self.faults[request.kind].pop(0)
+                await _respond(send, request.status, _status(request.status, "Injected", "injected fault"))
+                return
+            if request.kind == "watch":
+                await self._watch(scope, receive, send, request, SLICES, None, query, match)
+            else:
+                items = [copy.deepcopy(o) for (c, _), o in sorted(self.objects.items()) if c == SLICES and match(o)]
+                await _respond(send, 200, {"kind": "ResourceSliceList", "apiVersion": "resource.k8s.io/v1",
+                                           "metadata": {"resourceVersion": str(self.rv)}, "items": items})
+            return
+        if method == "GET":
+            await self._get_one(send, request, SLICES, name or "")
+            return
+        body = await _read_json_body(receive)
+        request.kind = {"POST": "create", "PUT": "update", "DELETE": "delete"}.get(method, "other")
+        faults = self.faults.setdefault(request.kind, [])
+        if faults:
+            request.status = faults.pop(0)
+            await _respond(send, request.status, _status(request.status, "Injected", "injected fault"))
+            return
+        status, answer = self._write_slice(request.kind, name, body)
+        request.status = status
+        await _respond(send, status, answer)
+
+    def _write_slice(self, kind: str, name: str | None, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        current = self.objects.get((SLICES, name or ""))
+        if kind == "delete":
+            if current is None:
+                return 404, _status(404, "NotFound", f"resourceslices {name!r} not found")
+            pre = body.get("preconditions") or {}
+            for key, field_name in (("uid", "uid"), ("resourceVersion", "resourceVersion")):
+                if pre.get(key) and pre[key] != current["metadata"].get(field_name):
+                    return 409, _status(409, "Conflict", f"Precondition failed: {key} in precondition: "
+                                                         f"{pre[key]}, {key} in object meta: "
+                                                         f"{current['metadata'].get(field_name)}")
+            self._delete(SLICES, name or "")
+            return 200, _status(200, "Success", "deleted") | {"status": "Success"}
+        if kind not in ("create", "update"):
+            return 405, _status(405, "MethodNotAllowed", "not allowed")
+        meta = body.setdefault("metadata", {})
+        spec = body.get("spec") or {}
+        if self.slice_writer_node is not None and spec.get("nodeName") != self.slice_writer_node:
+            return 403, _status(403, "Forbidden", "ValidatingAdmissionPolicy 'nvdp-resourceslices' denied request: "
+                                                  "a node may write only its own ResourceSlices")
+        problem = _slice_problem(spec)
+        if kind == "create":
+            if meta.get("name"):
+                name = meta["name"]
+                if (SLICES, name) in self.objects:
+                    return 409, _status(409, "AlreadyExists", f"resourceslices {name!r} already exists")
+            elif meta.get("generateName"):
+                self._generated += 1
+                name = f"{meta['generateName']}{self._generated:05d}"[:253]
+            else:
+                problem = problem or "metadata.name or metadata.generateName is required"
+            if problem:
+                return 422, _status(422, "Invalid", f"ResourceSlice is invalid: {problem}")
+            meta["name"] = name
+            meta["uid"] = str(uuid.uuid4())
+            meta.pop("generateName", None)
+        else:
+            if current is None:
+                return 404, _status(404, "NotFound", f"resourceslices {name!r} not found")
+            if meta.get("resourceVersion") and meta["resourceVersion"] != current["metadata"]["resourceVersion"]:
+                return 409, _status(409, "Conflict", f'Operation cannot be fulfilled on resourceslices.resource.k8s.io '
+                                                     f'"{name}": the object has been modified; please apply your '
+                                                     "changes to the latest version and try again")
+            for path in (("driver",), ("nodeName",), ("pool", "name")):
+                old, new = current["spec"], spec
+                for key in path:
+                    old, new = (old or {}).get(key), (new or {}).get(key)
+                if old != new:
+                    problem = problem or f"spec.{'.'.join(path)}: field is immutable"
+            if problem:
+                return 422, _status(422, "Invalid", f"ResourceSlice is invalid: {problem}")
+            meta["name"] = name
+            meta["uid"] = current["metadata"]["uid"]
+        for device in spec.get("devices") or ():
+            for taint in device.get("taints") or ():
+                taint.setdefault("timeAdded", "2026-12-01T00:00:00Z")
+        self._put(SLICES, meta["name"], body)
+        return (201 if kind == "create" else 200), copy.deepcopy(self.objects[(SLICES, meta["name"])])
+
+    _generated = 0
 
 
     # -- GFD labels: NodeFeature CRUD, one Node's GET and merge-PATCH, one Pod's GET ---------------------------------
@@ -462,6 +665,64 @@ class FakeApiServer:
             self.node_features[(namespace, name)] = body
             return await answer(200, copy.deepcopy(body))
         return False
+
+
+# == resource.k8s.io/v1 (DRA) helpers ==================================================================================
+
+RESOURCE_API = "/apis/resource.k8s.io/v1"
+SLICES = f"{RESOURCE_API}/resourceslices"
+_BOOKMARK_KINDS = {SLICES: "ResourceSlice"}
+
+
+def _slice_matcher(field_selector: str, label_selector: str) -> Callable[[dict[str, Any]], bool]:
+    fields: dict[str, str] = {}
+    for term in filter(None, field_selector.split(",")):
+        key, sep, value = term.partition("=")
+        if not sep or key not in ("metadata.name", "spec.nodeName", "spec.driver", "spec.pool.name"):
+            raise ValueError(f'field label not supported: "{key}"')
+        fields[key] = value
+    labels: list[tuple[str, str | None]] = []
+    for term in filter(None, label_selector.split(",")):
+        key, sep, value = term.partition("=")
+        labels.append((key, value if sep else None))
+
+    def match(obj: dict[str, Any]) -> bool:
+        spec = obj.get("spec") or {}
+        have = {"metadata.name": obj["metadata"].get("name"), "spec.nodeName": spec.get("nodeName"),
+                "spec.driver": spec.get("driver"), "spec.pool.name": (spec.get("pool") or {}).get("name")}
+        if any(have[k] != v for k, v in fields.items()):
+            return False
+        own = obj["metadata"].get("labels") or {}
+        return all((k in own) if v is None else own.get(k) == v for k, v in labels)
+
+    return match
+
+
+def _slice_problem(spec: dict[str, Any]) -> str:
+    """The checks of resource.k8s.io/v1 validation a test can trip."""
+    devices = spec.get("devices") or []
+    limit = 64 if any(d.get("taints") for d in devices) else 128
+    if len(devices) > limit:
+        return f"spec.devices: Too many: {len(devices)}: must have at most {limit} items"
+    pool = spec.get("pool") or {}
+    if not pool.get("name") or int(pool.get("resourceSliceCount") or 0) <= 0:
+        return "spec.pool: name and resourceSliceCount > 0 are required"
+    if not spec.get("driver") or not spec.get("nodeName"):
+        return "spec: driver and nodeName are required"
+    names = [d.get("name") for d in devices]
+    if len(set(names)) != len(names):
+        return "spec.devices: duplicate device name"
+    return ""
+
+
+async def _read_json_body(receive: Receive) -> dict[str, Any]:
+    body = b""
+    while True:
+        message = await receive()
+        body += message.get("body", b"")
+        if not message.get("more_body"):
+            break
+    return json.loads(body) if body.strip() else {}
 
 
 async def _read_body(receive: Receive) -> dict[str, Any]:

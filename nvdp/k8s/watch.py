@@ -1,9 +1,12 @@
-"""List-then-watch of one named object, kept alive through everything the API server and the network do to it.
+"""List-then-watch of one named object (or of the objects selectors pick), kept alive through everything the API
+server and the network do to it.
 
 `watch_object()` yields the object (or None while it does not exist) at start and whenever a watch event changes
-it. The protocol, as client-go's reflector runs it:
+it; `watch_collection()`, on which it is built, yields every object its field and label selectors match, by name.
+The protocol, as client-go's reflector runs it:
 
-- list with `fieldSelector=metadata.name=<name>`: the object and the list's `resourceVersion`;
+- list with the selectors (`fieldSelector=metadata.name=<name>` for one object): the objects and the list's
+  `resourceVersion`;
 - watch from that version with `allowWatchBookmarks` (bookmarks move the version forward without an object, so a
   resumed watch is rarely too old) and `timeoutSeconds` (the server ends the stream; we open a new one);
 - after a dropped stream, watch again from the last version seen; on 410 Gone, whether it comes as an ERROR event or
@@ -46,6 +49,7 @@ class ObjectMeta(msgspec.Struct, kw_only=True, rename="camel"):
     namespace: str = ""
     resource_version: str = ""
     labels: dict[str, str] | None = None
+    uid: str = ""
 
 
 class KubeObject(msgspec.Struct, kw_only=True, rename="camel"):
@@ -149,11 +153,42 @@ async def watch_object(
 
     Use as ``async with watch_object(...) as states: async for state in states: ...``.
     """
+    first = True
+    last: T | None = None
+    what = f"{path.rstrip('/')}/{name}"
+    async with watch_collection(client, path, kind, options, field_selector=f"metadata.name={name}",
+                                observer=observer, what=what) as states:
+        async for state in states:
+            current = state.get(name)
+            if first or current != last:
+                first, last = False, current
+                yield current
+
+
+@trio.as_safe_channel
+async def watch_collection(
+    client: ApiClient,
+    path: str,
+    kind: type[T],
+    options: WatchOptions | None = None,
+    *,
+    field_selector: str = "",
+    label_selector: str = "",
+    observer: WatchObserver | None = None,
+    what: str = "",
+) -> AsyncGenerator[dict[str, T], None]:
+    """Yield the objects of the collection at `path` that match the selectors, by name, as they are now, then
+    every time one is added, changed or deleted. Runs until the caller leaves the `async with`; `observer` is told
+    of every reconnect and relist (naming the watch `what`, by default the path and selectors).
+
+    Each yielded dict is a new one: the caller may keep it.
+    """
     options = options or WatchOptions()
     backoff = Backoff(options.backoff_initial_s, options.backoff_max_s)
-    what = f"{path.rstrip('/')}/{name}"
-    selector = f"metadata.name={name}"
-    last: T | None = None
+    selectors = {k: v for k, v in (("fieldSelector", field_selector), ("labelSelector", label_selector)) if v}
+    if not what:
+        what = path.rstrip("/") + "".join(f"?{k}={v}" for k, v in selectors.items())
+    state: dict[str, T] = {}
     have_yielded = False
     version: str | None = None  # None: list first
     just_listed = False
@@ -162,7 +197,7 @@ async def watch_object(
     while True:
         if version is None:
             try:
-                body = await client.get_json(path, {"fieldSelector": selector})
+                body = await client.get_json(path, selectors)
                 listing: ObjectList[T] = msgspec.json.decode(body, type=ObjectList[kind])  # type: ignore[valid-type]
             except (ApiUnreachable, ApiError, msgspec.DecodeError, msgspec.ValidationError) as exc:
                 delay = backoff.next_delay()
@@ -170,16 +205,16 @@ async def watch_object(
                 await trio.sleep(delay)
                 continue
             version = listing.metadata.resource_version
-            current = next((item for item in listing.items or () if item.metadata.name == name), None)
-            log.debug("listed %s at resourceVersion %s (%s)", what, version, "found" if current else "absent")
+            listed = {item.metadata.name: item for item in listing.items or ()}
+            log.debug("listed %s at resourceVersion %s (%d found)", what, version, len(listed))
             just_listed = True
-            if not have_yielded or current != last:
-                last, have_yielded = current, True
-                yield current
+            if not have_yielded or listed != state:
+                state, have_yielded = listed, True
+                yield dict(state)
 
         timeout = options.timeout_s * random.uniform(1.0, 1.25)
         params = {
-            "fieldSelector": selector,
+            **selectors,
             "watch": "true",
             "resourceVersion": version,
             "allowWatchBookmarks": "true",
@@ -193,7 +228,7 @@ async def watch_object(
         failure: Exception | None = None
         async with trio.open_nursery() as nursery:
             # Unbounded, so the reader never waits anywhere but inside httpx's read (see the module docstring);
-            # one object's events are small and few.
+            # the watched objects' events are small and few.
             send, receive = trio.open_memory_channel[bytes | _StreamFailed](math.inf)
             nursery.start_soon(_read_stream, client, path, params, timeout + options.read_grace_s, send)
             with receive:
@@ -224,12 +259,14 @@ async def watch_object(
                         break
                     version = obj.metadata.resource_version or version
                     progressed = True
-                    if obj.metadata.name != name:
-                        continue
-                    current = None if event.type == "DELETED" else obj
-                    if current != last:
-                        last = current
-                        yield current
+                    name = obj.metadata.name
+                    if event.type == "DELETED":
+                        if name in state:
+                            del state[name]
+                            yield dict(state)
+                    elif state.get(name) != obj:
+                        state[name] = obj
+                        yield dict(state)
                 # Ends the reader if it is still reading: cancellation unwinds httpx's generators, a break would
                 # not. Before the channel closes, so the reader is never woken by a closed channel instead.
                 nursery.cancel_scope.cancel()

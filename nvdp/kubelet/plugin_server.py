@@ -16,7 +16,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import grpclib.const
 import h2.connection
@@ -499,7 +499,7 @@ async def stop_server(bound: BoundServer) -> None:
         log.warning("server for %s did not close within %.1f s: aborting %d connection(s)",
                     bound.mirror.resource.name, CLOSE_GRACE_S, len(bound.server.transports))
         for transport in list(bound.server.transports):
-            transport.abort()
+            cast(asyncio.Transport, transport).abort()
         await asyncio.sleep(0)
     remove_socket_if_ours(bound.socket_path, bound.inode)
 

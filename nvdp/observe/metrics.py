@@ -140,6 +140,23 @@ class Metrics:
             "nvdp_http_connections_shed", "Connections to the metrics port closed by nvdp before they were answered, "
             "by reason (limit, deadline, fd_exhausted).", ["reason"], registry=r)
 
+        # DRA (docs/dra.md): the kubelet's Prepare/Unprepare calls and the ResourceSlices published.
+        self._dra_calls = Histogram(
+            "nvdp_dra_call_duration_seconds", "Time to answer a DRA NodePrepareResources or NodeUnprepareResources "
+            "call (its _count is the number of calls).", ["call"], buckets=LATENCY_BUCKETS, registry=r)
+        self._dra_claims = Counter(
+            "nvdp_dra_claims", "Claims in DRA Prepare/Unprepare calls, by call and result (ok, error).",
+            ["call", "result"], registry=r)
+        self._dra_slice_generation = Gauge(
+            "nvdp_dra_slices_generation", "pool.generation of the node's ResourceSlices the API server holds.",
+            ["driver"], registry=r)
+        self._dra_slice_devices = Gauge(
+            "nvdp_dra_slices_devices", "Devices in the node's ResourceSlices the API server holds.", ["driver"],
+            registry=r)
+        self._dra_slice_writes = Counter(
+            "nvdp_dra_slice_writes", "ResourceSlice creates, updates and deletes tried, by result (ok, error).",
+            ["driver", "operation", "result"], registry=r)
+
         # Hot-path caches: resource name -> labelled child, so Allocate pays for one dict lookup and one observe.
         # Plain dict reads are atomic under the GIL; writes happen under self._lock.
         self._allocate_children: dict[str, Histogram] = {}
@@ -284,6 +301,22 @@ class Metrics:
     def child_gone(self, child: str) -> None:
         """A child stopped for good (its resource or GPU left the plan): no stale series."""
         _remove(self._child_up, child)
+
+    # -- DRA (nvdp.dra.calls.CallObserver, nvdp.dra.publisher.SliceObserver) -------------------------------------
+
+    def dra_call(self, kind: str, seconds: float, claims: int, failed: int) -> None:
+        self._dra_calls.labels(kind).observe(seconds)
+        if claims - failed:
+            self._dra_claims.labels(kind, "ok").inc(claims - failed)
+        if failed:
+            self._dra_claims.labels(kind, "error").inc(failed)
+
+    def slices_published(self, driver: str, generation: int, slices: int, devices: int) -> None:
+        self._dra_slice_generation.labels(driver).set(generation)
+        self._dra_slice_devices.labels(driver).set(devices)
+
+    def slice_write(self, driver: str, operation: str, ok: bool) -> None:
+        self._dra_slice_writes.labels(driver, operation, "ok" if ok else "error").inc()
 
     # -- nvdp.k8s.watch.WatchObserver -------------------------------------------------------------------------------
 

@@ -128,7 +128,7 @@ def _third_party_imports(path: pathlib.Path) -> set[str]:
 
 
 # Modules outside the image's runtime: they may import an extra's packages (grpcio for the kubelet emulator).
-EXTRA_ONLY = {"nvdp/testing/kubelet_emulator.py": {"grpc"}}
+EXTRA_ONLY = {"nvdp/testing/kubelet_emulator.py": {"grpc"}, "nvdp/testing/dra_emulator.py": {"grpc"}}
 
 
 def test_every_third_party_import_is_a_declared_dependency():

@@ -14,6 +14,7 @@ from typing import Any
 
 import msgspec
 
+from nvdp.core.config.dra import Dra
 from nvdp.core.config.sharing import Sharing
 
 # Upstream spells a few keys with an upper-case acronym.
@@ -82,3 +83,5 @@ class Config(_Struct, dict=True):
     resources: dict[str, Any] | None = None
     sharing: Sharing | None = None
     imex: Imex | None = None
+    #: nvdp only: the DRA kubelet plugin (docs/dra.md).
+    dra: Dra | None = None

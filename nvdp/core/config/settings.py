@@ -8,16 +8,20 @@ place in the config file and how to parse and check it. `nvdp.cli` builds argpar
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from nvdp.core.config.dra import DEFAULT_DRIVER_NAME as DEFAULT_DRA_DRIVER_NAME
 from nvdp.core.config.errors import ConfigError
 from nvdp.core.config.load import ConfigWarning, config_warnings
 from nvdp.core.config.schema import Config, yaml_key
 
 DEFAULT_KUBELET_SOCKET = "/var/lib/kubelet/device-plugins/kubelet.sock"
+DEFAULT_KUBELET_REGISTRY_DIR = "/var/lib/kubelet/plugins_registry"
+DEFAULT_KUBELET_PLUGINS_DIR = "/var/lib/kubelet/plugins"
 DEVICE_LIST_STRATEGIES = ("envvar", "volume-mounts", "cdi-annotations", "cdi-cri")
 #: Upstream's default (the CDI spec's own `cdi.k8s.io/`): container runtimes read annotations with this prefix.
 DEFAULT_CDI_ANNOTATION_PREFIX = "cdi.k8s.io/"
@@ -191,6 +195,16 @@ OPTIONS: tuple[Option, ...] = (
            help="failed MPS probes in a row before a daemon's replicas are reported Unhealthy"),
     Option("health_quiet_period", ("--health-quiet-period",), ("HEALTH_QUIET_PERIOD",), (), "300", "seconds",
            help="seconds without a new critical XID before an Unhealthy GPU is probed and may return to Healthy"),
+    # DRA (docs/dra.md): the kubelet plugin for resource.k8s.io/v1 beside the device plugin.
+    Option("dra_enabled", ("--dra",), ("DRA_ENABLED",), ("dra", "enabled"), False, "bool",
+           help="serve the GPUs chosen by dra.devices (default all) through DRA instead of the device plugin"),
+    Option("dra_driver_name", ("--dra-driver-name",), ("DRA_DRIVER_NAME",), ("dra", "driver_name"),
+           DEFAULT_DRA_DRIVER_NAME, help="the DRA driver name (NVIDIA's, so its DeviceClasses and claims work)"),
+    Option("kubelet_registry_dir", ("--kubelet-registry-dir",), ("KUBELET_REGISTRY_DIR",), (),
+           DEFAULT_KUBELET_REGISTRY_DIR, "path", help="the kubelet's plugin registration directory (DRA)"),
+    Option("kubelet_plugins_dir", ("--kubelet-plugins-dir",), ("KUBELET_PLUGINS_DIR",), (),
+           DEFAULT_KUBELET_PLUGINS_DIR, "path",
+           help="the kubelet's plugins directory; the DRA socket is <dir>/<driver name>/dra.sock"),
     # CDI (docs/cdi.md): the spec files nvdp writes when a device list strategy starts with cdi-.
     Option("cdi_root", ("--cdi-root",), ("CDI_ROOT",), (), "/var/run/cdi", "path",
            help="directory nvdp writes its CDI spec files into (a container runtime's CDI spec directory)"),
@@ -268,6 +282,11 @@ class Settings:
     machine_type_file: Path | None = None
     label_interval: float = 5.0
     pod_name: str | None = None
+    #: The DRA kubelet plugin (docs/dra.md); which GPUs it serves is the config's `dra.devices`.
+    dra_enabled: bool = False
+    dra_driver_name: str = DEFAULT_DRA_DRIVER_NAME
+    kubelet_registry_dir: Path = Path(DEFAULT_KUBELET_REGISTRY_DIR)
+    kubelet_plugins_dir: Path = Path(DEFAULT_KUBELET_PLUGINS_DIR)
     #: The parsed config file (or an empty one): the sharing sections are read from here.
     config: Config = field(default_factory=Config)
     #: CDI (docs/cdi.md). None: no spec file is written or removed (embedded daemons and tests must not touch the
@@ -461,12 +480,14 @@ def resolve(
         values["health_quiet_period"] = parse_seconds(values["health_quiet_period"])
     values["fallback_strategies"] = tuple(parse_list(values["fallback_strategies"] or ""))
     for dest in ("driver_root", "dev_root", "config_file", "simulate", "config_dir", "nfd_features_file",
-                 "machine_type_file"):
+                 "machine_type_file", "kubelet_registry_dir", "kubelet_plugins_dir"):
         if values[dest] not in (None, ""):
             values[dest] = Path(values[dest])
         else:
             values[dest] = None
     values["driver_root"] = values["driver_root"] or Path("/")
+    values["kubelet_registry_dir"] = values["kubelet_registry_dir"] or Path(DEFAULT_KUBELET_REGISTRY_DIR)
+    values["kubelet_plugins_dir"] = values["kubelet_plugins_dir"] or Path(DEFAULT_KUBELET_PLUGINS_DIR)
     # Upstream: an unset or empty dev root means the driver root.
     values["dev_root"] = values["dev_root"] or values["driver_root"]
     values["kubelet_socket"] = Path(values["kubelet_socket"]) if values["kubelet_socket"] else None
@@ -514,6 +535,8 @@ def validate(
             parse_address(settings.metrics_address)
         except ValueError as exc:
             raise ConfigError(f"{where('metrics_address')}: {exc}") from None
+    if settings.dra_enabled:
+        _validate_dra(settings, where)
     _validate_cdi(settings, where)
     config = settings.config
     if config.version not in (None, "", "v1"):
@@ -532,6 +555,29 @@ def validate(
             raise ConfigError(
                 f"{config_source}: $.sharing.mps: using --mig-strategy=mixed is not supported with MPS "
                 "(MPS shares whole GPUs; use migStrategy none or single)")
+
+
+#: A DRA driver name: a DNS subdomain of at most 63 characters (ResourceSlice `spec.driver`).
+_DRIVER_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*\Z")
+
+
+def _validate_dra(settings: Settings, where: Any) -> None:
+    name = settings.dra_driver_name
+    if len(name) > 63 or not _DRIVER_NAME.match(name):
+        raise ConfigError(f"{where('dra_driver_name')}: invalid DRA driver name {_show(name)}: expected a DNS "
+                          "subdomain of at most 63 characters, e.g. gpu.nvidia.com")
+    for dest in ("kubelet_registry_dir", "kubelet_plugins_dir"):
+        if not getattr(settings, dest).is_absolute():
+            raise ConfigError(f"{where(dest)}: must be an absolute path (the kubelet dials the DRA socket by its "
+                              f"absolute path), got {str(getattr(settings, dest))!r}")
+
+
+def check_dra_runnable(settings: Settings) -> None:
+    """What `nvdp run` needs for DRA besides valid settings (`nvdp config validate` checks a config without them):
+    the node's name, for its ResourceSlices and its claims."""
+    if settings.dra_enabled and not settings.node_name:
+        raise ConfigError("DRA is enabled (--dra, DRA_ENABLED or dra.enabled) but this node's name is unknown: set "
+                          "--node-name (env NODE_NAME, usually from the pod's spec.nodeName)")
 
 
 def cli_values(namespace: Any, options: Sequence[Option] = OPTIONS) -> dict[str, str | None]:

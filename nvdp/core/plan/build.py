@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
+from dataclasses import replace
 
 from nvdp.core.config.settings import Settings
+from nvdp.core.dra.split import DraSplitError, split_gpus
 from nvdp.core.inventory import Gpu, MigDevice, NodeInventory
 from nvdp.core.plan.model import RESOURCE_PREFIX, Device, Plan
 
@@ -121,5 +123,13 @@ def build_plan(inventory: NodeInventory, settings: Settings) -> Plan:
     # Imported here: nvdp.core.plan.sharing raises this module's PlanError, so a top-level import would be circular.
     from nvdp.core.plan.sharing import apply_sharing
 
-    resources, mps_daemons = apply_sharing(whole_and_mig_devices(inventory, settings), inventory, settings)
-    return Plan(tuple(sorted(resources, key=lambda r: r.name)), mps_daemons)
+    try:
+        split = split_gpus(inventory, settings.dra_enabled, settings.config.dra)
+    except DraSplitError as exc:
+        raise PlanError(str(exc)) from None
+    # GPUs served through DRA are not there as far as the device plugin is concerned (MIG checks included).
+    served = inventory
+    if split.dra:
+        served = replace(inventory, gpus=tuple(g for g in inventory.gpus if g.uuid not in split.dra))
+    resources, mps_daemons = apply_sharing(whole_and_mig_devices(served, settings), inventory, settings)
+    return Plan(tuple(sorted(resources, key=lambda r: r.name)), mps_daemons, dra_gpus=split.dra)

@@ -115,6 +115,8 @@ class Plan:
     resources: tuple[Resource, ...]
     #: Ordered by GPU index.
     mps_daemons: tuple[MpsDaemonSpec, ...] = ()
+    #: UUIDs of the GPUs served through DRA instead (by GPU index): none of their devices is in `resources`.
+    dra_gpus: tuple[str, ...] = ()
 
     def resource(self, name: str) -> Resource | None:
         for resource in self.resources:

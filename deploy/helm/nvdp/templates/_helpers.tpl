@@ -122,9 +122,9 @@ true
 {{- end -}}
 {{- end -}}
 
-{{/* "true" when nvdp talks to the Kubernetes API (and so gets a service account). */}}
+{{/* "true" when nvdp talks to the Kubernetes API (and so gets a service account): a config, Events, or DRA. */}}
 {{- define "nvdp.apiAccess" -}}
-{{- if or (include "nvdp.configMapName" .) .Values.events.enabled (include "nvdp.labelSink" .) -}}true{{- end -}}
+{{- if or (include "nvdp.configMapName" .) .Values.events.enabled (include "nvdp.labelSink" .) .Values.dra.enabled -}}true{{- end -}}
 {{- end -}}
 
 {{/*
