@@ -113,8 +113,9 @@ async def _show_dra(report: Report, settings: Settings, fake: Any, dra: Any) -> 
     report.heading(f"DRA: the ResourceSlices nvdp published (driver {driver}, node {NODE})")
     devices = [d for s in fake.resourceslices(NODE) for d in s["spec"].get("devices", [])]
     for device in devices:
-        report.line(f"{device['name']}  {_attribute(device, 'productName')}  uuid {_attribute(device, 'uuid')}  "
-                    f"index {_attribute(device, 'index')}")
+        report.line(f"{device['name']}  {_attribute(device, 'productName')}  architecture "
+                    f"{_attribute(device, 'architecture')}  compute capability "
+                    f"{_attribute(device, 'cudaComputeCapability')}  uuid {_attribute(device, 'uuid')}")
 
     device = devices[0]["name"]
     namespace, uid, name = CLAIM
