@@ -169,7 +169,15 @@ async def run_demo(simulate: Path | None = None, settings: Settings | None = Non
             if settings.dra_enabled:
                 from nvdp.daemon import NodeConfig
                 from nvdp.testing.dra_emulator import DraKubeletEmulator
-                from nvdp.testing.fake_apiserver import open_fake_apiserver
+
+                try:
+                    from nvdp.testing.fake_apiserver import open_fake_apiserver
+                except ModuleNotFoundError as exc:
+                    if exc.name != "hypercorn":
+                        raise
+                    report.line("--dra: the fake API server needs hypercorn, which is not installed: "
+                                "pip install 'nvdp[emulator]'")
+                    return 1
 
                 settings = _dra_settings(settings, Path(tmp), len(node.gpus))
                 fake = await stack.enter_async_context(open_fake_apiserver(tls=False))
