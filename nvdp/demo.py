@@ -108,8 +108,11 @@ def resolve_cdi_id(cdi_root: Path, cdi_id: str) -> tuple[Path, dict[str, Any]] |
 
 async def _show_dra(report: Report, settings: Settings, fake: Any, dra: Any) -> bool:
     driver = settings.dra_driver_name
-    with trio.fail_after(10):
+    with trio.move_on_after(10):
         await fake.wait_for(lambda: any(s["spec"].get("devices") for s in fake.resourceslices(NODE)))
+    if not any(s["spec"].get("devices") for s in fake.resourceslices(NODE)):
+        report.line(f"DRA: nvdp published no ResourceSlice device for node {NODE} within 10 s")
+        return False
     report.heading(f"DRA: the ResourceSlices nvdp published (driver {driver}, node {NODE})")
     devices = [d for s in fake.resourceslices(NODE) for d in s["spec"].get("devices", [])]
     for device in devices:
