@@ -1,5 +1,5 @@
-"""The fake Kubernetes API server (`tests/fake_apiserver.py`) for the synchronous benchmark: its own `trio.run` in a
-background thread, driven from the benchmark's thread through `trio.from_thread`."""
+"""The fake Kubernetes API server (`nvdp/testing/fake_apiserver.py`) for the synchronous benchmark: its own
+`trio.run` in a background thread, driven from the benchmark's thread through `trio.from_thread`."""
 
 from __future__ import annotations
 

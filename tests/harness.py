@@ -207,7 +207,7 @@ def leak_checked(request: pytest.FixtureRequest) -> Iterator[None]:
 
 
 #: Tasks the fake API server starts for itself (its proxy comes back with new tasks after `offline()`).
-_NOT_THE_DAEMONS = ("tests.fake_apiserver.", "trio._highlevel_serve_listeners.", "hypercorn.")
+_NOT_THE_DAEMONS = ("nvdp.testing.fake_apiserver.", "trio._highlevel_serve_listeners.", "hypercorn.")
 
 
 def task_tree() -> dict[int, str]:

@@ -3,6 +3,7 @@ time-slicing replica floor, an empty --kubelet-socket said out loud, and `nvdp d
 
 from __future__ import annotations
 
+import json
 import logging
 import tempfile
 from pathlib import Path
@@ -98,3 +99,36 @@ def test_a_parser_for_one_command_leaves_runs_flags_off_the_others() -> None:
     assert parser.parse_args(["run", "--mig-strategy", "mixed"]).mig_strategy == "mixed"
     with pytest.raises(SystemExit):
         parser.parse_args(["demo", "--mig-strategy", "mixed"])
+
+
+def test_demo_dra_prepares_a_claim_whose_cdi_id_resolves_to_the_written_spec(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+) -> None:
+    import nvdp.demo
+
+    resolved: list[tuple[str, Path, list[str]]] = []
+    real_resolve = nvdp.demo.resolve_cdi_id
+
+    def resolve_and_read(cdi_root: Path, cdi_id: str) -> tuple[Path, dict[str, object]] | None:
+        found = real_resolve(cdi_root, cdi_id)
+        assert found is not None, f"{cdi_id} resolves to no spec under {cdi_root}"
+        # Read here, while the claim is prepared: the spec is gone after the unprepare.
+        path, device = found
+        spec = json.loads(path.read_text())
+        assert spec["kind"] == cdi_id.partition("=")[0]
+        resolved.append((cdi_id, path, [n["path"] for n in device["containerEdits"]["deviceNodes"]]))
+        return found
+
+    monkeypatch.setattr(nvdp.demo, "resolve_cdi_id", resolve_and_read)
+    assert main(["demo", "--dra"]) == 0
+    out = capsys.readouterr().out
+    # The built-in node's last GPU (index 3) goes to DRA; the device plugin keeps the other three.
+    assert "nvidia.com/gpu: 3/3 healthy" in out
+    assert "gpu-3  NVIDIA A100-SXM4-40GB" in out
+    assert "prepared demo-node/gpu-3" in out
+    ((cdi_id, path, nodes),) = resolved
+    assert cdi_id == "k8s.gpu.nvidia.com/claim=demo-claim-uid-gpu-3"
+    assert f"CDI ID {cdi_id}\n     defined in {path.name}\n     device node /dev/nvidia3\n" in out
+    assert nodes == ["/dev/nvidia3"]
+    assert "unprepared: ok; claim spec files left: none" in out
+    assert "plugin sockets left behind: none" in out

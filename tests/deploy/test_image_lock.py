@@ -127,8 +127,10 @@ def _third_party_imports(path: pathlib.Path) -> set[str]:
     return {m for m in found if m not in sys.stdlib_module_names and m != "nvdp"}
 
 
-# Modules outside the image's runtime: they may import an extra's packages (grpcio for the kubelet emulator).
-EXTRA_ONLY = {"nvdp/testing/kubelet_emulator.py": {"grpc"}, "nvdp/testing/dra_emulator.py": {"grpc"}}
+# Modules outside the image's runtime: they may import an extra's packages (grpcio for the kubelet emulator;
+# hypercorn for the fake API server, and trustme where it serves TLS, which only the tests ask for).
+EXTRA_ONLY = {"nvdp/testing/kubelet_emulator.py": {"grpc"}, "nvdp/testing/dra_emulator.py": {"grpc"},
+              "nvdp/testing/fake_apiserver.py": {"hypercorn", "trustme"}}
 
 
 def test_every_third_party_import_is_a_declared_dependency():

@@ -12,7 +12,7 @@ import pytest
 import trio
 
 import nvdp.k8s.watch
-import tests.fake_apiserver
+import nvdp.testing.fake_apiserver
 from nvdp.core.config.settings import Settings, resolve
 from nvdp.daemon import NodeConfig
 from nvdp.node_config import ConfigSources
@@ -44,7 +44,7 @@ async def test_api_server_faults(
         min_stream_s=0.05))
     # Malformed events: while `garbage` is set, the fake server sends a line that is not JSON before each event.
     garbage = {"lines": 0}
-    real_chunk = tests.fake_apiserver._chunk
+    real_chunk = nvdp.testing.fake_apiserver._chunk
 
     async def chunk(send: Any, event: dict[str, Any]) -> None:
         if garbage["lines"] > 0:
@@ -53,7 +53,7 @@ async def test_api_server_faults(
                         "more_body": True})
         await real_chunk(send, event)
 
-    monkeypatch.setattr(tests.fake_apiserver, "_chunk", chunk)
+    monkeypatch.setattr(nvdp.testing.fake_apiserver, "_chunk", chunk)
     configs = tmp_path / "configs"
     configs.mkdir()
     for name, (text, _) in CONFIGS.items():
