@@ -316,9 +316,13 @@ class LocalLauncher:
     async def find(self, paths: DaemonPaths) -> int | None:
         pid = read_pid_file(paths)
         child = self._children.get(pid) if pid is not None else None
-        if pid is not None and child is not None and (returncode := child.poll()) is not None:
-            _reaped(pid, returncode)
-            return None  # our own child, exited (and now reaped)
+        if pid is not None and child is not None:
+            if (returncode := child.poll()) is not None:
+                _reaped(pid, returncode)
+                return None  # our own child, exited (and now reaped)
+            # Our own child, running: its pid cannot be reused before we reap it, so /proc need not vouch for it
+            # (just after the spawn it may still be between `env` and the interpreter's exec).
+            return pid
         return await trio.to_thread.run_sync(daemon_pid, paths)
 
     async def wait(self, paths: DaemonPaths, pid: int) -> str:
