@@ -293,17 +293,5 @@ async def stop(bound: BoundSocket) -> None:
     """End every stream, close connections, stop listening and remove the socket if it is still ours."""
     if bound.mirror is not None:
         bound.mirror.close()
-    bound.server.stopping = True
-    # Let stream handlers send their trailers before connections are cut.
-    await asyncio.sleep(0)
-    bound.server.close()
-    for transport in list(bound.server.transports):
-        transport.close()
-    try:
-        async with asyncio.timeout(CLOSE_GRACE_S):
-            while bound.server.transports:  # noqa: ASYNC110 (grpclib offers no event for this)
-                await asyncio.sleep(0.005)
-            await bound.server.wait_closed()
-    except TimeoutError:
-        log.warning("%s did not close within %.1f s", bound.server.name, CLOSE_GRACE_S)
+    await bound.server.shut_down(CLOSE_GRACE_S)
     remove_socket_if_ours(bound.socket_path, bound.inode)

@@ -759,10 +759,34 @@ class GuardedServer(grpclib.server.Server):
         self.transports: set[asyncio.BaseTransport] = set()
         #: Live connections, oldest first.
         self.protocols: OrderedDict[GuardedProtocol, None] = OrderedDict()
-        #: Set by stop_server(): a connection whose connection_made() runs after that is closed at once.
+        #: Set by shut_down(): a connection whose connection_made() runs after that is closed at once.
         self.stopping = False
         #: Connections closed by a budget (shed for a newer one, refused, or over the reset rate).
         self.shed = 0
+
+    async def shut_down(self, grace_s: float) -> None:
+        """Stop listening and close every connection (their streams end with them), waiting up to `grace_s` until
+        each has released its socket; a connection still open then (its peer stopped reading, so close() waits to
+        flush) is aborted. Runs on the server's loop."""
+        self.stopping = True
+        # Let stream handlers (ListAndWatch, the DRA health stream) send their trailers before connections are cut.
+        await asyncio.sleep(0)
+        self.close()
+        for transport in list(self.transports):
+            transport.close()
+        try:
+            async with asyncio.timeout(grace_s):
+                # A closed transport releases its socket in a later loop callback (connection_lost): wait for every
+                # one, or a loop stopped right after this (daemon shutdown) would leave sockets to the collector.
+                while self.transports:  # noqa: ASYNC110 (grpclib offers no event for this)
+                    await asyncio.sleep(0.005)
+                await self.wait_closed()
+        except TimeoutError:
+            log.warning("gRPC server %s did not close within %.1f s: aborting %d connection(s)", self.name or "?",
+                        grace_s, len(self.transports))
+            for transport in list(self.transports):
+                cast(asyncio.Transport, transport).abort()
+            await asyncio.sleep(0)
 
     def _protocol_factory(self) -> Any:
         self.__gc_step__()

@@ -16,7 +16,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, cast
+from typing import Any, Protocol
 
 import grpclib.const
 import h2.connection
@@ -481,26 +481,7 @@ async def start_server(
 async def stop_server(bound: BoundServer) -> None:
     """End every stream, close connections, stop listening and remove the socket if it is still ours."""
     bound.mirror.close()
-    bound.server.stopping = True
-    # Give ListAndWatch handlers a moment to send their trailers before connections are cut.
-    await asyncio.sleep(0)
-    bound.server.close()
-    for transport in list(bound.server.transports):
-        transport.close()
-    try:
-        async with asyncio.timeout(CLOSE_GRACE_S):
-            # A closed transport releases its socket in a later loop callback (connection_lost): wait for every
-            # one, or a loop stopped right after this (daemon shutdown) would leave sockets to the collector.
-            while bound.server.transports:  # noqa: ASYNC110 (grpclib offers no event for this)
-                await asyncio.sleep(0.005)
-            await bound.server.wait_closed()
-    except TimeoutError:
-        # A connection whose peer stopped reading keeps unsent bytes, and close() waits for them: drop them.
-        log.warning("server for %s did not close within %.1f s: aborting %d connection(s)",
-                    bound.mirror.resource.name, CLOSE_GRACE_S, len(bound.server.transports))
-        for transport in list(bound.server.transports):
-            cast(asyncio.Transport, transport).abort()
-        await asyncio.sleep(0)
+    await bound.server.shut_down(CLOSE_GRACE_S)
     remove_socket_if_ours(bound.socket_path, bound.inode)
 
 
