@@ -65,7 +65,7 @@ def test_the_defaults_share_whole_mib_and_no_compute_and_keep_nothing_warm() -> 
     ({"devices": ["0"], "keepWarm": "48h"}, "keepWarm must be between 0 and 24h"),
 ])
 def test_config_errors_say_where_and_why(raw: dict[str, Any], message: str) -> None:
-    with pytest.raises(ConfigError, match="^dra.sharing.mps: ") as error:
+    with pytest.raises(ConfigError, match=r"^dra\.sharing\.mps: ") as error:
         sh.decode_mps_shares(raw)
     assert message in str(error.value)
 
@@ -136,7 +136,7 @@ def test_a_policy_that_does_not_fit_the_gpu_is_a_config_error() -> None:
         policy(memory={"default": "48Gi"})
     with pytest.raises(ConfigError, match="the driver does not say how many"):
         policy(compute={"capacity": "multiprocessors"})  # the fixture's A100 has multiprocessors=0
-    with pytest.raises(ConfigError, match="compute.minimum \\(99\\) plus one compute.step \\(2\\) is more"):
+    with pytest.raises(ConfigError, match=r"compute\.minimum \(99\) plus one compute\.step \(2\) is more"):
         policy(compute={"minimum": 99, "step": 2, "default": 99})
 
 
@@ -146,7 +146,8 @@ def test_a_policy_that_does_not_fit_the_gpu_is_a_config_error() -> None:
      ['exactly one policy can be specified, cannot specify "validValues" and "validRange" at the same time']),
     ("40Gi", {"validRange": {"min": "1Gi"}}, ["default: required when validRange is defined"]),
     ("40Gi", {"default": "1Gi", "validRange": {}}, ["validRange.min: required when validRange is defined"]),
-    ("40Gi", {"default": "512Mi", "validRange": {"min": "1Gi"}}, ["validRange.min: default is less than min: 1073741824"]),
+    ("40Gi", {"default": "512Mi", "validRange": {"min": "1Gi"}},
+     ["validRange.min: default is less than min: 1073741824"]),
     ("40Gi", {"default": "41Gi", "validRange": {"min": "41Gi", "max": "42Gi"}}, [
         "validRange.min: min is larger than capacity value: 42949672960",
         "validRange.max: max is larger than capacity value: 42949672960"]),
@@ -216,8 +217,8 @@ def test_consumed_capacity_becomes_amounts_and_limits() -> None:
 
 def test_client_edits_carry_the_pipe_and_shm_and_the_limits() -> None:
     edits = sh.client_edits("/run/nvdp/mps/GPU-0/pipe", "/run/nvdp/mps/shm", 10240, 25)
-    assert edits.env == ("CUDA_MPS_PIPE_DIRECTORY=/run/nvdp/mps/GPU-0/pipe", "CUDA_MPS_PINNED_DEVICE_MEM_LIMIT=0=10240M",
-                         "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=25")
+    assert edits.env == ("CUDA_MPS_PIPE_DIRECTORY=/run/nvdp/mps/GPU-0/pipe",
+                         "CUDA_MPS_PINNED_DEVICE_MEM_LIMIT=0=10240M", "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=25")
     bind = ("rw", "nosuid", "nodev", "bind")
     assert edits.mounts == (Mount(host_path="/run/nvdp/mps/GPU-0/pipe", container_path="/run/nvdp/mps/GPU-0/pipe",
                                   options=bind),
