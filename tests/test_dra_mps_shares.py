@@ -4,7 +4,10 @@ command. Real processes, so the real clock; every wait is bounded."""
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -148,9 +151,9 @@ async def test_kill_and_restart_adopts_the_daemon_and_answers_re_prepares_identi
     refs = [node.api.add(share_claim(uid, size)) for uid, size in (("u1", "10Gi"), ("u2", "10Gi"), ("u3", "20Gi"))]
     async with trio.open_nursery() as nursery:
         await node.start(nursery)
-        first = {}
-        for ref in refs:
-            first.update(await node.prepare(ref))
+        first = await node.prepare(*refs)  # concurrently: one daemon all the same
+        assert not any(answer.error for answer in first.values())
+        assert node.daemons.running[GPU0.uuid].state.starts == 1
         pid = node.daemons.running[GPU0.uuid].state.pid
         nursery.cancel_scope.cancel()  # nvdp is gone (SIGKILL): the daemon, started detached, runs on
     assert pid is not None and not gone(pid)
@@ -170,6 +173,31 @@ async def test_kill_and_restart_adopts_the_daemon_and_answers_re_prepares_identi
         assert "41 GiB requested in total" in (await node.prepare(node.api.add(share_claim("u4", "1Gi"))))["u4"].error
         await node.unprepare(*refs)
         assert gone(pid) and node.modes.changes == [(GPU0.uuid, 3), (GPU0.uuid, 0)]
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_restarted_daemon_gets_the_largest_share_and_one_that_refuses_limits_fails_the_share(
+        node: SharesNode) -> None:
+    async with trio.open_nursery() as nursery:
+        await node.start(nursery)
+        refs = [node.api.add(share_claim(uid, size)) for uid, size in (("u1", "5Gi"), ("u2", "10Gi"))]
+        await node.prepare(*refs)
+        state = node.daemons.running[GPU0.uuid].state
+        assert state.pid is not None
+        seen = len(node.health.events)
+        os.killpg(state.pid, signal.SIGKILL)  # the daemon crashes; the supervisor starts the next life
+        await node.health.wait_for(GPU0.uuid, True, after=seen + 1)
+        assert state.starts == 2
+        assert node.limit_commands()[-2:] == ["set_default_device_pinned_mem_limit 0 10240M",
+                                              "set_default_active_thread_percentage 100"]
+
+        (Path(node.spec_dirs[0]).parent / "fake-mode").write_text("refuse")
+        answer = (await node.prepare(node.api.add(share_claim("u3", "20Gi"))))["u3"]
+        assert "did not take its limits" in answer.error
+        assert "u3" not in node.preparer.checkpoint.claims and set(node.provider.holders[GPU0.uuid]) == {"u1", "u2"}
+        assert node.daemons.supervisor.specs[GPU0.uuid].pinned_mem_limit_mib == 10240
+        (Path(node.spec_dirs[0]).parent / "fake-mode").write_text("normal")
+        await node.unprepare(*refs)
         nursery.cancel_scope.cancel()
 
 
@@ -248,3 +276,15 @@ class _NoMps:
     async def restore(self, holdings: object) -> None:
         return None
 
+
+
+@pytest.mark.slow
+def test_the_shares_benchmark_runs_and_reports_its_figures(tmp_path: Path) -> None:
+    from bench import dra_shares
+
+    out = tmp_path / "figures.json"
+    assert dra_shares.main(["--shares", "2", "--cold", "2", "--json", str(out)]) == 0
+    figures = json.loads(out.read_text())
+    assert set(figures) == {"share_prepare_ms", "share_unprepare_ms", "first_share_to_daemon_answering_ms"}
+    assert figures["share_prepare_ms"]["n"] == 2 and figures["first_share_to_daemon_answering_ms"]["n"] == 2
+    assert all(stats["p50"] > 0 for stats in figures.values())
