@@ -4,9 +4,12 @@ health."""
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import pytest
+import trio
+import trio.testing
 
 from nvdp.core.config.errors import ConfigError
 from nvdp.core.dra import shares as sh
@@ -15,6 +18,7 @@ from nvdp.core.dra.config import MPS
 from nvdp.core.dra.types import ClaimRef
 from nvdp.core.inventory import Gpu
 from tests.dra_fixtures import DEVICES, DRIVER, GPU0, GPU1, GPU2, NODE, claim, gpu_config, opaque, result
+from tests.test_dra_prepare import Node
 
 GIB = 1 << 30
 MIB = 1 << 20
@@ -282,3 +286,38 @@ def test_device_plan_defaults_keep_non_shares_unchanged() -> None:
     plan = DevicePlan(request="gpu", pool=NODE, device="gpu-0", node_device=NodeDevice(GPU0),
                       config=sh.DeviceConfig("GpuConfig"), group=-2)
     assert (plan.share_memory_bytes, plan.share_compute) == (0, 0)
+
+
+def test_two_shares_of_one_gpu_in_one_claim_are_refused() -> None:
+    body = claim("u1", [result("gpu-0", request="a", shareID="s1", consumedCapacity={"memory": "1Gi"}),
+                        result("gpu-0", request="b", shareID="s2", consumedCapacity={"memory": "1Gi"})])
+    why = sh.plan_shares(_plan(body, "u1"), {"gpu-0": policy()})
+    assert why == "claim default/claim-u1: two shares of device gpu-0 in one claim: request one share of the total " \
+                  "instead"
+
+
+async def test_two_claims_racing_for_the_last_memory_do_not_both_get_it(
+        tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
+    node = Node(tmp_path, share_hosts={"gpu-0": policy()})
+    held = node.api.add(_share_claim("u1", "30Gi", "s1"))
+    assert not (await node.preparer.prepare([held]))["u1"].error
+    answers = await node.preparer.prepare([node.api.add(_share_claim("u2", "6Gi", "s2")),
+                                           node.api.add(_share_claim("u3", "6Gi", "s3"))])
+    errors = sorted(answer.error for answer in answers.values())
+    assert errors[0] == ""
+    assert "cannot take a share of 6 GiB of memory: 42 GiB requested in total, GPU has 40 GiB" in errors[1]
+    # What the checkpoint holds for a share: its amounts, read back after a restart for the accounting.
+    [record] = node.restart().checkpoint.claims["u1"].devices
+    assert (record.share_memory_bytes, record.share_compute, record.share_id) == (30 * GIB, 0, "s1")
+    assert record.sharing is not None and record.sharing.pinned_memory_limit_mib == 30720
+
+
+async def test_a_share_on_a_device_that_is_no_share_host_is_left_to_the_device_rules(
+        tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
+    node = Node(tmp_path, share_hosts={"gpu-0": policy()})
+    answers = await node.preparer.prepare([node.api.add(claim("u1", [result("gpu-2", shareID="s1")]))])
+    assert not answers["u1"].error and answers["u1"].devices[0].share_id == "s1"
+    assert node.mps.clients == {}
+    # A share host no longer published as one (config reload): later prepares treat its device as a plain one.
+    node.preparer.update_devices(DEVICES, share_hosts={})
+    assert not (await node.preparer.prepare([node.api.add(claim("u2", [result("gpu-0")]))]))["u2"].error

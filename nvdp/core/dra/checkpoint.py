@@ -17,7 +17,12 @@ another boot is discarded whole. The file format (JSON):
                           "devices": [{"requestNames": [...], "pool": "...", "device": "gpu-0", "kind": "gpu",
                                        "uuid": "GPU-...", "gpuUuid": "GPU-...", "shareId": "", "adminAccess": false,
                                        "sharing": {"strategy": "MPS", ...} | null, "cdiDeviceIds": [...],
-                                       "edits": {"env": [...], "mounts": [...]}}]}}}
+                                       "edits": {"env": [...], "mounts": [...]},
+                                       "shareMemoryBytes": 0, "shareCompute": 0}]}}}
+
+`shareMemoryBytes`/`shareCompute` (an MPS share of a share host, `nvdp.core.dra.shares`) are what the share
+consumes: after a restart the accounting of the GPU's shares starts from them. A file without them (written before
+shares existed) reads as 0: no share.
 
 Unknown keys are ignored when reading (a newer nvdp of the same major version may add some); a higher `version`
 is refused (the file is set aside, see `nvdp.dra.checkpoint_file`).

@@ -486,6 +486,7 @@ def plan_shares(plan: ClaimPlan, hosts: Mapping[str, SharePolicy]) -> ClaimPlan 
     error. Devices elsewhere are left as they are."""
     where = f"claim {plan.ref.namespace}/{plan.ref.name}"
     devices: list[DevicePlan] = []
+    shared: set[str] = set()
     for device in plan.devices:
         policy = hosts.get(device.device)
         if policy is None:
@@ -500,6 +501,12 @@ def plan_shares(plan: ClaimPlan, hosts: Mapping[str, SharePolicy]) -> ClaimPlan 
         if device.config.sharing is not None:
             return (f"{where}: device {device.device} is an MPS share sized by the claim's capacity request; a "
                     f"{device.config.sharing.strategy} sharing config cannot apply to it")
+        if device.device in shared:
+            # One container environment holds one limit per GPU: two shares of a GPU in one claim would need their
+            # sum, which the scheduler did not book as one share.
+            return (f"{where}: two shares of device {device.device} in one claim: request one share of the total "
+                    "instead")
+        shared.add(device.device)
         try:
             amount = consumed_amount(device.consumed_capacity, policy)
         except ValueError as e:
