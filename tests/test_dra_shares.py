@@ -12,6 +12,7 @@ import trio
 import trio.testing
 
 from nvdp.core.config.errors import ConfigError
+from nvdp.core.dra import checkpoint as cp
 from nvdp.core.dra import shares as sh
 from nvdp.core.dra.claims import ClaimPlan, DevicePlan, Mount, NodeDevice, plan_claim
 from nvdp.core.dra.config import MPS
@@ -321,3 +322,25 @@ async def test_a_share_on_a_device_that_is_no_share_host_is_left_to_the_device_r
     # A share host no longer published as one (config reload): later prepares treat its device as a plain one.
     node.preparer.update_devices(DEVICES, share_hosts={})
     assert not (await node.preparer.prepare([node.api.add(claim("u2", [result("gpu-0")]))]))["u2"].error
+
+
+def test_a_mode_change_waits_for_the_claims_prepared_on_the_device() -> None:
+    host, other = policy(), policy(memory={"step": "1Gi"})
+    now, waiting = sh.share_host_transition({"gpu-0": host}, {"gpu-2": host}, {"gpu-0": 3, "gpu-2": 1})
+    assert now == {"gpu-0": host}
+    assert waiting == {"gpu-0": "gpu-0 stays an MPS share host until its 3 prepared claim(s) are unprepared",
+                       "gpu-2": "gpu-2 becomes an MPS share host once its 1 prepared claim(s) are unprepared"}
+    # Once they are gone, the change applies; a host that stays one takes its new policy at once.
+    assert sh.share_host_transition({"gpu-0": host}, {"gpu-2": host}, {}) == ({"gpu-2": host}, {})
+    assert sh.share_host_transition({"gpu-0": host}, {"gpu-0": other}, {"gpu-0": 2}) == ({"gpu-0": other}, {})
+
+
+async def test_the_checkpoint_says_which_devices_hold_claims_and_which_shares_are_prepared(
+        tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
+    node = Node(tmp_path, share_hosts={"gpu-0": policy()})
+    await node.preparer.prepare([node.api.add(_share_claim(uid, "10Gi", f"s-{uid}")) for uid in ("u1", "u2")]
+                                + [node.api.add(claim("u3", [result("gpu-2")]))])
+    state = node.preparer.checkpoint
+    assert cp.prepared_per_device(state) == {"gpu-0": 2, "gpu-2": 1}
+    assert cp.prepared_shares(state) == [("u1", "gpu-0", "s-u1", GPU0.uuid), ("u2", "gpu-0", "s-u2", GPU0.uuid)]
+    assert [h.healthy for h in sh.share_health(cp.prepared_shares(state), {GPU0.uuid: "XID 79"})] == [False, False]

@@ -212,6 +212,22 @@ def held_shares(checkpoint: Checkpoint, plan: ClaimPlan,
     return held
 
 
+def prepared_per_device(checkpoint: Checkpoint) -> dict[str, int]:
+    """Device name -> how many claims hold it (completed or half-prepared): what a change of its mode waits for."""
+    counts: dict[str, int] = {}
+    for entry in checkpoint.claims.values():
+        for device in {d.device for d in entry.devices}:
+            counts[device] = counts.get(device, 0) + 1
+    return counts
+
+
+def prepared_shares(checkpoint: Checkpoint) -> list[tuple[str, str, str, str]]:
+    """(claim UID, device, share ID, GPU UUID) of every MPS share of a completed claim, for the health stream
+    (`nvdp.core.dra.shares.share_health`)."""
+    return [(uid, d.device, d.share_id, d.gpu_uuid) for uid, entry in sorted(checkpoint.claims.items())
+            if entry.state == COMPLETED for d in entry.devices if d.share_memory_bytes]
+
+
 def timeslice_resets(checkpoint: Checkpoint, uid: str) -> tuple[str, ...]:
     """GPUs whose time slice claim `uid` set and no other claim still relies on: reset them after it goes."""
     entry = checkpoint.claims.get(uid)

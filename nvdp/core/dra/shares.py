@@ -551,6 +551,32 @@ def daemon_defaults(limits: Iterable[tuple[int | None, int | None]], gpu_memory_
     return pinned, percentage
 
 
+def share_host_transition(current: Mapping[str, SharePolicy], wanted: Mapping[str, SharePolicy],
+                          prepared: Mapping[str, int]) -> tuple[dict[str, SharePolicy], dict[str, str]]:
+    """A config reload's new share hosts, as far as they may apply now. A device whose mode changes (it becomes a
+    share host, or stops being one) while claims are prepared on it keeps its current mode until they are gone;
+    a share host that stays one takes its new policy at once. `prepared`: device name -> claims prepared on it.
+    Returns (share hosts to use now, device -> why it waits), for the log, a metric, an Event and status; call
+    again after each unprepare."""
+    now: dict[str, SharePolicy] = {}
+    waiting: dict[str, str] = {}
+    for device in sorted(set(current) | set(wanted)):
+        count = prepared.get(device, 0)
+        if device in current and device in wanted:
+            now[device] = wanted[device]
+        elif device in current:
+            if count:
+                now[device] = current[device]
+                waiting[device] = (f"{device} stays an MPS share host until its {count} prepared claim(s) are "
+                                   "unprepared")
+        elif count:
+            waiting[device] = (f"{device} becomes an MPS share host once its {count} prepared claim(s) are "
+                               "unprepared")
+        else:
+            now[device] = wanted[device]
+    return now, waiting
+
+
 # --- health -------------------------------------------------------------------------------------------------------
 
 
