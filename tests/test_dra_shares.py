@@ -7,6 +7,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 import trio
 import trio.testing
@@ -344,3 +345,29 @@ async def test_the_checkpoint_says_which_devices_hold_claims_and_which_shares_ar
     assert cp.prepared_per_device(state) == {"gpu-0": 2, "gpu-2": 1}
     assert cp.prepared_shares(state) == [("u1", "gpu-0", "s-u1", GPU0.uuid), ("u2", "gpu-0", "s-u2", GPU0.uuid)]
     assert [h.healthy for h in sh.share_health(cp.prepared_shares(state), {GPU0.uuid: "XID 79"})] == [False, False]
+
+
+class Sharing(msgspec.Struct, forbid_unknown_fields=True):
+    mps: sh.MpsSharesSpec | None = None
+
+
+class Dra(msgspec.Struct, forbid_unknown_fields=True):
+    """How the integrator embeds the section in the `dra` config struct."""
+
+    sharing: Sharing | None = None
+
+
+def test_the_spec_embeds_in_a_config_schema_and_reports_broken_rules_with_their_path() -> None:
+    dra = msgspec.convert({"sharing": {"mps": {"devices": [0], "keepWarm": "30s"}}}, Dra)
+    assert dra.sharing is not None and dra.sharing.mps is not None
+    assert dra.sharing.mps.checked() == sh.MpsSharesConfig(devices=("0",), keep_warm_s=30)
+    with pytest.raises(msgspec.ValidationError, match=r"memory.default .* - at `\$.sharing.mps`"):
+        msgspec.convert({"sharing": {"mps": {"devices": "all", "memory": {"minimum": "2Gi", "default": "1Gi"}}}},
+                        Dra)
+
+
+def test_a_share_host_whose_daemon_does_not_answer_is_unhealthy() -> None:
+    hosts = {"gpu-0": policy(), "gpu-2": policy(GPU2)}
+    assert sh.unhealthy_share_hosts(hosts, {GPU0.uuid: False, GPU2.uuid: True}) == {
+        "gpu-0": "the MPS control daemon of GPU 0 does not answer"}
+    assert sh.unhealthy_share_hosts(hosts, {}) == {}

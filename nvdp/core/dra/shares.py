@@ -83,12 +83,20 @@ class ComputePolicySpec(_Strict):
 
 
 class MpsSharesSpec(_Strict):
-    """`dra.sharing.mps` as written."""
+    """`dra.sharing.mps` as written; a struct the config schema can embed (every rule is checked on decoding, so
+    msgspec reports a broken one with its path)."""
 
     devices: str | int | list[int | str]
     memory: MemoryPolicySpec | None = None
     compute: ComputePolicySpec | None = None
     keep_warm: str | int | float | None = None
+
+    def __post_init__(self) -> None:
+        _checked(self)
+
+    def checked(self) -> MpsSharesConfig:
+        """The section as a checked config (it was checked when decoded; this cannot fail)."""
+        return _checked(self)
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,12 +120,8 @@ class MpsSharesConfig:
 def decode_mps_shares(raw: object, where: str = "dra.sharing.mps") -> MpsSharesConfig:
     """The section as parsed from YAML/JSON into a checked config; `ConfigError` names the key and the rule."""
     try:
-        spec = msgspec.convert(raw, MpsSharesSpec)
+        return msgspec.convert(raw, MpsSharesSpec).checked()
     except msgspec.ValidationError as e:
-        raise ConfigError(f"{where}: {e}") from None
-    try:
-        return _checked(spec)
-    except ValueError as e:
         raise ConfigError(f"{where}: {e}") from None
 
 
@@ -575,6 +579,14 @@ def share_host_transition(current: Mapping[str, SharePolicy], wanted: Mapping[st
         else:
             now[device] = wanted[device]
     return now, waiting
+
+
+def unhealthy_share_hosts(hosts: Mapping[str, SharePolicy], daemon_healthy: Mapping[str, bool]) -> dict[str, str]:
+    """Device name -> reason for each share host whose MPS daemon runs but does not answer, or is between lives
+    (`MpsDaemons.healthy`, by GPU UUID): every share on it is Unhealthy. A host without a daemon (no share
+    prepared) is not: the next share starts one."""
+    return {device: f"the MPS control daemon of GPU {policy.gpu_index} does not answer"
+            for device, policy in hosts.items() if daemon_healthy.get(policy.gpu_uuid) is False}
 
 
 # --- health -------------------------------------------------------------------------------------------------------
