@@ -9,6 +9,7 @@ import logging
 import os
 import signal
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from nvdp.core.dra import shares as sh
 from nvdp.core.dra.types import ClaimRef, PrepareResult, UnprepareResult
 from nvdp.core.plan.sharing import mps_dirs
 from nvdp.dra.mps_shares import MpsShares
+from nvdp.mps.control_daemon import set_daemon_limits
 from nvdp.dra.prepare import ClaimPreparer, MpsLimits, SideEffectError
 from tests.dra_fixtures import DEVICES, DRIVER, GPU0, GPU1, GPU2, NODE, claim, gpu_config, opaque, result
 from tests.test_dra_prepare import FakeApi, FakeCdi, Log
@@ -157,6 +159,11 @@ async def test_kill_and_restart_adopts_the_daemon_and_answers_re_prepares_identi
         pid = node.daemons.running[GPU0.uuid].state.pid
         nursery.cancel_scope.cancel()  # nvdp is gone (SIGKILL): the daemon, started detached, runs on
     assert pid is not None and not gone(pid)
+    # Killed just after a limit change that its checkpoint does not show: the daemon serves other defaults.
+    spec = node.provider.spec(GPU0.uuid)
+    with trio.fail_after(LIMIT_S):
+        await set_daemon_limits(replace(spec, pinned_mem_limit_mib=30720), control=CONTROL,
+                                launcher=BorrowedLauncher(CONTROL, PATH), timings=FAST, path_env=PATH)
     sent = len(node.limit_commands())
 
     caplog.clear()
@@ -165,8 +172,11 @@ async def test_kill_and_restart_adopts_the_daemon_and_answers_re_prepares_identi
         state = node.daemons.running[GPU0.uuid].state
         assert (state.pid, state.adoptions, state.starts) == (pid, 1, 0)
         assert f"adopted the MPS control daemon for GPU 0 (pid {pid})" in caplog.text
-        assert "20480 MiB" in caplog.text  # adopted with the largest share's limit, not restarted for the first's
-        assert len(node.limit_commands()) == sent
+        # Adopted as it ran (not restarted: its clients live on), then set to the largest share's limit in place.
+        assert "30720 MiB" in caplog.text
+        assert node.limit_commands()[sent:] == ["set_default_device_pinned_mem_limit 0 20480M",
+                                                "set_default_active_thread_percentage 100"]
+        assert node.daemons.supervisor.specs[GPU0.uuid] == node.provider.spec(GPU0.uuid)
         assert await node.prepare(*refs) == first
         assert preparer.checkpoint.claims.keys() == {"u1", "u2", "u3"}
         # Still accounted after the restart: a fourth does not fit.

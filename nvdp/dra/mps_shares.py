@@ -10,8 +10,9 @@ shares of a share host, and claims with an MPS `GpuConfig`).
   one whose release lowers it sends the lower ones.
 * After the last claim on a GPU goes, its daemon is removed (quit, compute mode restored) at once, or after
   `keep_warm_s` if no claim came back meanwhile.
-* After nvdp restarts, `restore` receives every claim the checkpoint holds at once, so the daemons are *adopted*
-  with the limits they serve (the largest claim's), not restarted for the first claim's.
+* After nvdp restarts, `restore` receives every claim the checkpoint holds at once; each daemon is *adopted* with
+  the limits it serves (never restarted for them: that would end every client), then set to the largest claim's
+  if they differ (a crash between a limit change and the checkpoint write).
 
 Only whole GPUs: MPS on a MIG device needs a daemon per MIG device, which this provider does not run (the claim
 gets an error saying so). One lock serialises the provider's calls: `MpsDaemons` has one caller at a time.
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 
 import trio
 
@@ -119,12 +121,26 @@ class MpsShares:
                                 claim_uid, limits.device_uuid)
                     continue
                 self._holders.setdefault(gpu_uuid, {}).setdefault(claim_uid, []).append(limits)
+            running = self.daemons.supervisor.specs
+            new = [self.spec(uuid) for uuid in self._holders if uuid not in running]
+            # Adopt each daemon with the limits it serves: a crash between a limit change and the checkpoint write
+            # leaves them off from what the checkpoint implies, and adoption with other limits would restart the
+            # daemon (ending every client). They are changed in place afterwards.
+            first = []
+            for wanted in new:
+                served = await self.daemons.served_limits(wanted)
+                first.append(wanted if served is None else replace(
+                    wanted, pinned_mem_limit_mib=served[0], active_thread_percentage=served[1]))
             try:
-                await self.daemons.apply([*self.daemons.supervisor.specs.values(),
-                                          *(self.spec(uuid) for uuid in self._holders
-                                            if uuid not in self.daemons.supervisor.specs)])
+                await self.daemons.apply([*running.values(), *first])
             except MpsError as e:
                 log.warning("DRA MPS: restoring the daemons: %s; they are retried", e)
+            for adopted, wanted in zip(first, new, strict=True):
+                if adopted != wanted and wanted.gpu_uuid in self.daemons.supervisor.specs:
+                    try:
+                        await self.daemons.update_limits(wanted)
+                    except MpsError as e:
+                        log.warning("DRA MPS: %s; the next claim on the GPU tries again", e)
 
     # -- the daemons -----------------------------------------------------------------------------------------------
 

@@ -113,8 +113,9 @@ class MpsProvider(Protocol):
         ...
 
     async def restore(self, holdings: Sequence[tuple[str, str, MpsLimits]]) -> None:
-        """nvdp (re)started: every (claim UID, GPU UUID, limits) the checkpoint's completed claims hold, all at once,
-        so that each GPU's daemon is adopted with the limits it was left with (not restarted for the first claim's).
+        """nvdp (re)started: every (claim UID, GPU UUID, limits) the checkpoint's claims hold (completed, and started
+        ones, whose rollback releases them), all at once, so that each GPU's daemon is adopted as it runs (not
+        restarted for the first claim's limits).
         Never raises: what cannot be restored is logged, and the claim's next acquire tries again."""
         ...
 
@@ -443,7 +444,9 @@ class ClaimPreparer:
             await self._mps.restore([
                 (uid, device.gpu_uuid, MpsLimits(device.uuid, device.sharing.active_thread_percentage,
                                                  device.sharing.pinned_memory_limit_mib))
-                for uid, entry in sorted(state.claims.items()) if entry.state == cp.COMPLETED
+                # Started ones too: they may have changed a daemon's limits before the crash; their rollback
+                # (cleanup, or the kubelet's retry) releases them.
+                for uid, entry in sorted(state.claims.items())
                 for device in entry.devices if device.sharing is not None and device.sharing.strategy == MPS])
         for uid, entry in sorted(state.claims.items()):
             if entry.state == cp.COMPLETED:

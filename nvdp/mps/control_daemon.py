@@ -264,6 +264,27 @@ async def set_daemon_limits(
              len(servers))
 
 
+async def served_limits(
+    spec: MpsDaemonSpec,
+    *,
+    control: Path,
+    launcher: Launcher,
+    timings: DaemonTimings = DEFAULT_TIMINGS,
+    path_env: str = DEFAULT_PATH,
+) -> tuple[int, int] | None:
+    """(pinned MiB, active thread percentage) the daemon on `spec`'s pipe directory serves as defaults now, or None
+    when none answers or an answer is not understood: what a caller whose wanted limits changed while nvdp was
+    down adopts first, to change them in place (`set_daemon_limits`) rather than restart the daemon."""
+    daemon = _Daemon(spec, control, launcher, None, lambda uuid, healthy: None, timings, path_env, DaemonState())
+    ok, answer = await daemon.command("get_default_active_thread_percentage")
+    if not ok:
+        return None
+    percentage, memory = await daemon._served_limits(answer)
+    if percentage is None or memory is None:
+        return None
+    return round(memory), round(percentage)
+
+
 class _Daemon:
     def __init__(
         self,

@@ -37,6 +37,7 @@ from nvdp.mps.control_daemon import (
     MpsError,
     gpu_label,
     run_mps_daemon,
+    served_limits,
     set_daemon_limits,
     stop_mps_daemon,
 )
@@ -153,6 +154,12 @@ class MpsDaemons:
         except MpsError:
             self._supervisor.update_spec(spec.gpu_uuid, old)
             raise
+
+    async def served_limits(self, spec: MpsDaemonSpec) -> tuple[int, int] | None:
+        """(pinned MiB, active thread percentage) a daemon on `spec`'s pipe directory serves now (running or not
+        under this `MpsDaemons`), or None when none answers."""
+        return await served_limits(spec, control=self.control, launcher=self.launcher, timings=self._timings,
+                                   path_env=self._path_env)
 
     async def stop_all(self) -> None:
         """Remove every daemon (quit, compute modes restored)."""
