@@ -22,8 +22,8 @@ from nvdp.core.dra import shares as sh
 from nvdp.core.dra.types import ClaimRef, PrepareResult, UnprepareResult
 from nvdp.core.plan.sharing import mps_dirs
 from nvdp.dra.mps_shares import MpsShares
-from nvdp.mps.control_daemon import set_daemon_limits
 from nvdp.dra.prepare import ClaimPreparer, MpsLimits, SideEffectError
+from nvdp.mps.control_daemon import set_daemon_limits
 from tests.dra_fixtures import DEVICES, DRIVER, GPU0, GPU1, GPU2, NODE, claim, gpu_config, opaque, result
 from tests.test_dra_prepare import FakeApi, FakeCdi, Log
 from tests.test_mps import CONTROL, FAST, PATH, FakeComputeMode, Health, gone, until
