@@ -254,7 +254,7 @@ async def test_a_daemon_that_cannot_start_fails_the_share_and_leaves_nothing(
     async with trio.open_nursery() as nursery:
         await node.start(nursery)
         answer = (await node.prepare(node.api.add(share_claim("u1", "4Gi"))))["u1"]
-        assert "MPS control daemon for GPU 0" in answer.error and "is not running" in answer.error
+        assert "MPS control daemon for GPU 0" in answer.error and "is not serving" in answer.error
         assert node.daemons.running == {} and node.provider.holders == {}
         assert node.preparer.checkpoint.claims == {} and "u1" not in node.cdi.specs
         nursery.cancel_scope.cancel()

@@ -162,7 +162,7 @@ class MpsShares:
         if not self.daemons.healthy.get(gpu_uuid):
             child = self.daemons.supervisor.children.get(gpu_uuid)
             why = child.last_error if child is not None and child.last_error else "it does not answer"
-            raise SideEffectError(f"MPS control daemon for {label} is not running: {why}")
+            raise SideEffectError(f"MPS control daemon for {label} is not serving: {why}")
 
     async def _settle(self, gpu_uuid: str) -> None:
         """After a claim left the GPU: lower its limits, or remove (or keep warm) an idle daemon. Never raises: a
