@@ -139,3 +139,47 @@ async def test_a_share_host_that_is_no_dra_gpu_is_a_start_up_error(short_dir: Pa
         node_config = NodeConfig(None, fake.api_config(token="token-1"), lambda config, source: settings)
         with pytest.raises(StartupError, match=r"GPU 0 .* is not served through DRA"):
             await run_daemon(settings, handle_signals=False, node_config=node_config)
+
+
+async def test_a_gpu_moves_to_and_from_mps_shares_by_reload_once_its_prepared_claims_are_gone(
+    short_dir: Path, kubelet: KubeletEmulator, mps_root: Path,
+) -> None:
+    import signal
+    from dataclasses import replace
+
+    from nvdp.core.config.load import parse_config
+    from nvdp.core.config.settings import Settings
+
+    configs = iter([SHARES, "dra:\n  enabled: true\n  devices: [1]\n"])
+
+    def next_config(settings: Settings) -> Settings:
+        return replace(settings, config=parse_config(next(configs), "reload"))
+
+    def shared(node: Any) -> bool:
+        return bool(published(node.fake).get("allowMultipleAllocations"))
+
+    async with dra_node(short_dir, kubelet, reload=next_config, mps_root=str(mps_root)) as node:
+        waiting = node.metrics.registry.get_sample_value
+        await node.call(node.dra.wait_for, registered)
+        await node.fake.wait_for(lambda: slice_devices(node.fake) == ["gpu-1"])
+        node.fake.set_resourceclaim(claim("x1", "gpu-1"))
+        assert (await node.call(node.dra.prepare, DRIVER, [ref("x1")]))["x1"].error == ""
+
+        # Sharing on while an exclusive claim holds the GPU: it stays exclusive and says so, until the claim goes.
+        signal.raise_signal(signal.SIGHUP)
+        await eventually(lambda: waiting("nvdp_dra_share_hosts_waiting", {"driver": DRIVER}) == 1, "waiting")
+        assert not shared(node)
+        assert await node.call(node.dra.unprepare, DRIVER, [ref("x1")]) == {"x1": ""}
+        await node.fake.wait_for(lambda: shared(node))
+        assert waiting("nvdp_dra_share_hosts_waiting", {"driver": DRIVER}) == 0
+        node.fake.set_resourceclaim(share_claim("s1", "10Gi"))
+        assert (await node.call(node.dra.prepare, DRIVER, [ref("s1")]))["s1"].error == ""
+        assert "CUDA_MPS_PINNED_DEVICE_MEM_LIMIT=0=10240M" in claim_env(node, "s1")
+
+        # Sharing off while a share is prepared: the GPU stays a share host until the share goes.
+        signal.raise_signal(signal.SIGHUP)
+        await eventually(lambda: waiting("nvdp_dra_share_hosts_waiting", {"driver": DRIVER}) == 1, "waiting")
+        assert shared(node)
+        assert await node.call(node.dra.unprepare, DRIVER, [ref("s1")]) == {"s1": ""}
+        await node.fake.wait_for(lambda: not shared(node) and published(node.fake)["capacity"].keys() == {"memory"})
+        assert waiting("nvdp_dra_share_hosts_waiting", {"driver": DRIVER}) == 0

@@ -87,7 +87,12 @@ CHECKPOINT = "checkpoint.json"
 _CLAIM_SPEC_PREFIX = f"{CLAIM_VENDOR}-claim_"
 
 
-class DraMetrics(CallObserver, SliceObserver, WatchObserver, Protocol):
+class ShareObserver(Protocol):
+    def share_hosts_waiting(self, driver: str, devices: int) -> None:
+        """How many devices wait for their prepared claims to change to or from an MPS share host."""
+
+
+class DraMetrics(CallObserver, SliceObserver, WatchObserver, ShareObserver, Protocol):
     """Where DRA reports (nvdp.observe.metrics.Metrics)."""
 
 
@@ -223,6 +228,7 @@ class DraService:
         identity = self.identity
         self.tracker = tracker
         self.mps = mps
+        self.metrics = metrics
         self.simulated_root = simulated_root
         self.paths = DraPluginPaths(identity.driver, identity.registry_dir, identity.plugins_dir)
         self.cdi = ClaimSpecs(identity.cdi_root)
@@ -339,6 +345,8 @@ class DraService:
         for device in sorted(set(self.waiting) - set(waiting)):
             log.info("DRA: %s is %s now", device, "an MPS share host" if device in now else "no MPS share host")
         self.share_hosts, self.waiting = now, waiting
+        if self.metrics is not None:
+            self.metrics.share_hosts_waiting(self.identity.driver, len(waiting))
 
     def withdraw(self) -> None:
         """The GPUs leave DRA (DRA switched off, the driver renamed): the slices go when the publisher stops."""
