@@ -183,3 +183,28 @@ async def test_a_gpu_moves_to_and_from_mps_shares_by_reload_once_its_prepared_cl
         assert await node.call(node.dra.unprepare, DRIVER, [ref("s1")]) == {"s1": ""}
         await node.fake.wait_for(lambda: not shared(node) and published(node.fake)["capacity"].keys() == {"memory"})
         assert waiting("nvdp_dra_share_hosts_waiting", {"driver": DRIVER}) == 0
+
+
+async def test_a_share_hosts_silent_daemon_taints_it_and_marks_it_unhealthy_until_it_answers_again(
+    short_dir: Path, kubelet: KubeletEmulator, mps_root: Path,
+) -> None:
+    import signal
+
+    async with dra_node(short_dir, kubelet, SHARES, mps_root=str(mps_root)) as node:
+        await node.call(node.dra.wait_for, lambda d: health(d) == "HEALTHY")
+        node.fake.set_resourceclaim(share_claim("s1", "8Gi"))
+        assert (await node.call(node.dra.prepare, DRIVER, [ref("s1")]))["s1"].error == ""
+        state = mps_root / GPU1_UUID
+        pid = json.loads((state / "daemon-env.json").read_text())["pid"]
+        # The daemon dies and its next lives refuse every command: the shares on GPU 1 cannot be served.
+        (state / "fake-mode").write_text("refuse")
+        os.kill(pid, signal.SIGKILL)
+        await node.call(node.dra.wait_for, lambda d: health(d) == "UNHEALTHY")
+        assert "MPS control daemon of GPU 1 does not answer" in registered(node.dra).devices[(NODE, "gpu-1")].message
+        await node.fake.wait_for(lambda: taints(node.fake) == [(sh.TAINT_KEY, "mps-daemon-down", "NoSchedule")])
+        # It answers again (a new life; tests/test_dra_mps_shares.py checks it gets the largest share's limits):
+        # healthy and untainted.
+        (state / "fake-mode").write_text("normal")
+        await node.call(node.dra.wait_for, lambda d: health(d) == "HEALTHY", 60.0)
+        await node.fake.wait_for(lambda: taints(node.fake) == [])
+        assert await node.call(node.dra.unprepare, DRIVER, [ref("s1")]) == {"s1": ""}
