@@ -208,3 +208,73 @@ async def test_a_share_hosts_silent_daemon_taints_it_and_marks_it_unhealthy_unti
         await node.call(node.dra.wait_for, lambda d: health(d) == "HEALTHY", 60.0)
         await node.fake.wait_for(lambda: taints(node.fake) == [])
         assert await node.call(node.dra.unprepare, DRIVER, [ref("s1")]) == {"s1": ""}
+
+
+@pytest.mark.slow
+async def test_kill_9_with_shares_prepared_and_a_restart_adopt_the_daemon_and_answer_re_prepares_identically(
+    short_dir: Path, kubelet: KubeletEmulator, mps_root: Path,
+) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    import trio
+
+    from nvdp.testing.dra_emulator import DraKubeletEmulator
+    from tests.fake_apiserver import open_fake_apiserver, write_kubeconfig
+    from tests.helpers import gpu, write_node
+
+    registry, plugins = short_dir / "registry", short_dir / "plugins"
+    node_file = write_node(short_dir / "node.yaml", [gpu(0), gpu(1)])
+    (short_dir / "config.yaml").write_text("version: v1\n" + SHARES)
+    state = mps_root / GPU1_UUID
+    uids = {"u1": "10Gi", "u2": "10Gi", "u3": "20Gi"}
+    async with open_fake_apiserver() as fake:
+        fake.set_node(NODE)
+        for uid, size in uids.items():
+            fake.set_resourceclaim(share_claim(uid, size))
+        kubeconfig = write_kubeconfig(short_dir / "kubeconfig", fake, token="token-1")
+        argv = [sys.executable, "-m", "nvdp", "--kubelet-socket", str(kubelet.socket), "--simulate", str(node_file),
+                "--dra", "--node-name", NODE, "--kubeconfig", str(kubeconfig), "--cdi-root", str(short_dir / "cdi"),
+                "--kubelet-registry-dir", str(registry), "--kubelet-plugins-dir", str(plugins), "--mps-root",
+                str(mps_root), "--config-file", str(short_dir / "config.yaml")]
+        env = {**os.environ, "METRICS_ADDRESS": ""}
+
+        async def life(log_name: str, work: Any) -> Any:
+            with DraKubeletEmulator(registry) as dra, (short_dir / log_name).open("w") as out:
+                process = await trio.lowlevel.open_process(argv, env=env, stdout=out, stderr=subprocess.STDOUT)
+                try:
+                    await trio.to_thread.run_sync(dra.wait_for, registered, 60.0)
+                    return await work(dra, process)
+                finally:
+                    if process.returncode is None:
+                        process.kill()
+                    await process.wait()
+
+        async def prepare_and_kill(dra: DraKubeletEmulator, process: trio.Process) -> Any:
+            first = {uid: (await trio.to_thread.run_sync(dra.prepare, DRIVER, [ref(uid)]))[uid] for uid in uids}
+            assert all(answer.error == "" for answer in first.values()), first
+            process.send_signal(signal.SIGKILL)
+            await process.wait()
+            return first
+
+        first = await life("first.log", prepare_and_kill)
+        pid = json.loads((state / "daemon-env.json").read_text())["pid"]
+        os.kill(pid, 0)  # the daemon outlives nvdp's kill -9
+        sent = len((state / "commands.log").read_text().splitlines())
+
+        async def prepare_again_and_unprepare(dra: DraKubeletEmulator, process: trio.Process) -> Any:
+            again = {uid: (await trio.to_thread.run_sync(dra.prepare, DRIVER, [ref(uid)]))[uid] for uid in uids}
+            # Adopted, not restarted: the same process serves the shares, and no limit had to change.
+            assert json.loads((state / "daemon-env.json").read_text())["pid"] == pid
+            assert not [c for c in (state / "commands.log").read_text().splitlines()[sent:] if c.startswith("set_")]
+            unprepared = await trio.to_thread.run_sync(dra.unprepare, DRIVER, [ref(uid) for uid in uids])
+            assert unprepared == {uid: "" for uid in uids}
+            assert (state / "commands.log").read_text().splitlines()[-1] == "quit"
+            process.send_signal(signal.SIGTERM)
+            await process.wait()
+            return again
+
+        again = await life("second.log", prepare_again_and_unprepare)
+    assert again == first
+    assert "adopted the MPS control daemon for GPU 1" in (short_dir / "second.log").read_text()
