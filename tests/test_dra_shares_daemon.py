@@ -207,7 +207,11 @@ async def test_a_share_hosts_silent_daemon_taints_it_and_marks_it_unhealthy_unti
         (state / "fake-mode").write_text("normal")
         await node.call(node.dra.wait_for, lambda d: health(d) == "HEALTHY", 60.0)
         await node.fake.wait_for(lambda: taints(node.fake) == [])
-        assert await node.call(node.dra.unprepare, DRIVER, [ref("s1")]) == {"s1": ""}
+        pid = json.loads((state / "daemon-env.json").read_text())["pid"]
+    # nvdp's clean exit removes the daemons it owns, the share's too (the MPS host would keep them).
+    assert (state / "commands.log").read_text().splitlines()[-1] == "quit"
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
 
 
 @pytest.mark.slow
