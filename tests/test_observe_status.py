@@ -77,3 +77,22 @@ def test_bad_address_is_exit_1(capsys: pytest.CaptureFixture[str]) -> None:
 def test_base_url() -> None:
     assert base_url(":9400") == "http://127.0.0.1:9400"
     assert base_url("[::1]:9400") == "http://[::1]:9400"
+
+
+def test_dra_claims_and_slices_show_in_a_table_of_their_own() -> None:
+    metrics = Metrics()
+    metrics.plan_applied(plan(replicas=1), inventory(), "default", 1, 0.1)
+    metrics.slices_published("gpu.nvidia.com", 3, 1, 2)
+    metrics.slice_write("gpu.nvidia.com", "update", ok=False)
+    metrics.dra_call("prepare", 0.01, claims=3, failed=1)
+    metrics.dra_call("unprepare", 0.01, claims=2, failed=0)
+    samples = Samples.parse(generate_latest(metrics.registry).decode())
+    text = render(samples, Probe(True, ""), Probe(True, ""))
+    assert "DRA DRIVER" in text
+    row = next(line for line in text.splitlines() if line.startswith("gpu.nvidia.com"))
+    assert row.split()[1:] == ["2", "3", "1", "2", "1", "2", "0"]
+    # Without DRA, no table.
+    plain = Metrics()
+    plain.plan_applied(plan(replicas=1), inventory(), "default", 1, 0.1)
+    assert "DRA DRIVER" not in render(Samples.parse(generate_latest(plain.registry).decode()), Probe(True, ""),
+                                      Probe(True, ""))

@@ -197,6 +197,21 @@ def render(samples: Samples, health: Probe, ready: Probe, source: str = "") -> s
             rows.append([uuid, state, "-" if probe is None else f"{probe * 1000:.1f} ms",
                          samples.value("nvdp_mps_daemon_restarts_total", 0, uuid=uuid)])
         out += table(["MPS DAEMON (GPU)", "STATE", "LAST PROBE", "RESTARTS"], rows)
+
+    drivers = sorted({labels["driver"] for labels, _ in samples.get("nvdp_dra_slices_devices")})
+    if drivers or samples.get("nvdp_dra_claims_total"):
+        # DRA (docs/dra.md): the devices the node's ResourceSlices hold, and the kubelet's calls by claim.
+        out.append("")
+        out += table(["DRA DRIVER", "DEVICES", "GENERATION", "SLICE WRITE ERRORS", "PREPARED", "PREPARE ERRORS",
+                      "UNPREPARED", "UNPREPARE ERRORS"],
+                     [[d, samples.value("nvdp_dra_slices_devices", 0, driver=d),
+                       samples.value("nvdp_dra_slices_generation", 0, driver=d),
+                       samples.total("nvdp_dra_slice_writes_total", driver=d, result="error"),
+                       samples.total("nvdp_dra_claims_total", call="prepare", result="ok"),
+                       samples.total("nvdp_dra_claims_total", call="prepare", result="error"),
+                       samples.total("nvdp_dra_claims_total", call="unprepare", result="ok"),
+                       samples.total("nvdp_dra_claims_total", call="unprepare", result="error")]
+                      for d in drivers or ["-"]])
     return "\n".join(out) + "\n"
 
 
