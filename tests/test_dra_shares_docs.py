@@ -81,3 +81,18 @@ def test_the_taints_metric_and_bounds_are_named_as_in_the_code() -> None:
     assert "bounded by `--mps-probe-timeout`" in security
     mps = section("mps.md", "## DRA shares")
     assert "`nvdp.dra.mps_shares.MpsShares`" in mps
+
+
+def test_nvdp_status_says_when_devices_wait_to_move_to_or_from_shares() -> None:
+    from prometheus_client import generate_latest
+
+    from nvdp.observe.status import Probe, Samples, render
+
+    metrics = Metrics()
+    metrics.slices_published("gpu.nvidia.com", 3, 1, 2)
+    metrics.share_hosts_waiting("gpu.nvidia.com", 1)
+    text = render(Samples.parse(generate_latest(metrics.registry).decode()), Probe(True, ""), Probe(True, ""))
+    assert "DRA driver gpu.nvidia.com: 1 device(s) wait for their prepared claims to move to or from MPS shares" in text
+    metrics.share_hosts_waiting("gpu.nvidia.com", 0)
+    text = render(Samples.parse(generate_latest(metrics.registry).decode()), Probe(True, ""), Probe(True, ""))
+    assert "MPS shares" not in text
