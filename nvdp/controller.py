@@ -46,7 +46,7 @@ from nvdp.supervise import SupervisionReporter, Supervisor, Task
 
 if TYPE_CHECKING:
     from nvdp.dra.prepare import MpsProvider
-    from nvdp.dra.service import DraMetrics, DraService
+    from nvdp.dra.service import DraMetrics, DraService, ShareObserver
     from nvdp.k8s.client import ApiClient, ApiConfig
     from nvdp.node_config import ConfigSources, ConfigUpdate
 
@@ -288,6 +288,7 @@ class Controller:
         self.dra_client: ApiClient | None = None
         self.dra_host: AsyncioThread | None = None
         self.dra_metrics: DraMetrics | None = None
+        self.dra_observer: ShareObserver | None = None
         #: The process of each MPS daemon last seen answering (a new one answering is a restart, for /metrics).
         self._mps_pids: dict[str, int] = {}
 
@@ -382,9 +383,11 @@ class Controller:
         if not plan.resources:
             log.warning("No devices found. Waiting indefinitely.")
 
-    def attach_dra(self, client: ApiClient | None, host: AsyncioThread, metrics: DraMetrics | None = None) -> None:
+    def attach_dra(self, client: ApiClient | None, host: AsyncioThread, metrics: DraMetrics | None = None,
+                   observer: ShareObserver | None = None) -> None:
         """What DRA needs from the tree: the API client (None without API access), grpclib's loop, metrics."""
         self.dra_client, self.dra_host, self.dra_metrics = client, host, metrics
+        self.dra_observer = observer
 
     async def apply_dra(self, settings: Settings, inventory: NodeInventory, plan: Plan) -> None:
         """The DRA kubelet plugin follows the plan (docs/dra.md): started with DRA on, given the plan's DRA GPUs,
@@ -409,7 +412,7 @@ class Controller:
             simulated = self.session.driver_root if settings.simulate is not None else None
             self.dra = DraService(settings, self.dra_client, self.dra_host, self.health.tracker,
                                   simulated_root=simulated, path_env=self.search_path, metrics=self.dra_metrics,
-                                  mps=await self.dra_mps(settings, inventory))
+                                  observer=self.dra_observer, mps=await self.dra_mps(settings, inventory))
             self.health.listeners.append(self.dra.health_changed)
         await self.dra.apply(settings, inventory, plan)
         await self.tasks.apply({**self.tasks.specs, **self.dra.tasks})

@@ -169,6 +169,10 @@ async def test_a_gpu_moves_to_and_from_mps_shares_by_reload_once_its_prepared_cl
         signal.raise_signal(signal.SIGHUP)
         await eventually(lambda: waiting("nvdp_dra_share_hosts_waiting", {"driver": DRIVER}) == 1, "waiting")
         assert not shared(node)
+        # A Node Event says which device waits and for what (the log too; `nvdp status` shows the gauge).
+        await eventually(lambda: [body["message"] for _, body in node.fake.posted_events
+                                  if body["reason"] == "DraShareHostWaiting"] == [
+            "gpu-1 becomes an MPS share host once its 1 prepared claim(s) are unprepared"], "the Event")
         assert await node.call(node.dra.unprepare, DRIVER, [ref("x1")]) == {"x1": ""}
         await node.fake.wait_for(lambda: shared(node))
         assert waiting("nvdp_dra_share_hosts_waiting", {"driver": DRIVER}) == 0

@@ -88,11 +88,11 @@ _CLAIM_SPEC_PREFIX = f"{CLAIM_VENDOR}-claim_"
 
 
 class ShareObserver(Protocol):
-    def share_hosts_waiting(self, driver: str, devices: int) -> None:
-        """How many devices wait for their prepared claims to change to or from an MPS share host."""
+    def dra_share_hosts_waiting(self, driver: str, waiting: Mapping[str, str]) -> None:
+        """The devices whose move to or from MPS shares waits for their prepared claims (device -> why)."""
 
 
-class DraMetrics(CallObserver, SliceObserver, WatchObserver, ShareObserver, Protocol):
+class DraMetrics(CallObserver, SliceObserver, WatchObserver, Protocol):
     """Where DRA reports (nvdp.observe.metrics.Metrics)."""
 
 
@@ -223,12 +223,12 @@ class DraService:
 
     def __init__(self, settings: Settings, client: ApiClient, host: AsyncioThread, tracker: HealthTracker, *,
                  simulated_root: Path | None, path_env: str, metrics: DraMetrics | None = None,
-                 mps: MpsProvider | None = None) -> None:
+                 mps: MpsProvider | None = None, observer: ShareObserver | None = None) -> None:
         self.identity = DraIdentity.of(settings)
         identity = self.identity
         self.tracker = tracker
         self.mps = mps
-        self.metrics = metrics
+        self.observer = observer
         self.simulated_root = simulated_root
         self.paths = DraPluginPaths(identity.driver, identity.registry_dir, identity.plugins_dir)
         self.cdi = ClaimSpecs(identity.cdi_root)
@@ -345,8 +345,8 @@ class DraService:
         for device in sorted(set(self.waiting) - set(waiting)):
             log.info("DRA: %s is %s now", device, "an MPS share host" if device in now else "no MPS share host")
         self.share_hosts, self.waiting = now, waiting
-        if self.metrics is not None:
-            self.metrics.share_hosts_waiting(self.identity.driver, len(waiting))
+        if self.observer is not None:
+            self.observer.dra_share_hosts_waiting(self.identity.driver, waiting)
 
     def withdraw(self) -> None:
         """The GPUs leave DRA (DRA switched off, the driver renamed): the slices go when the publisher stops."""

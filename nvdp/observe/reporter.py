@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from nvdp.core.config.load import ConfigWarning
 from nvdp.core.inventory import NodeInventory
 from nvdp.core.plan.model import Plan
-from nvdp.observe.events import EventRecorder
+from nvdp.observe.events import DRA_SHARE_HOST_WAITING, EventRecorder
 from nvdp.observe.http import ProbeState
 from nvdp.observe.metrics import Metrics
 
@@ -32,6 +32,8 @@ class Observer:
         self._unhealthy_gpus: dict[str, tuple[str, int]] = {}
         #: Why no config is served (see `config_blocked`), or None.
         self._blocked: str | None = None
+        #: DRA device -> why its move to or from MPS shares waits (one Event per new reason).
+        self._share_waiting: dict[str, str] = {}
 
     def __repr__(self) -> str:
         return f"<Observer events={'on' if self.events is not None else 'off'} {self.probes!r}>"
@@ -127,6 +129,16 @@ class Observer:
 
     def mps_restarted(self, gpu_uuid: str) -> None:
         self.metrics.mps_restart(gpu_uuid)
+
+    def dra_share_hosts_waiting(self, driver: str, waiting: Mapping[str, str]) -> None:
+        """DRA devices whose move to or from MPS shares waits for their prepared claims (device -> why): the gauge,
+        and a DraShareHostWaiting Event for each device that starts waiting (or waits for another reason)."""
+        self.metrics.share_hosts_waiting(driver, len(waiting))
+        if self.events is not None:
+            for device, why in sorted(waiting.items()):
+                if self._share_waiting.get(device) != why:
+                    self.events.record(DRA_SHARE_HOST_WAITING, why, device)
+        self._share_waiting = dict(waiting)
 
     def _device_events(self, plan: Plan, unhealthy: Mapping[str, str]) -> None:
         """One Node Event per physical GPU that turns Unhealthy or recovers (not one per replica: a GPU cut into 48
