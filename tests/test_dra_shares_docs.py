@@ -96,3 +96,27 @@ def test_nvdp_status_says_when_devices_wait_to_move_to_or_from_shares() -> None:
     metrics.share_hosts_waiting("gpu.nvidia.com", 0)
     text = render(Samples.parse(generate_latest(metrics.registry).decode()), Probe(True, ""), Probe(True, ""))
     assert "MPS shares" not in text
+
+
+def test_shares_without_an_mps_root_or_on_a_gpu_outside_dra_are_plan_errors() -> None:
+    import pytest
+
+    from nvdp.core.config.settings import Settings
+    from nvdp.core.inventory import NodeInventory
+    from nvdp.core.plan.build import PlanError, build_plan
+
+    other = Gpu(index=0, uuid="GPU-0", name="A100", memory_mib=40960, minor=0, pci_bus_id="00000000:10:00.0",
+                compute_capability="8.0")
+    node = NodeInventory(driver_version="580.82.07", cuda_driver_version=13000, gpus=(other, GPU))
+
+    def settings(shares: str, mps_root: str = "/run/mps") -> Settings:
+        config = parse_config(f"dra:\n  enabled: true\n  devices: [1]\n  sharing:\n    mps:\n      devices: [{shares}]\n",
+                              "test")
+        return Settings(config=config, dra_enabled=True, mps_root=mps_root)
+
+    plan = build_plan(node, settings("1"))
+    assert [name for name, _ in plan.dra_share_hosts] == ["gpu-1"] and plan.dra_gpus == ("GPU-1",)
+    with pytest.raises(PlanError, match="need an MPS root"):
+        build_plan(node, settings("1", mps_root=""))
+    with pytest.raises(PlanError, match=r"GPU 0 \(GPU-0\) is not served through DRA"):
+        build_plan(node, settings("0"))

@@ -380,7 +380,7 @@ class DraService:
         for device in device_set.devices:
             policy = hosts.get(device.name)
             gpu = self.inventory.gpu_by_uuid(device.gpu_uuid)
-            if policy is None or gpu is None or device.placement is not None:
+            if policy is None or gpu is None or device.placement is not None or policy.gpu_uuid != gpu.uuid:
                 devices.append(device)
                 continue
             api = apply_share_overrides(device.api, gpu, policy)

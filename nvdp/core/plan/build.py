@@ -145,6 +145,9 @@ def dra_share_hosts(inventory: NodeInventory, settings: Settings,
     spec = dra.sharing.mps if dra is not None and dra.sharing is not None else None
     if not settings.dra_enabled or spec is None:
         return ()
+    if not settings.mps_root:
+        raise PlanError("dra.sharing.mps: MPS shares need an MPS root for their control daemons: set --mps-root "
+                        "(MPS_ROOT, or flags.mpsRoot in the config)")
     names = {g.uuid: gpu_device_name(g) for g in inventory.gpus if g.uuid in dra_gpus and not g.mig_enabled}
     try:
         policies = share_policies(spec.checked(), inventory.gpus, names)
