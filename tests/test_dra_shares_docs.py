@@ -110,8 +110,8 @@ def test_shares_without_an_mps_root_or_on_a_gpu_outside_dra_are_plan_errors() ->
     node = NodeInventory(driver_version="580.82.07", cuda_driver_version=13000, gpus=(other, GPU))
 
     def settings(shares: str, mps_root: str = "/run/mps") -> Settings:
-        config = parse_config(f"dra:\n  enabled: true\n  devices: [1]\n  sharing:\n    mps:\n      devices: [{shares}]\n",
-                              "test")
+        text = f"dra:\n  enabled: true\n  devices: [1]\n  sharing:\n    mps:\n      devices: [{shares}]\n"
+        config = parse_config(text, "test")
         return Settings(config=config, dra_enabled=True, mps_root=mps_root)
 
     plan = build_plan(node, settings("1"))
