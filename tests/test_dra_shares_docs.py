@@ -120,3 +120,18 @@ def test_shares_without_an_mps_root_or_on_a_gpu_outside_dra_are_plan_errors() ->
         build_plan(node, settings("1", mps_root=""))
     with pytest.raises(PlanError, match=r"GPU 0 \(GPU-0\) is not served through DRA"):
         build_plan(node, settings("0"))
+
+
+def test_validate_prints_what_each_share_host_publishes_as_dra_md_shows() -> None:
+    from nvdp.core.config.settings import Settings
+    from nvdp.core.inventory import NodeInventory
+    from nvdp.core.plan.build import build_plan
+    from nvdp.validate import share_host_lines
+
+    config_text = re.findall(r"```yaml\n(.*?)```", SHARES, re.DOTALL)[0].replace("devices: [1, 2, 3]", "devices: [1]")
+    config = parse_config(config_text, "docs/dra.md")
+    node = NodeInventory(driver_version="580.82.07", cuda_driver_version=13000, gpus=(GPU,))
+    plan = build_plan(node, Settings(config=config, dra_enabled=True, mps_root="/run/nvidia/mps"))
+    (line,) = share_host_lines(plan)
+    assert line.replace(GPU.uuid, "GPU-…") in SHARES
+    assert "MPS shares (dra.sharing.mps), what each share host publishes:" in SHARES
