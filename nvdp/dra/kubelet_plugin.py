@@ -242,6 +242,10 @@ class DraKubeletPlugin:
                 while True:
                     for event in await directory.wait():
                         if event.kind == "appeared":
+                            if bound.is_ours():
+                                # Our socket is in the directory as it is now: an event from before our bind (the
+                                # directory came back while we waited for it).
+                                continue
                             log.warning("%s was re-created: binding %s again", directory.directory,
                                         bound.socket_path.name)
                             nursery.cancel_scope.cancel()
