@@ -33,7 +33,7 @@ from nvdp.core.inventory import NodeInventory
 from nvdp.core.plan import imex
 from nvdp.core.plan.allocate import AllocateOptions
 from nvdp.core.plan.build import PlanError, build_plan
-from nvdp.core.plan.model import MpsDaemonSpec, Plan
+from nvdp.core.plan.model import Plan
 from nvdp.kubelet.aio import AsyncioThread
 from nvdp.kubelet.plugin_server import ServingContext
 from nvdp.kubelet.servers import ResourceServers
@@ -44,7 +44,8 @@ from nvdp.supervise import SupervisionReporter, Supervisor, Task
 
 if TYPE_CHECKING:
     from nvdp.core.cdi.build import DevicePluginSpecs
-    from nvdp.dra.service import DraMetrics, DraService
+    from nvdp.dra.prepare import MpsProvider
+    from nvdp.dra.service import DraMetrics, DraService, ShareObserver
     from nvdp.gfd import LabelPublisher
     from nvdp.k8s.client import ApiClient, ApiConfig
     from nvdp.mps import MpsDaemons
@@ -302,8 +303,7 @@ class Controller:
         self.dra_client: ApiClient | None = None
         self.dra_host: AsyncioThread | None = None
         self.dra_metrics: DraMetrics | None = None
-        #: One change of the MPS daemons at a time: the controller's plans and DRA claims both change them.
-        self._mps_lock = trio.Lock()
+        self.dra_observer: ShareObserver | None = None
         #: The process of each MPS daemon last seen answering (a new one answering is a restart, for /metrics).
         self._mps_pids: dict[str, int] = {}
 
@@ -337,15 +337,9 @@ class Controller:
             return
         # Imported here, the first time a plan shares a GPU through MPS: start-up on other nodes skips them.
         from nvdp.mps import HostLauncher, MpsDaemons, NvmlComputeMode, find_control_binary
-        from nvdp.mps.shm import ensure_shm
 
         control = find_control_binary(settings.driver_root, self.search_path)
-        shm = Path(settings.mps_root) / "shm"
-        if settings.simulate is not None:
-            # A simulated node has no clients to share memory with: a plain directory stands in for the tmpfs.
-            await trio.Path(shm).mkdir(parents=True, exist_ok=True)
-        else:
-            await trio.to_thread.run_sync(ensure_shm, shm, settings.mps_shm_size)
+        await self.ensure_mps_shm(settings)
         # Who owns the daemons: `nvdp mps-host` when configured (they outlive nvdp's pod or unit), else nvdp itself.
         host = settings.mps_host_socket
         if self.mps is None or self.mps.control != control or getattr(self.mps.launcher, "socket_path", None) != host:
@@ -356,10 +350,24 @@ class Controller:
                                   launcher=HostLauncher(host) if host is not None else None,
                                   reporter=self.reporter, **probe_timings(settings))
 
+    async def ensure_mps_shm(self, settings: Settings) -> None:
+        """The MPS clients' shm tmpfs, `<mps root>/shm`. Raises `ShmError`."""
+        shm = Path(settings.mps_root) / "shm"
+        if settings.simulate is not None:
+            # A simulated node has no clients to share memory with: a plain directory stands in for the tmpfs.
+            await trio.Path(shm).mkdir(parents=True, exist_ok=True)
+        else:
+            from nvdp.mps.shm import ensure_shm
+
+            await trio.to_thread.run_sync(ensure_shm, shm, settings.mps_shm_size)
+
     async def release_mps(self) -> None:
-        """nvdp is ending: the MPS daemons it owns are removed, the MPS host's are left running."""
+        """nvdp is ending: the MPS daemons it owns are removed (the device plugin's and DRA's), the MPS host's are
+        left running."""
         if self.mps is not None:
             await self.mps.release()
+        if self.dra is not None:
+            await self.dra.release_mps()
 
     async def apply(self, settings: Settings, inventory: NodeInventory, plan: Plan, started: float) -> None:
         """Make the running servers, MPS daemons and health watch match `plan`: stop what is gone or changed, then
@@ -375,8 +383,7 @@ class Controller:
         await self.servers.stop_unwanted(contexts)
         if self.mps is not None:
             try:
-                async with self._mps_lock:
-                    await self.mps.apply(self.mps_specs(plan))
+                await self.mps.apply(plan.mps_daemons)
             except MpsError as exc:
                 log.error("MPS: %s; the affected slices stay Unhealthy until their daemon answers", exc)
         # Servers start with the current health snapshot, so a new server never advertises a faulty GPU as Healthy.
@@ -402,28 +409,11 @@ class Controller:
         if not plan.resources:
             log.warning("No devices found. Waiting indefinitely.")
 
-    def mps_specs(self, plan: Plan) -> tuple[MpsDaemonSpec, ...]:
-        """The device plugin's MPS daemons and those DRA claims use (on other GPUs: DRA's are not in the plan)."""
-        dra = self.dra.mps.specs() if self.dra is not None and self.dra.mps is not None else ()
-        return (*plan.mps_daemons, *dra)
-
-    async def apply_dra_mps(self) -> None:
-        """A DRA claim started or stopped using MPS on a GPU: the daemons follow (`nvdp.dra.mps`)."""
-        from nvdp.dra.prepare import SideEffectError
-
-        async with self._mps_lock:
-            specs = self.mps_specs(self.plan)
-            try:
-                if specs:
-                    await self.prepare_mps(self.settings, replace(self.plan, mps_daemons=specs))
-                if self.mps is not None:
-                    await self.mps.apply(specs)
-            except (MpsError, ShmError) as exc:
-                raise SideEffectError(f"MPS: {exc}") from None
-
-    def attach_dra(self, client: ApiClient | None, host: AsyncioThread, metrics: DraMetrics | None = None) -> None:
+    def attach_dra(self, client: ApiClient | None, host: AsyncioThread, metrics: DraMetrics | None = None,
+                   observer: ShareObserver | None = None) -> None:
         """What DRA needs from the tree: the API client (None without API access), grpclib's loop, metrics."""
         self.dra_client, self.dra_host, self.dra_metrics = client, host, metrics
+        self.dra_observer = observer
 
     async def apply_dra(self, settings: Settings, inventory: NodeInventory, plan: Plan) -> None:
         """The DRA kubelet plugin follows the plan (docs/dra.md): started with DRA on, given the plan's DRA GPUs,
@@ -431,7 +421,6 @@ class Controller:
         wanted = settings.dra_enabled and self.dra_client is not None and self.dra_host is not None
         if self.dra is None and not settings.dra_enabled:
             return  # nothing of DRA imported on a node that does not use it (start-up time, memory)
-        from nvdp.dra.mps import DraMps
         from nvdp.dra.service import PLUGIN_CHILD, SLICES_CHILD, DraIdentity, DraService
 
         if settings.dra_enabled and not wanted:
@@ -442,6 +431,7 @@ class Controller:
             self.dra.withdraw()
             self.health.listeners.remove(self.dra.health_changed)
             await self.tasks.apply({k: v for k, v in self.tasks.specs.items() if k not in (PLUGIN_CHILD, SLICES_CHILD)})
+            await self.dra.release_mps()
             self.dra = None
         if not wanted:
             return
@@ -450,10 +440,40 @@ class Controller:
             simulated = self.session.driver_root if settings.simulate is not None else None
             self.dra = DraService(settings, self.dra_client, self.dra_host, self.health.tracker,
                                   simulated_root=simulated, path_env=self.search_path, metrics=self.dra_metrics,
-                                  mps=DraMps(settings.mps_root, self.apply_dra_mps))
+                                  observer=self.dra_observer, mps=await self.dra_mps(settings, inventory))
             self.health.listeners.append(self.dra.health_changed)
         await self.dra.apply(settings, inventory, plan)
         await self.tasks.apply({**self.tasks.specs, **self.dra.tasks})
+
+    async def dra_mps(self, settings: Settings, inventory: NodeInventory) -> MpsProvider:
+        """The MPS of DRA claims (`nvdp.dra.mps_shares`): control daemons of its own, apart from the device plugin's
+        (on other GPUs: the plan splits them), one per GPU for every MPS claim and share on it. Where MPS cannot run
+        (no --mps-root, no control program, no shm) a stand-in fails each MPS claim with the reason."""
+        from nvdp.dra.mps import MpsUnavailable
+        from nvdp.dra.mps_shares import MpsShares
+        from nvdp.mps import HostLauncher, MpsDaemons, NvmlComputeMode, find_control_binary
+
+        if not settings.mps_root:
+            return MpsUnavailable("MPS needs --mps-root (MPS_ROOT): nvdp has no directory for its control daemons")
+        try:
+            control = find_control_binary(settings.driver_root, self.search_path)
+            await self.ensure_mps_shm(settings)
+        except (MpsError, ShmError) as exc:
+            log.error("DRA: MPS claims cannot be prepared on this node: %s", exc)
+            return MpsUnavailable(f"MPS is not available on this node: {exc}")
+        host = settings.mps_host_socket
+
+        def on_health(gpu_uuid: str, healthy: bool) -> None:
+            if self.dra is not None:
+                self.dra.mps_health(gpu_uuid, healthy)
+
+        daemons = MpsDaemons(self._mps_nursery, control, NvmlComputeMode(), on_health, on_probe=None,
+                             path_env=self.search_path,
+                             launcher=HostLauncher(host) if host is not None else None, reporter=self.reporter,
+                             **probe_timings(settings))
+        spec = settings.config.dra.sharing.mps if settings.config.dra and settings.config.dra.sharing else None
+        return MpsShares(self._mps_nursery, daemons, inventory.gpus, settings.mps_root,
+                         keep_warm_s=spec.checked().keep_warm_s if spec is not None else 0.0)
 
     async def build_cdi(self, settings: Settings, inventory: NodeInventory, plan: Plan) -> DevicePluginSpecs | None:
         """The CDI specs `plan` needs, scanned and built but not written (None without CDI or when the scan
@@ -511,8 +531,6 @@ class Controller:
     # -- MPS daemons' health ----------------------------------------------------------------------------------------
 
     def _mps_health(self, gpu_uuid: str, healthy: bool) -> None:
-        if self.dra is not None and self.dra.mps is not None:
-            self.dra.mps.daemon_health(gpu_uuid, healthy)
         running = self.mps.running.get(gpu_uuid) if self.mps is not None else None
         if healthy:
             self.health.mps_down.discard(gpu_uuid)

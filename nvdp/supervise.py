@@ -201,6 +201,11 @@ class Supervisor(Generic[K, S]):
             for key, spec in items:
                 starting.start_soon(self.start, key, spec)
 
+    def update_spec(self, key: K, spec: S) -> None:
+        """A change the running child takes on its own (a limit sent to it): no restart; its next run, if any, gets
+        `spec`, and a later `apply` with `spec` keeps it."""
+        self._children[key].spec = spec
+
     async def stop(self, key: K) -> None:
         child = self._children.pop(key, None)
         if child is None:

@@ -534,6 +534,9 @@ def validate_one(data: bytes | None, source: str, cli: Mapping[str, str | None],
         split = split_gpus(inventory, True, config.dra)
         report.plan.append(f"which API serves each GPU (DRA driver {settings.dra_driver_name}):")
         report.plan += [f"  {line}" for line in split.describe(inventory)]
+        if plan.dra_share_hosts:
+            report.plan.append("MPS shares (dra.sharing.mps), what each share host publishes:")
+            report.plan += [f"  {line}" for line in share_host_lines(plan)]
     per_client = mps_lines(plan, config, inventory)
     if per_client:
         report.plan.append("MPS, per client:")
@@ -542,6 +545,20 @@ def validate_one(data: bytes | None, source: str, cli: Mapping[str, str | None],
     if imex:
         report.plan.append("IMEX channels given to every container: " + ", ".join(str(c) for c in imex))
     return report
+
+
+def share_host_lines(plan: Plan) -> list[str]:
+    """One line per DRA share host: its device, GPU and consumable capacities with their request policies."""
+    from nvdp.core.dra.shares import format_quantity
+
+    lines = []
+    for name, p in plan.dra_share_hosts:
+        memory = (f"memory {format_quantity(p.memory_bytes)} (min {format_quantity(p.memory_minimum)}, step "
+                  f"{format_quantity(p.memory_step)}, default {format_quantity(p.memory_default)})")
+        compute = (f"{p.compute_capacity} {p.compute_total} (min {p.compute_minimum}, step {p.compute_step}, default "
+                   f"{p.compute_default})")
+        lines.append(f"{name} (GPU {p.gpu_index}, {p.gpu_uuid}): {memory}, {compute}")
+    return lines
 
 
 def _configs(files: Sequence[Path], config_dir: Path | None) -> Iterator[tuple[str, bytes | None, str | None]]:

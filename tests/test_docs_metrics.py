@@ -40,6 +40,7 @@ def exported() -> set[str]:
     metrics.dra_call("prepare", 0.01, claims=2, failed=1)
     metrics.slices_published("gpu.nvidia.com", 1, 1, 2)
     metrics.slice_write("gpu.nvidia.com", "create", ok=True)
+    metrics.share_hosts_waiting("gpu.nvidia.com", 1)
     metrics.config_warnings("default", [("c.yaml: $.flags.foo", "unknown key `foo` ignored")])
     names = set()
     for family in text_string_to_metric_families(generate_latest(metrics.registry).decode()):

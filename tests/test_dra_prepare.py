@@ -108,6 +108,11 @@ class FakeMps:
         self.log.append(("mps-release", claim_uid))
         self.clients.pop(claim_uid, None)
 
+    async def restore(self, holdings: Sequence[tuple[str, str, MpsLimits]]) -> None:
+        self.log.append(("mps-restore", *sorted({uid for uid, _, _ in holdings})))
+        for claim_uid, gpu_uuid, limits in holdings:
+            self.clients.setdefault(claim_uid, []).append((gpu_uuid, limits))
+
 
 class FakeTimeSlicer:
     def __init__(self, log: Log) -> None:

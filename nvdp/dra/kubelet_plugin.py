@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -78,6 +78,8 @@ class DraHealthFeed:
         self.pool = pool
         self.targets: tuple[HealthTarget, ...] = ()
         self.snapshot = HealthSnapshot(pool)
+        #: Device name -> reason for what the tracker does not know (an MPS share host whose daemon is silent).
+        self.extra: Mapping[str, str] = {}
         #: Where snapshots go (set by the plugin while dra.sock is bound).
         self._sink: tuple[AsyncioThread, grpc_servers.HealthMirror] | None = None
 
@@ -89,7 +91,8 @@ class DraHealthFeed:
         self.publish()
 
     def publish(self) -> None:
-        self.snapshot = health_snapshot(self.pool, self.targets, unhealthy_targets(self.tracker, self.targets))
+        unhealthy = {**self.extra, **unhealthy_targets(self.tracker, self.targets)}
+        self.snapshot = health_snapshot(self.pool, self.targets, unhealthy)
         if self._sink is not None:
             host, mirror = self._sink
             host.call_soon(mirror.publish, self.snapshot)

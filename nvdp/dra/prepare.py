@@ -20,6 +20,11 @@ Rules (docs/dra.md, "Preparing claims"; the reference's §2.4 and §5):
   `/var/run/cdi`), and `cleanup()` runs: each `started` claim is read from the API and rolled back if it is gone
   or has another UID.
 
+MPS shares (`dra.sharing.mps`, `nvdp.core.dra.shares`): a result with a `shareID` on a share host becomes an MPS
+device whose limits come from its `consumedCapacity`; before `started` its amounts are added to those of the shares
+prepared (or being prepared) on that GPU, and a claim that would over-commit the GPU gets an error naming the
+totals. The MPS provider (`nvdp.dra.mps_shares`) runs one daemon per GPU for every MPS claim on it.
+
 Time slices: NVIDIA's driver runs `nvidia-smi compute-policy --set-timeslice`; nvdp does it through a
 `TimeSlicer` when the daemon gives one (`nvdp.dra.timeslice.NvidiaSmiTimeSlicer` where nvidia-smi is found),
 only on whole GPUs (MIG devices have no time slice of their own, as there). Without one, a TimeSlicing config
@@ -43,6 +48,7 @@ import trio
 from nvdp.core.dra import checkpoint as cp
 from nvdp.core.dra.claims import ClaimPlan, DeviceEdits, NodeDevice, plan_claim
 from nvdp.core.dra.config import INTERVALS, MPS, TIME_SLICING
+from nvdp.core.dra.shares import ShareAmount, SharePolicy, over_commit, plan_shares
 from nvdp.core.dra.types import ClaimRef, PrepareResult, UnprepareResult
 from nvdp.dra.checkpoint_file import CheckpointFile, CheckpointWriteError
 
@@ -106,6 +112,13 @@ class MpsProvider(Protocol):
         """The claim no longer uses MPS anywhere; nothing to do if it never did. Raises `SideEffectError`."""
         ...
 
+    async def restore(self, holdings: Sequence[tuple[str, str, MpsLimits]]) -> None:
+        """nvdp (re)started: every (claim UID, GPU UUID, limits) the checkpoint's claims hold (completed, and started
+        ones, whose rollback releases them), all at once, so that each GPU's daemon is adopted as it runs (not
+        restarted for the first claim's limits).
+        Never raises: what cannot be restored is logged, and the claim's next acquire tries again."""
+        ...
+
 
 class TimeSlicer(Protocol):
     async def set_interval(self, gpu_uuid: str, interval: int) -> None:
@@ -130,6 +143,7 @@ class ClaimPreparer:
         devices: Mapping[str, NodeDevice],
         *,
         timeslicer: TimeSlicer | None = None,
+        share_hosts: Mapping[str, SharePolicy] | None = None,
         concurrency: int = DEFAULT_CONCURRENCY,
         deadline_s: float = DEFAULT_DEADLINE_S,
         rollback_s: float = DEFAULT_ROLLBACK_S,
@@ -143,6 +157,8 @@ class ClaimPreparer:
         self._mps = mps
         self._timeslicer = timeslicer
         self._devices = dict(devices)
+        #: Device name -> policy of the GPUs published for MPS shares (`nvdp.core.dra.shares`).
+        self._share_hosts = dict(share_hosts or {})
         self._concurrency = concurrency
         self._deadline_s = deadline_s
         self._rollback_s = rollback_s
@@ -172,9 +188,13 @@ class ClaimPreparer:
             self._state = state
         return self._state
 
-    def update_devices(self, devices: Mapping[str, NodeDevice]) -> None:
-        """The devices served through DRA changed (plan, MIG layout): later prepares use these."""
+    def update_devices(self, devices: Mapping[str, NodeDevice],
+                       share_hosts: Mapping[str, SharePolicy] | None = None) -> None:
+        """The devices served through DRA changed (plan, MIG layout, `dra.sharing.mps`): later prepares use these.
+        `share_hosts` None leaves the share hosts as they are."""
         self._devices = dict(devices)
+        if share_hosts is not None:
+            self._share_hosts = dict(share_hosts)
 
     def _save(self, state: cp.Checkpoint) -> None:
         self._file.save(state)
@@ -265,7 +285,11 @@ class ClaimPreparer:
         plan = plan_claim(claim, ref, self.driver_name, self.node_name, self._devices)
         if isinstance(plan, str):
             return PrepareResult(error=plan)
-        why = cp.conflict(self.checkpoint, plan, self._in_flight)
+        if self._share_hosts:
+            plan = plan_shares(plan, self._share_hosts)
+            if isinstance(plan, str):
+                return PrepareResult(error=plan)
+        why = cp.conflict(self.checkpoint, plan, self._in_flight) or self._over_commit(plan)
         if why is not None:
             return PrepareResult(error=f"unable to prepare {where}: {why}")
         self._in_flight[ref.uid] = tuple(cp.planned_record(device) for device in plan.devices)
@@ -273,6 +297,25 @@ class ClaimPreparer:
             return await self._prepare_plan(plan)
         finally:
             del self._in_flight[ref.uid]
+
+    def _over_commit(self, plan: ClaimPlan) -> str | None:
+        """Why a share of `plan` does not fit its GPU beside the shares prepared or being prepared there, or None:
+        the scheduler's bookkeeping is checked, not trusted. Checked and then marked in flight with no await in
+        between, so two claims racing for the last GiB cannot both get it."""
+        held = cp.held_shares(self.checkpoint, plan, self._in_flight)
+        mine: dict[str, list[ShareAmount]] = {}
+        for device in plan.devices:
+            if not device.share_memory_bytes:
+                continue
+            policy = self._share_hosts[device.device]
+            before = [ShareAmount(r.share_memory_bytes, r.share_compute) for r in held[device.device]]
+            before += mine.get(device.device, [])
+            new = ShareAmount(device.share_memory_bytes, device.share_compute)
+            why = over_commit(device.device, policy, before, new)
+            if why is not None:
+                return why
+            mine.setdefault(device.device, []).append(new)
+        return None
 
     async def _prepare_plan(self, plan: ClaimPlan) -> PrepareResult:
         ref = plan.ref
@@ -397,21 +440,23 @@ class ClaimPreparer:
                     log.info("DRA recovery: removed the CDI spec of claim %s, which nvdp has not prepared", uid)
                 except SideEffectError as e:
                     log.warning("DRA recovery: cannot remove the orphaned CDI spec of claim %s: %s", uid, e)
+        if self._mps is not None:
+            await self._mps.restore([
+                (uid, device.gpu_uuid, MpsLimits(device.uuid, device.sharing.active_thread_percentage,
+                                                 device.sharing.pinned_memory_limit_mib))
+                # Started ones too: they may have changed a daemon's limits before the crash; their rollback
+                # (cleanup, or the kubelet's retry) releases them.
+                for uid, entry in sorted(state.claims.items())
+                for device in entry.devices if device.sharing is not None and device.sharing.strategy == MPS])
         for uid, entry in sorted(state.claims.items()):
             if entry.state == cp.COMPLETED:
                 await self._restore(uid, entry, spec_missing=with_specs is not None and uid not in with_specs)
         await self.cleanup()
 
     async def _restore(self, uid: str, entry: cp.ClaimEntry, spec_missing: bool) -> None:
-        """Give a completed claim back what does not survive nvdp's restart: MPS, and a lost CDI spec."""
+        """Give a completed claim back a lost CDI spec (its MPS came back with `MpsProvider.restore`)."""
         where = f"{entry.namespace}/{entry.name} ({uid})"
         try:
-            if self._mps is not None:
-                for device in entry.devices:
-                    if device.sharing is not None and device.sharing.strategy == MPS:
-                        await self._mps.acquire(uid, device.gpu_uuid, MpsLimits(
-                            device.uuid, device.sharing.active_thread_percentage,
-                            device.sharing.pinned_memory_limit_mib))
             if spec_missing and entry.devices:
                 devices = {d.device: (d.device, self._devices[d.device], d.edits) for d in entry.devices
                            if d.device in self._devices}

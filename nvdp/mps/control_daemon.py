@@ -229,6 +229,59 @@ async def stop_mps_daemon(
     await daemon.restore_compute_mode()
 
 
+async def set_daemon_limits(
+    spec: MpsDaemonSpec,
+    *,
+    control: Path,
+    launcher: Launcher,
+    timings: DaemonTimings = DEFAULT_TIMINGS,
+    path_env: str = DEFAULT_PATH,
+) -> None:
+    """Send `spec`'s limits to its running daemon, without a restart: as defaults (MPS applies them to servers it
+    starts afterwards) and to each MPS server running now (for its clients that connect afterwards; clients
+    connected already keep theirs). Raises `MpsError` when the daemon does not take the defaults; a server that
+    does not take them is logged (it may have ended meanwhile)."""
+    daemon = _Daemon(spec, control, launcher, None, lambda uuid, healthy: None, timings, path_env, DaemonState())
+    limits = daemon._limit_commands()
+    ok, answer = await daemon.command("\n".join(limits))
+    if not ok:
+        raise MpsError(f"the MPS control daemon for {daemon.label} did not take its limits {limits}: {answer}")
+    ok, answer = await daemon.command("get_server_list")
+    servers = answer.split() if ok else []
+    for pid in servers:
+        if not pid.isdigit():
+            continue
+        per_server = [f"set_device_pinned_mem_limit {pid} 0 {spec.pinned_mem_limit_mib}M",
+                      f"set_active_thread_percentage {pid} {spec.active_thread_percentage}"]
+        ok, answer = await daemon.command("\n".join(per_server))
+        if not ok:
+            log.warning("MPS server %s of %s did not take the new limits: %s", pid, daemon.label, answer)
+    log.info("MPS daemon for %s: default pinned memory limit now %d MiB, active thread percentage %d (%d running "
+             "server(s) updated)", daemon.label, spec.pinned_mem_limit_mib, spec.active_thread_percentage,
+             len(servers))
+
+
+async def served_limits(
+    spec: MpsDaemonSpec,
+    *,
+    control: Path,
+    launcher: Launcher,
+    timings: DaemonTimings = DEFAULT_TIMINGS,
+    path_env: str = DEFAULT_PATH,
+) -> tuple[int, int] | None:
+    """(pinned MiB, active thread percentage) the daemon on `spec`'s pipe directory serves as defaults now, or None
+    when none answers or an answer is not understood: what a caller whose wanted limits changed while nvdp was
+    down adopts first, to change them in place (`set_daemon_limits`) rather than restart the daemon."""
+    daemon = _Daemon(spec, control, launcher, None, lambda uuid, healthy: None, timings, path_env, DaemonState())
+    ok, answer = await daemon.command("get_default_active_thread_percentage")
+    if not ok:
+        return None
+    percentage, memory = await daemon._served_limits(answer)
+    if percentage is None or memory is None:
+        return None
+    return round(memory), round(percentage)
+
+
 class _Daemon:
     def __init__(
         self,

@@ -37,6 +37,8 @@ from nvdp.mps.control_daemon import (
     MpsError,
     gpu_label,
     run_mps_daemon,
+    served_limits,
+    set_daemon_limits,
     stop_mps_daemon,
 )
 from nvdp.mps.launcher import DaemonPaths, Launcher, LocalLauncher, make_dirs
@@ -137,6 +139,27 @@ class MpsDaemons:
         await self._supervisor.start_many(ready)
         if errors:
             raise MpsError("; ".join(errors))
+
+    async def update_limits(self, spec: MpsDaemonSpec) -> None:
+        """Change the limits of a GPU's daemon in place (`set_daemon_limits`: no restart, its clients untouched);
+        its later lives, and adoption after nvdp restarts, use `spec`. Raises `MpsError` when the daemon does not
+        take them (it keeps the old defaults then)."""
+        old = self._supervisor.specs[spec.gpu_uuid]
+        if (old.pipe_dir, old.log_dir) != (spec.pipe_dir, spec.log_dir):
+            raise ValueError(f"update_limits cannot move the daemon of {spec.gpu_uuid} to other directories")
+        self._supervisor.update_spec(spec.gpu_uuid, spec)
+        try:
+            await set_daemon_limits(spec, control=self.control, launcher=self.launcher, timings=self._timings,
+                                    path_env=self._path_env)
+        except MpsError:
+            self._supervisor.update_spec(spec.gpu_uuid, old)
+            raise
+
+    async def served_limits(self, spec: MpsDaemonSpec) -> tuple[int, int] | None:
+        """(pinned MiB, active thread percentage) a daemon on `spec`'s pipe directory serves now (running or not
+        under this `MpsDaemons`), or None when none answers."""
+        return await served_limits(spec, control=self.control, launcher=self.launcher, timings=self._timings,
+                                   path_env=self._path_env)
 
     async def stop_all(self) -> None:
         """Remove every daemon (quit, compute modes restored)."""

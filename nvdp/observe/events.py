@@ -40,6 +40,7 @@ CONFIG_REJECTED = "ConfigRejected"
 CONFIG_WARNING = "ConfigWarning"
 CONFIG_LABEL_UNKNOWN = "ConfigLabelUnknown"
 CHILD_RESTARTING = "ChildRestarting"
+DRA_SHARE_HOST_WAITING = "DraShareHostWaiting"
 #: Reason -> Event type.
 REASONS: Mapping[str, str] = {
     DEVICE_UNHEALTHY: "Warning",
@@ -49,6 +50,7 @@ REASONS: Mapping[str, str] = {
     CONFIG_WARNING: "Warning",
     CONFIG_LABEL_UNKNOWN: "Warning",
     CHILD_RESTARTING: "Warning",
+    DRA_SHARE_HOST_WAITING: "Warning",
 }
 
 COMPONENT = "nvidia-device-plugin"

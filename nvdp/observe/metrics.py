@@ -156,6 +156,9 @@ class Metrics:
         self._dra_slice_writes = Counter(
             "nvdp_dra_slice_writes", "ResourceSlice creates, updates and deletes tried, by result (ok, error).",
             ["driver", "operation", "result"], registry=r)
+        self._dra_share_hosts_waiting = Gauge(
+            "nvdp_dra_share_hosts_waiting", "DRA devices whose change to or from an MPS share host waits for the "
+            "claims prepared on them.", ["driver"], registry=r)
 
         # Hot-path caches: resource name -> labelled child, so Allocate pays for one dict lookup and one observe.
         # Plain dict reads are atomic under the GIL; writes happen under self._lock.
@@ -317,6 +320,9 @@ class Metrics:
 
     def slice_write(self, driver: str, operation: str, ok: bool) -> None:
         self._dra_slice_writes.labels(driver, operation, "ok" if ok else "error").inc()
+
+    def share_hosts_waiting(self, driver: str, devices: int) -> None:
+        self._dra_share_hosts_waiting.labels(driver).set(devices)
 
     # -- nvdp.k8s.watch.WatchObserver -------------------------------------------------------------------------------
 

@@ -36,6 +36,8 @@ class Observer:
         self._unhealthy_gpus: dict[str, tuple[str, int]] = {}
         #: Why no config is served (see `config_blocked`), or None.
         self._blocked: str | None = None
+        #: DRA device -> why its move to or from MPS shares waits (one Event per new reason).
+        self._share_waiting: dict[str, str] = {}
 
     def __repr__(self) -> str:
         return f"<Observer events={'on' if self.events is not None else 'off'} {self.probes!r}>"
@@ -131,6 +133,18 @@ class Observer:
 
     def mps_restarted(self, gpu_uuid: str) -> None:
         self.metrics.mps_restart(gpu_uuid)
+
+    def dra_share_hosts_waiting(self, driver: str, waiting: Mapping[str, str]) -> None:
+        """DRA devices whose move to or from MPS shares waits for their prepared claims (device -> why): the gauge,
+        and a DraShareHostWaiting Event for each device that starts waiting (or waits for another reason)."""
+        self.metrics.share_hosts_waiting(driver, len(waiting))
+        if self.events is not None:
+            from nvdp.observe.events import DRA_SHARE_HOST_WAITING  # loaded already: the recorder exists
+
+            for device, why in sorted(waiting.items()):
+                if self._share_waiting.get(device) != why:
+                    self.events.record(DRA_SHARE_HOST_WAITING, why, device)
+        self._share_waiting = dict(waiting)
 
     def _device_events(self, plan: Plan, unhealthy: Mapping[str, str]) -> None:
         """One Node Event per physical GPU that turns Unhealthy or recovers (not one per replica: a GPU cut into 48

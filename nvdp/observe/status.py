@@ -212,6 +212,11 @@ def render(samples: Samples, health: Probe, ready: Probe, source: str = "") -> s
                        samples.total("nvdp_dra_claims_total", call="unprepare", result="ok"),
                        samples.total("nvdp_dra_claims_total", call="unprepare", result="error")]
                       for d in drivers or ["-"]])
+    for labels, value in samples.get("nvdp_dra_share_hosts_waiting"):
+        if value:
+            # A reload moved GPUs to or from MPS shares while claims are prepared on them (docs/dra.md).
+            out.append(f"DRA driver {labels['driver']}: {value:g} device(s) wait for their prepared claims to move to "
+                       "or from MPS shares (nvdp's log says which)")
     return "\n".join(out) + "\n"
 
 

@@ -10,8 +10,16 @@ from __future__ import annotations
 import msgspec
 
 from nvdp.core.config.sharing import DeviceSelection, _check_devices, device_ref_kind
+from nvdp.core.dra.shares import MpsSharesSpec
 
 DEFAULT_DRIVER_NAME = "gpu.nvidia.com"
+
+
+class DraSharing(msgspec.Struct, rename="camel", forbid_unknown_fields=True, kw_only=True, omit_defaults=True):
+    """`dra.sharing`: how GPUs served through DRA are shared between claims."""
+
+    #: Dynamic MPS shares through consumable capacity (`nvdp.core.dra.shares`, docs/dra.md "MPS shares").
+    mps: MpsSharesSpec | None = None
 
 
 class Dra(msgspec.Struct, rename="camel", forbid_unknown_fields=True, kw_only=True, omit_defaults=True):
@@ -20,6 +28,7 @@ class Dra(msgspec.Struct, rename="camel", forbid_unknown_fields=True, kw_only=Tr
     driver_name: str | None = None
     #: `all` (the default), the first N GPUs by index, or a list of GPU indices and UUIDs.
     devices: str | int | list[int | str] | None = None
+    sharing: DraSharing | None = None
 
     def __post_init__(self) -> None:
         self.devices = _check_devices(self.devices)

@@ -17,7 +17,12 @@ another boot is discarded whole. The file format (JSON):
                           "devices": [{"requestNames": [...], "pool": "...", "device": "gpu-0", "kind": "gpu",
                                        "uuid": "GPU-...", "gpuUuid": "GPU-...", "shareId": "", "adminAccess": false,
                                        "sharing": {"strategy": "MPS", ...} | null, "cdiDeviceIds": [...],
-                                       "edits": {"env": [...], "mounts": [...]}}]}}}
+                                       "edits": {"env": [...], "mounts": [...]},
+                                       "shareMemoryBytes": 0, "shareCompute": 0}]}}}
+
+`shareMemoryBytes`/`shareCompute` (an MPS share of a share host, `nvdp.core.dra.shares`) are what the share
+consumes: after a restart the accounting of the GPU's shares starts from them. A file without them (written before
+shares existed) reads as 0: no share.
 
 Unknown keys are ignored when reading (a newer nvdp of the same major version may add some); a higher `version`
 is refused (the file is set aside, see `nvdp.dra.checkpoint_file`).
@@ -70,6 +75,9 @@ class DeviceRecord(_Record):
     sharing: SharingRecord | None = None
     cdi_device_ids: tuple[str, ...] = ()
     edits: DeviceEdits = DeviceEdits()
+    #: An MPS share of a share host: what it consumes (bytes > 0, compute units); 0 otherwise.
+    share_memory_bytes: int = 0
+    share_compute: int = 0
 
 
 class ClaimEntry(_Record):
@@ -116,7 +124,8 @@ def planned_record(plan: DevicePlan) -> DeviceRecord:
     return DeviceRecord(
         request_names=(plan.request_name,), pool=plan.pool, device=plan.device, kind=node_device.kind,
         uuid=node_device.uuid, gpu_uuid=node_device.gpu.uuid, share_id=plan.share_id,
-        admin_access=plan.admin_access, sharing=sharing_record(plan.config, plan.mps_pinned_mib))
+        admin_access=plan.admin_access, sharing=sharing_record(plan.config, plan.mps_pinned_mib),
+        share_memory_bytes=plan.share_memory_bytes, share_compute=plan.share_compute)
 
 
 def started(checkpoint: Checkpoint, plan: ClaimPlan) -> Checkpoint:
@@ -156,6 +165,9 @@ def may_share(held: DeviceRecord, wanted: DeviceRecord) -> bool:
     """
     if held.admin_access or wanted.admin_access:
         return True
+    if held.share_memory_bytes and wanted.share_memory_bytes:
+        # MPS shares of a share host: each has its own limits; whether they fit together is `held_shares`' sum.
+        return True
     if held.share_id and wanted.share_id:
         return held.sharing == wanted.sharing
     if held.sharing is None or wanted.sharing is None or held.sharing.strategy != wanted.sharing.strategy:
@@ -182,6 +194,38 @@ def conflict(checkpoint: Checkpoint, plan: ClaimPlan,
                 if held.device == device.device and not may_share(held, wanted):
                     return f"requested device {device.device} {verb} different claim {uid}"
     return None
+
+
+def held_shares(checkpoint: Checkpoint, plan: ClaimPlan,
+                in_flight: Mapping[str, tuple[DeviceRecord, ...]] | None = None) -> dict[str, list[DeviceRecord]]:
+    """Device name -> the MPS shares other claims hold on it (completed, or being prepared now), for each device of
+    `plan` that is a share. Shares of the plan itself on the same device count too, before the one checked."""
+    wanted = {device.device for device in plan.devices if device.share_memory_bytes}
+    held: dict[str, list[DeviceRecord]] = {name: [] for name in wanted}
+    sources: list[Iterable[DeviceRecord]] = [
+        entry.devices for uid, entry in checkpoint.claims.items() if entry.state == COMPLETED and uid != plan.ref.uid]
+    sources += [records for uid, records in (in_flight or {}).items() if uid != plan.ref.uid]
+    for records in sources:
+        for record in records:
+            if record.share_memory_bytes and record.device in held:
+                held[record.device].append(record)
+    return held
+
+
+def prepared_per_device(checkpoint: Checkpoint) -> dict[str, int]:
+    """Device name -> how many claims hold it (completed or half-prepared): what a change of its mode waits for."""
+    counts: dict[str, int] = {}
+    for entry in checkpoint.claims.values():
+        for device in {d.device for d in entry.devices}:
+            counts[device] = counts.get(device, 0) + 1
+    return counts
+
+
+def prepared_shares(checkpoint: Checkpoint) -> list[tuple[str, str, str, str]]:
+    """(claim UID, device, share ID, GPU UUID) of every MPS share of a completed claim, for the health stream
+    (`nvdp.core.dra.shares.share_health`)."""
+    return [(uid, d.device, d.share_id, d.gpu_uuid) for uid, entry in sorted(checkpoint.claims.items())
+            if entry.state == COMPLETED for d in entry.devices if d.share_memory_bytes]
 
 
 def timeslice_resets(checkpoint: Checkpoint, uid: str) -> tuple[str, ...]:

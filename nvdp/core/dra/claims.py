@@ -108,6 +108,10 @@ class DevicePlan:
     consumed_capacity: tuple[tuple[str, str], ...] = ()
     #: MPS only: this device's pinned device-memory limit in MiB, or None.
     mps_pinned_mib: int | None = None
+    #: An MPS share of a share host (`nvdp.core.dra.shares.plan_shares`): the memory (bytes, > 0) and compute units
+    #: it consumes; 0 for anything else.
+    share_memory_bytes: int = 0
+    share_compute: int = 0
 
     @property
     def request_name(self) -> str:

@@ -14,7 +14,10 @@ import logging
 from collections import defaultdict
 from dataclasses import replace
 
+from nvdp.core.config.errors import ConfigError
 from nvdp.core.config.settings import Settings
+from nvdp.core.dra.devices import gpu_device_name
+from nvdp.core.dra.shares import SharePolicy, share_policies
 from nvdp.core.dra.split import DraSplitError, split_gpus
 from nvdp.core.inventory import Gpu, MigDevice, NodeInventory
 from nvdp.core.plan.model import RESOURCE_PREFIX, Device, Plan
@@ -132,4 +135,25 @@ def build_plan(inventory: NodeInventory, settings: Settings) -> Plan:
     if split.dra:
         served = replace(inventory, gpus=tuple(g for g in inventory.gpus if g.uuid not in split.dra))
     resources, mps_daemons = apply_sharing(whole_and_mig_devices(served, settings), inventory, settings)
-    return Plan(tuple(sorted(resources, key=lambda r: r.name)), mps_daemons, dra_gpus=split.dra)
+    return Plan(tuple(sorted(resources, key=lambda r: r.name)), mps_daemons, dra_gpus=split.dra,
+                dra_share_hosts=dra_share_hosts(inventory, settings, split.dra))
+
+
+def dra_share_hosts(inventory: NodeInventory, settings: Settings,
+                    dra_gpus: tuple[str, ...]) -> tuple[tuple[str, SharePolicy], ...]:
+    """The DRA GPUs `dra.sharing.mps` publishes for MPS shares, with their policies; `PlanError` when a chosen GPU
+    is not a whole GPU served through DRA, or the policy does not fit it (so a reload with such a config is refused
+    before anything changes)."""
+    dra = settings.config.dra
+    spec = dra.sharing.mps if dra is not None and dra.sharing is not None else None
+    if not settings.dra_enabled or spec is None:
+        return ()
+    if not settings.mps_root:
+        raise PlanError("dra.sharing.mps: MPS shares need an MPS root for their control daemons: set --mps-root "
+                        "(MPS_ROOT, or flags.mpsRoot in the config)")
+    names = {g.uuid: gpu_device_name(g) for g in inventory.gpus if g.uuid in dra_gpus and not g.mig_enabled}
+    try:
+        policies = share_policies(spec.checked(), inventory.gpus, names)
+    except ConfigError as exc:
+        raise PlanError(str(exc)) from None
+    return tuple(sorted(policies.items()))

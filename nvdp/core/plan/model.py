@@ -9,6 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from nvdp.core.dra.shares import SharePolicy
 
 RESOURCE_PREFIX = "nvidia.com/"
 
@@ -117,6 +121,8 @@ class Plan:
     mps_daemons: tuple[MpsDaemonSpec, ...] = ()
     #: UUIDs of the GPUs served through DRA instead (by GPU index): none of their devices is in `resources`.
     dra_gpus: tuple[str, ...] = ()
+    #: (DRA device name, policy) of each DRA GPU published for MPS shares (`dra.sharing.mps`), by device name.
+    dra_share_hosts: tuple[tuple[str, SharePolicy], ...] = ()
 
     def resource(self, name: str) -> Resource | None:
         for resource in self.resources:
