@@ -247,6 +247,7 @@ async def test_an_mps_config_claim_on_another_gpu_shares_the_provider(node: Shar
         nursery.cancel_scope.cancel()
 
 
+@pytest.mark.slow  # the daemon never answers: its start-up bound runs out in real time (~3 s)
 async def test_a_daemon_that_cannot_start_fails_the_share_and_leaves_nothing(
         node: SharesNode, tmp_path: Path) -> None:
     (Path(node.spec_dirs[0]).parent / "fake-mode").parent.mkdir(parents=True)

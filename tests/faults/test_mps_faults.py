@@ -86,7 +86,8 @@ async def test_control_daemon_killed_repeatedly(
         await answers(kubelet, SLICED, f"{GPU0}::10::1", visible_as=GPU0)
 
 
-@pytest.mark.parametrize("mode", ["hang", "refuse"])
+# A hung daemon is only judged hung after its probe timeouts run out in real time (~3 s): the slow lane.
+@pytest.mark.parametrize("mode", [pytest.param("hang", marks=pytest.mark.slow), "refuse"])
 async def test_control_daemon_hung_or_refusing(
     two_gpu_node: Path, kubelet: KubeletEmulator, short_dir: Path, monkeypatch: pytest.MonkeyPatch, mode: str
 ) -> None:

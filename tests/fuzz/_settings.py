@@ -5,7 +5,7 @@ well under a minute on a 2-core CI machine. `derandomize=True` makes each run dr
 reproduces locally with the same command), and `database=None` keeps hypothesis from writing `.hypothesis/` into a
 clean clone. For a longer, randomised run by hand:
 
-    NVDP_FUZZ_SCALE=20 NVDP_FUZZ_RANDOM=1 .venv/bin/pytest tests/fuzz
+    NVDP_FUZZ_SCALE=20 NVDP_FUZZ_RANDOM=1 .venv/bin/pytest -m slow tests/fuzz
 
 The example counts recorded in docs/reliability.md are the CI ones (scale 1).
 """

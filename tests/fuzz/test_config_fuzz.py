@@ -30,6 +30,9 @@ from nvdp.core.plan.build import PlanError, build_plan
 from nvdp.core.plan.model import Plan
 from tests.fuzz._settings import fuzz_settings
 
+# Long by design (hundreds of examples each): the slow lane, which CI runs (docs/reliability.md).
+pytestmark = pytest.mark.slow
+
 SOURCE = "fuzz.yaml"
 MPS_ROOT = "/run/nvidia/mps"
 #: Wall-clock bound for one example: the per-example deadline only reports slowness after the fact, this stops a hang.

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -21,6 +22,9 @@ from nvdp.core.dra.slices import (
     plan_sync,
 )
 from tests.fuzz._settings import fuzz_settings
+
+# Long by design (hundreds of examples each): the slow lane, which CI runs (docs/reliability.md).
+pytestmark = pytest.mark.slow
 
 POOL = Pool("node-1", "uid-1", "gpu.nvidia.com")
 

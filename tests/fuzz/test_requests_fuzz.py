@@ -35,6 +35,9 @@ from tests.fuzz._settings import fuzz_settings
 from tests.harness import daemon, wait_for
 from tests.helpers import gpu, write_node
 
+# Long by design (hundreds of examples each): the slow lane, which CI runs (docs/reliability.md).
+pytestmark = pytest.mark.slow
+
 # --- a pure plan: whole GPUs, time-sliced replicas and MPS slices ------------------------------------------------
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -13,6 +14,9 @@ from nvdp.core.config.errors import ConfigError
 from nvdp.core.dra import shares as sh
 from nvdp.core.inventory import Gpu
 from tests.fuzz._settings import fuzz_settings
+
+# Long by design (hundreds of examples each): the slow lane, which CI runs (docs/reliability.md).
+pytestmark = pytest.mark.slow
 
 MIB = 1 << 20
 mib_quantities = st.integers(min_value=0, max_value=96 * 1024).map(lambda n: f"{n}Mi")

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
+import pytest
 import trio
 import trio.testing
 from hypothesis import given
@@ -31,6 +32,9 @@ from nvdp.k8s.client import ApiClient, ApiConfig
 from nvdp.k8s.node_labels import NODES_PATH, watch_node_label
 from nvdp.k8s.watch import WatchOptions
 from tests.fuzz._settings import fuzz_settings
+
+# Long by design (hundreds of examples each): the slow lane, which CI runs (docs/reliability.md).
+pytestmark = pytest.mark.slow
 
 NODE = "n1"
 LABEL = "nvidia.com/device-plugin.config"
