@@ -215,7 +215,7 @@ class Tree:
             servers_nursery, host, settings.plugin_dir or Path(tempfile.gettempdir()), settings.kubelet_socket,
             observer=self.observer.metrics, on_change=controller.servers_changed, reporter=self.observer)
         controller.attach(servers)
-        controller.attach_dra(self.client, host, self.observer.metrics, self.observer)
+        controller.attach_dra(self.client, host, self.observer, self.observer)
         if settings.kubelet_socket is not None:
             await node_tasks.start("kubelet-watch", Task(watch_kubelet, (settings.kubelet_socket, self.commands)))
         await self.start_labels(controller, node_tasks)

@@ -136,6 +136,10 @@ async def test_a_gpu_goes_to_dra_and_is_prepared_and_unprepared_end_to_end(
         node.fake.set_resourceclaim(claim("uid-2", "gpu-0"))
         refused = await node.call(node.dra.prepare, DRIVER, [("default", "uid-2", "claim-uid-2")])
         assert refused["uid-2"].error and refused["uid-2"].devices == ()
+        # ... and said once on the Node (the good prepares before it said nothing).
+        await eventually(lambda: [b["message"] for _, b in node.fake.posted_events if b["reason"] == "DraPrepareFailed"]
+                         == ["1 of 1 claim(s) in a DRA prepare call failed; each claim's error is in its pod's events "
+                             "(nvdp's log has them too)"], "a DraPrepareFailed Event")
 
         assert await node.call(node.dra.unprepare, DRIVER, [("default", "uid-1", "claim-uid-1")]) == {"uid-1": ""}
         assert not spec_file.exists()

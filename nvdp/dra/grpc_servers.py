@@ -270,9 +270,21 @@ async def bind(handlers: list[Any], socket_path: Path, name: str, mirror: Health
     server = GuardedServer(handlers, codec=_Codec(), name=name)
     with contextlib.suppress(FileNotFoundError):
         os.unlink(socket_path)
-    await server.start(path=str(socket_path))
-    # The kubelet runs as root and is the only client.
-    os.chmod(socket_path, 0o600)
+    # Bound under a hidden name, made 0600 (the kubelet runs as root and is the only client), then renamed into
+    # place: the kubelet's watcher (which skips dot files) sees the socket appear once, finished, and never a mode
+    # change after its creation.
+    hidden = socket_path.with_name(f".{socket_path.name}.{os.getpid()}")
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(hidden)
+    await server.start(path=str(hidden))
+    try:
+        os.chmod(hidden, 0o600)
+        os.replace(hidden, socket_path)
+    except OSError:
+        await server.shut_down(CLOSE_GRACE_S)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(hidden)
+        raise
     st = os.stat(socket_path)
     return BoundSocket(server, socket_path, (st.st_dev, st.st_ino), mirror)
 

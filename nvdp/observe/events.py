@@ -41,8 +41,11 @@ CONFIG_WARNING = "ConfigWarning"
 CONFIG_LABEL_UNKNOWN = "ConfigLabelUnknown"
 CHILD_RESTARTING = "ChildRestarting"
 DRA_SHARE_HOST_WAITING = "DraShareHostWaiting"
+#: Claims of a DRA NodePrepareResources call failed (each claim's own error reaches its pod through the kubelet).
+DRA_PREPARE_FAILED = "DraPrepareFailed"
 #: Reason -> Event type.
 REASONS: Mapping[str, str] = {
+    DRA_PREPARE_FAILED: "Warning",
     DEVICE_UNHEALTHY: "Warning",
     DEVICE_RECOVERED: "Normal",
     CONFIG_APPLIED: "Normal",

@@ -134,6 +134,28 @@ class Observer:
     def mps_restarted(self, gpu_uuid: str) -> None:
         self.metrics.mps_restart(gpu_uuid)
 
+    # -- DRA (nvdp.dra.service.DraMetrics): metrics, and a Node Event when claims fail to prepare -----------------
+
+    def dra_call(self, kind: str, seconds: float, claims: int, failed: int) -> None:
+        self.metrics.dra_call(kind, seconds, claims, failed)
+        if failed and kind == "prepare" and self.events is not None:
+            from nvdp.observe.events import DRA_PREPARE_FAILED  # loaded already: the recorder exists
+
+            self.events.record(DRA_PREPARE_FAILED, f"{failed} of {claims} claim(s) in a DRA prepare call failed; "
+                               "each claim's error is in its pod's events (nvdp's log has them too)")
+
+    def slices_published(self, driver: str, generation: int, slices: int, devices: int) -> None:
+        self.metrics.slices_published(driver, generation, slices, devices)
+
+    def slice_write(self, driver: str, operation: str, ok: bool) -> None:
+        self.metrics.slice_write(driver, operation, ok)
+
+    def watch_reconnected(self, watched: str) -> None:
+        self.metrics.watch_reconnected(watched)
+
+    def watch_relisted(self, watched: str) -> None:
+        self.metrics.watch_relisted(watched)
+
     def dra_share_hosts_waiting(self, driver: str, waiting: Mapping[str, str]) -> None:
         """DRA devices whose move to or from MPS shares waits for their prepared claims (device -> why): the gauge,
         and a DraShareHostWaiting Event for each device that starts waiting (or waits for another reason)."""
