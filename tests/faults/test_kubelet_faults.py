@@ -145,6 +145,7 @@ async def test_the_plugin_directory_removed_and_re_created_with_the_kubelet(
             await answers(kubelet, "nvidia.com/gpu", GPU0)
 
 
+@plugin_connection_leak  # seen here too (docs/faults.md, finding 1)
 async def test_the_plugin_directory_removed_under_a_running_kubelet_and_re_created(
     two_gpu_node: Path, kubelet: KubeletEmulator, logs: LogWatch
 ) -> None:
