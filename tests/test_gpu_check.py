@@ -82,6 +82,15 @@ def test_simulated_node_runs_everything_but_the_cuda_clients(tmp_path: Path) -> 
     assert "| MPS control daemon gone | PASS |" in text
     assert "nvdp (mps) exits 0 on SIGTERM | PASS" in text
     assert "| 4. nvdp stopped: nothing left behind | PASS |" in text
+    # DRA MPS shares: two claims of 4 and 8 GiB, one daemon whose default follows the larger, gone after unprepare.
+    assert "| 5. DRA MPS shares with real CUDA clients | PASS |" in text
+    assert "| CDI share-small: memory limit | PASS | 0=4096M | 0=4096M |" in text
+    assert "| CDI share-large: memory limit | PASS | 0=8192M | 0=8192M |" in text
+    assert "| daemon's default pinned memory limit = the largest share | PASS | 8192M | 8192M |" in text
+    assert "| both shares unprepared | PASS |" in text
+    assert "| MPS control daemon gone after the last share | PASS | none | none |" in text
+    assert "nvdp (dra) exits 0 on SIGTERM | PASS" in text
+    assert text.count("| CUDA clients | SKIP | simulated node: no CUDA |") == 2
     assert f"`NVIDIA_VISIBLE_DEVICES={GPU0}`" in text  # what a container would get
     assert "| 0-1 | 12 | across CPUs |" in text
     assert "nvdp (whole) exits 0 on SIGTERM | PASS" in text
@@ -388,3 +397,20 @@ def test_client_without_pytorch_reports_why() -> None:
     report = gc.parse_client_output("x", result.stdout, result.stderr, result.returncode)
     assert result.returncode == 1 and not report.cuda_ok
     assert report.error == "ModuleNotFoundError: No module named 'torch'"
+
+
+@pytest.mark.parametrize(("removed_mib", "ok"), [(8000, True), (4000, False), (80000, False)])
+def test_dra_share_clients_judged_against_their_share_and_the_largest(removed_mib: int, ok: bool) -> None:
+    """A client that removed its env is held near the largest share (8 GiB): not near its own, not unbounded."""
+    script = load_script()
+    step = gc.Step("DRA MPS shares")
+    sizes = {"share-small": 3900, "share-large": 7900, "env-removed": removed_mib}
+    reports = {label: gc.ClientReport(label, pid=1, cuda_ok=True, mps_listed=True, alloc_mib=mib,
+                                      alloc_stop="out of memory") for label, mib in sizes.items()}
+    script.judge_share_clients(step, reports, 256)
+    statuses = {c.name: c.status for c in step.checks}
+    assert statuses["share-small: allocation stops near its share"] == gc.PASS
+    assert statuses["share-large: allocation stops near its share"] == gc.PASS
+    removed = statuses["env-removed: allocation stops near the largest share, not the whole GPU"]
+    assert removed == (gc.PASS if ok else gc.FAIL)
+
