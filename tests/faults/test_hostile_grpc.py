@@ -28,7 +28,16 @@ from nvdp.core.plan.allocate import MAX_ID_CHARS, AllocateOptions, describe_ids
 from nvdp.core.plan.model import Device, Resource
 from nvdp.kubelet import grpc_guard
 from nvdp.kubelet.plugin_server import BoundServer, ServingContext, start_server, stop_server
-from tests.hostile_h2 import ALLOCATE, LIST_AND_WATCH, OPTIONS, Answer, H2Client, allocate_request, grpc_frame
+from tests.hostile_h2 import (
+    ALLOCATE,
+    LIST_AND_WATCH,
+    OPTIONS,
+    Answer,
+    H2Client,
+    allocate_request,
+    grpc_frame,
+    request_headers,
+)
 
 T = TypeVar("T")
 OK, CANCELLED, UNKNOWN, INVALID_ARGUMENT, DEADLINE_EXCEEDED = 0, 1, 2, 3, 4
@@ -429,8 +438,15 @@ def test_a_deadline_ends_a_call_that_waits_and_costs_no_timer_to_one_that_does_n
 
     monkeypatch.setattr(grpc_guard._Deadline, "arm", recording_arm)
     with H2Client(served.path) as client:
-        # Answered in the handler's first step: the deadline is checked, no timer is scheduled.
-        assert client.call(ALLOCATE, grpc_frame(allocate_request(GPU0)), ("grpc-timeout", "5S")).status == OK
+        # Answered in the handler's first step: the deadline is checked, no timer is scheduled. Headers and message
+        # go in one write, so that the server reads them together (in two writes, a loaded machine may let the
+        # handler start before the message is there, and then it rightly waits with a timer).
+        stream_id = client.h2.get_next_available_stream_id()
+        client.h2.send_headers(stream_id, request_headers(ALLOCATE, ("grpc-timeout", "5S")))
+        client.h2.send_data(stream_id, grpc_frame(allocate_request(GPU0)), end_stream=True)
+        client.answers[stream_id] = Answer()
+        client.flush()
+        assert client.wait(stream_id, 5).status == OK
         assert served.on_loop(lambda: list(armed)) == [False]
         # The request never arrives: the handler waits for it, so the deadline ends the call (the request timeout,
         # 10 s, is longer than this test waits).
