@@ -307,15 +307,10 @@ class FakeApiServer:
             return
         if scope["method"] == "POST" and path.startswith("/api/v1/namespaces/") and path.endswith("/events"):
             # Events the daemon posts about its Node: kept for the test to read.
-            body = b""
-            while True:
-                message = await receive()
-                body += message.get("body", b"")
-                if not message.get("more_body"):
-                    break
+            event = await _read_json_body(receive)
             request.kind = "event"
-            self.posted_events.append((path, json.loads(body)))
-            await _respond(send, 201, json.loads(body))
+            self.posted_events.append((path, event))
+            await _respond(send, 201, event)
             return
         if await self._gfd_routes(scope, receive, send, request):
             return
@@ -616,7 +611,7 @@ class FakeApiServer:
         if feature and not self.node_feature_api:
             return False  # the generic 404 below, as for any path the server does not serve
         request.kind = method.lower()
-        body = await _read_body(receive) if method in ("POST", "PUT", "PATCH") else {}
+        body = await _read_json_body(receive) if method in ("POST", "PUT", "PATCH") else {}
 
         async def answer(status: int, obj: dict[str, Any]) -> bool:
             request.status = status
@@ -733,15 +728,6 @@ async def _read_json_body(receive: Receive) -> dict[str, Any]:
         if not message.get("more_body"):
             break
     return json.loads(body) if body.strip() else {}
-
-
-async def _read_body(receive: Receive) -> dict[str, Any]:
-    data = b""
-    while True:
-        message = await receive()
-        data += message.get("body", b"")
-        if not message.get("more_body"):
-            return json.loads(data) if data else {}
 
 
 async def _copy(source: trio.SocketStream, sink: trio.SocketStream, scope: trio.CancelScope) -> None:

@@ -40,8 +40,4 @@ class Dra(msgspec.Struct, rename="camel", forbid_unknown_fields=True, kw_only=Tr
                         "name the GPU by index or UUID")
 
     def selection(self) -> DeviceSelection:
-        if isinstance(self.devices, int):
-            return DeviceSelection(count=self.devices)
-        if isinstance(self.devices, list):
-            return DeviceSelection(refs=tuple(dict.fromkeys(str(d) for d in self.devices)))
-        return DeviceSelection()
+        return DeviceSelection.of(self.devices)

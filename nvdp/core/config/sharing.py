@@ -81,6 +81,16 @@ class DeviceSelection:
     def is_all(self) -> bool:
         return self.count is None and not self.refs
 
+    @classmethod
+    def of(cls, devices: str | int | list[int | str] | None) -> DeviceSelection:
+        """The selection a checked `devices` value makes (`all` or None: every device)."""
+        if isinstance(devices, int):
+            return cls(count=devices)
+        if isinstance(devices, list):
+            # dict.fromkeys: a reference listed twice selects its device once.
+            return cls(refs=tuple(dict.fromkeys(str(d) for d in devices)))
+        return cls()
+
 
 def _check_devices(devices: str | int | list[int | str] | None) -> str | int | list[int | str] | None:
     """Normalise `devices` (list entries become strings, as upstream keeps them) or raise ValueError."""
@@ -147,12 +157,7 @@ class ReplicatedResource(_Struct):
     min_replicas: ClassVar[int | None] = 1
 
     def selection(self) -> DeviceSelection:
-        if isinstance(self.devices, int):
-            return DeviceSelection(count=self.devices)
-        if isinstance(self.devices, list):
-            # dict.fromkeys: a reference listed twice selects its device once.
-            return DeviceSelection(refs=tuple(dict.fromkeys(str(d) for d in self.devices)))
-        return DeviceSelection()
+        return DeviceSelection.of(self.devices)
 
 
 class _ReplicatedResources(_Struct):
